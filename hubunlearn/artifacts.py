@@ -1,0 +1,86 @@
+"""Artifact folders: written to a temporary sibling, then moved into place, so nothing is ever half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UsageError
+
+RECORD_NAME = "unlearning.json"
+# Kept when an existing output folder is overwritten: the Trainer's own checkpoints and logs.
+KEPT_ON_OVERWRITE = ("checkpoint-", "runs")
+# Never shipped: pickles (the Trainer writes its arguments with torch.save).
+NEVER_SHIPPED = ("training_args.bin",)
+LIBRARIES = ("hubunlearn", "torch", "transformers", "peft", "accelerate", "datasets", "huggingface_hub", "safetensors")
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless the user asked to overwrite it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output path {path} is a file: give a folder with --output_dir")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"output folder {path} is not empty: choose another --output_dir or pass --overwrite_output_dir")
+
+
+@contextlib.contextmanager
+def staging_dir(destination: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``destination``; on success its files replace the destination's."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the artifact folder should not be
+    try:
+        yield staging
+        publish(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, destination: Path) -> None:
+    """Move a finished folder into place: one rename when the destination is new or empty, else file by file
+    with the record (``unlearning.json``) last, so its presence marks a complete artifact."""
+    for name in NEVER_SHIPPED:
+        (staging / name).unlink(missing_ok=True)
+    if destination.is_dir() and not any(destination.iterdir()):
+        destination.rmdir()
+    if not destination.exists():
+        os.replace(staging, destination)
+        return
+    for old in destination.iterdir():
+        if not old.name.startswith(KEPT_ON_OVERWRITE):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == RECORD_NAME)
+    for entry in entries:
+        os.replace(entry, destination / entry.name)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def write_record(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Write ``unlearning.json`` with the library versions and a UTC timestamp added."""
+    record = {**record, "versions": library_versions(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    path = Path(folder) / RECORD_NAME
+    path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def read_record(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / RECORD_NAME
+    if not path.is_file():
+        raise UsageError(f"{folder} has no {RECORD_NAME}: it is not a hubunlearn artifact")
+    return json.loads(path.read_text())

@@ -1,0 +1,68 @@
+"""The ``hubunlearn`` command: thin parsers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import HubUnlearnError
+
+COMMANDS = {
+    "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
+    "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
+}
+
+
+def _unlearn(argv: list[str]) -> int:
+    from .unlearn import parse_unlearn_args, run_unlearn
+
+    arguments, config = parse_unlearn_args(argv)
+    output_dir = run_unlearn(arguments, config)
+    kind = "LoRA adapter" if arguments.use_lora else "checkpoint"
+    print(f"hubunlearn: saved the {arguments.method} {kind} and unlearning.json to {output_dir}")
+    return 0
+
+
+def _quickstart(argv: list[str]) -> int:
+    from .quickstart import format_report, run_quickstart
+
+    parser = argparse.ArgumentParser(prog="hubunlearn quickstart", description=COMMANDS["quickstart"])
+    parser.add_argument("--output_dir", default="quickstart-output", help="Where the adapter and unlearning.json go.")
+    args = parser.parse_args(argv)
+    print(format_report(run_quickstart(args.output_dir)))
+    return 0
+
+
+HANDLERS = {"unlearn": _unlearn, "quickstart": _quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="hubunlearn",
+        description="Make causal language models forget, measure it, and publish the result on the Hugging Face Hub.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<12}{text}" for name, text in COMMANDS.items())
+        + "\n\nRun 'hubunlearn COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"hubunlearn: error: unknown command '{argv[0]}': choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(format="hubunlearn: warning: %(message)s", level=logging.WARNING)
+    try:
+        return HANDLERS[argv[0]](argv[1:])
+    except HubUnlearnError as error:
+        print(f"hubunlearn: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("hubunlearn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Errors that reach the user as one line that says what to do."""
+
+from __future__ import annotations
+
+
+class HubUnlearnError(Exception):
+    """A failure the user can act on. The CLI prints ``hubunlearn: error: <message>`` and exits."""
+
+    exit_code = 1
+
+
+class UsageError(HubUnlearnError):
+    """Bad input: an argument, a path, a data set or a model that cannot be used as given (exit 2)."""
+
+    exit_code = 2
+
+
+class NonFiniteLossError(HubUnlearnError):
+    """Training produced a NaN or infinite loss; the model keeps its last good state."""
+
+    def __init__(self, step: int, value: float, saved_to=None):
+        self.step, self.value, self.saved_to = step, value, saved_to
+        kept = f"saved the state after step {step - 1} to {saved_to}" if saved_to else f"the model keeps its state after step {step - 1}"
+        super().__init__(
+            f"the loss became {value} at step {step}; training stopped and {kept}: "
+            "lower --learning_rate (or --max_grad_norm) and run again"
+        )

@@ -1,0 +1,52 @@
+"""Loading models and tokenizers by Hub id or local folder, with errors that say what to do."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def _not_found(name_or_path: str, error: Exception) -> UsageError:
+    if os.path.isdir(name_or_path):
+        return UsageError(f"cannot load a model from {name_or_path}: {str(error).splitlines()[0]}")
+    return UsageError(
+        f"model '{name_or_path}' not found: give an existing local folder or a Hub model id "
+        "(check the spelling, the --revision, and HF_TOKEN for private repositories)"
+    )
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model, with a pad token (the eos token when it has none, and a warning saying so)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _not_found(name_or_path, error) from error
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token its eos token for padding, and say so."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UsageError("the tokenizer has neither a pad nor an eos token: add a pad token to it before unlearning")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.warning("the tokenizer has no pad token; padding with its eos token %r", tokenizer.eos_token)
+    return tokenizer
+
+
+def load_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, dtype: str = "auto"):
+    """A causal LM from a Hub id or local folder (safetensors weights; remote code only when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError) as error:
+        raise _not_found(name_or_path, error) from error

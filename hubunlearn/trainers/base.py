@@ -1,0 +1,312 @@
+"""``UnlearnConfig`` / ``UnlearnTrainer``: the shared machinery of every gradient unlearning method.
+
+The trainer draws a forget batch and a retain batch each step (see :class:`~hubunlearn.data.ForgetRetainDataset`),
+asks its method for the forget loss, adds the retain term (``nll`` on retain data or ``kl`` to the frozen
+reference), stops on a non-finite loss, and saves a self-describing artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+
+from .. import __version__
+from ..artifacts import check_output_dir, staging_dir, write_record
+from ..cards import render_card
+from ..data import (
+    DataFormat,
+    DataSpec,
+    ForgetRetainCollator,
+    ForgetRetainDataset,
+    count_overlap,
+    describe,
+    load_rows,
+    tokenize_rows,
+)
+from ..errors import NonFiniteLossError, UsageError
+from ..modeling import ensure_pad_token, load_model, load_tokenizer
+from . import losses
+
+logger = logging.getLogger(__name__)
+TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+RETAIN_LOSSES = ("nll", "kl", "none")
+
+
+@dataclass
+class UnlearnConfig(TrainingArguments):
+    """Arguments shared by every unlearning method; each method adds its own fields."""
+
+    retain_loss: str = field(
+        default="nll",
+        metadata={"help": "Retain term: 'nll' on retain data, 'kl' to the frozen original model, or 'none'.", "choices": list(RETAIN_LOSSES)},
+    )
+    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain term."})
+    forget_weight: float = field(default=1.0, metadata={"help": "Weight of the forget term."})
+    max_length: int = field(default=512, metadata={"help": "Longest example in tokens; raw text is chunked to this length."})
+    question_key: str = field(default="question", metadata={"help": "Column holding the question of question-answer rows."})
+    answer_key: str = field(default="answer", metadata={"help": "Column holding the answer of question-answer rows."})
+    text_key: str = field(default="text", metadata={"help": "Column holding raw text (used when there is no question/answer pair)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the artifact in a non-empty --output_dir."})
+    # Defaults that suit unlearning better than fine-tuning's.
+    learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Passes over the forget set."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Forget (and retain) examples per device per step."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy during training ('no', 'steps', 'epoch')."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches carry forget and retain parts."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.retain_loss not in RETAIN_LOSSES:
+            raise UsageError(f"unknown --retain_loss '{self.retain_loss}'; choose one of: {', '.join(RETAIN_LOSSES)}")
+
+    @property
+    def data_format(self) -> DataFormat:
+        return DataFormat(self.question_key, self.answer_key, self.text_key, self.max_length)
+
+    def method_hyperparameters(self) -> dict[str, Any]:
+        """The fields this config adds to ``TrainingArguments``, plus the optimisation settings that matter."""
+        keys = [f.name for f in dataclasses.fields(self) if f.name not in TRAINING_ARGUMENT_FIELDS and f.name != "overwrite_output_dir"]
+        keys += ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed"]
+        return {key: getattr(self, key) for key in keys}
+
+
+class _EpochForPairing(TrainerCallback):
+    """Tells the forget/retain pairing which epoch it is in, so retain partners change between epochs."""
+
+    def __init__(self, dataset: ForgetRetainDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(round(state.epoch or 0))
+
+
+class UnlearnTrainer(Trainer):
+    """Base trainer: subclasses set ``_name``/``_paper`` and implement :meth:`forget_loss`.
+
+    Args:
+        model: a ``PreTrainedModel`` or a Hub id / local folder to load one from.
+        args: the method's config.
+        forget_dataset / retain_dataset: a data spec string (see :mod:`hubunlearn.data`), a ``datasets.Dataset``
+            or a list of rows, of question-answer pairs or raw text.
+        processing_class: the tokenizer (loaded from ``model`` when omitted).
+        ref_model: the frozen original for ``kl`` and NPO (a copy of ``model`` when omitted; with LoRA,
+            the base model with the adapter switched off, so no copy is made).
+        peft_config: a ``peft.LoraConfig`` to unlearn through an adapter instead of all weights.
+    """
+
+    _tag_names = ["unlearning", "hubunlearn"]
+    _name = "Unlearn"
+    _paper: dict[str, str] | None = None
+    config_class = UnlearnConfig
+    uses_reference = False  # the forget loss itself needs the frozen original (NPO)
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        args: UnlearnConfig | None = None,
+        forget_dataset: datasets.Dataset | list | str | None = None,
+        retain_dataset: datasets.Dataset | list | str | None = None,
+        processing_class=None,
+        ref_model: PreTrainedModel | None = None,
+        peft_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        args = args or self.config_class(output_dir=f"{self._name.lower()}-output")
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
+        if forget_dataset is None:
+            raise UsageError("no forget set: pass forget_dataset (--forget SPEC)")
+        needs_retain = args.retain_loss == "nll"
+        if needs_retain and retain_dataset is None:
+            raise UsageError(f"{self._name} with retain_loss='nll' needs a retain set: pass --retain SPEC (or --retain_loss none)")
+        if isinstance(model, str):
+            processing_class = processing_class or load_tokenizer(model)
+            model = load_model(model)
+        if processing_class is None:
+            processing_class = load_tokenizer(model.config._name_or_path)
+        ensure_pad_token(processing_class)
+
+        data_format = args.data_format
+        self.data_sources = {}
+        forget_rows = self._rows(forget_dataset, "forget")
+        retain_rows = self._rows(retain_dataset, "retain") if retain_dataset is not None else None
+        self._warn_overlap(forget_rows, retain_rows, data_format)
+        forget_examples = tokenize_rows(forget_rows, processing_class, data_format, "forget")
+        retain_examples = tokenize_rows(retain_rows, processing_class, data_format, "retain") if retain_rows is not None else None
+        if args.retain_loss == "none":
+            retain_examples = None
+
+        self.base_model_id = model.config._name_or_path
+        self.base_model_revision = getattr(model.config, "_commit_hash", None)
+        if peft_config is not None:
+            model = _with_adapter(model, peft_config)
+        elif (self.uses_reference or args.retain_loss == "kl") and ref_model is None:
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+
+        self.pairs = ForgetRetainDataset(forget_examples, retain_examples, seed=args.seed)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=ForgetRetainCollator(processing_class.pad_token_id),
+            train_dataset=self.pairs,
+            processing_class=processing_class,
+            callbacks=[_EpochForPairing(self.pairs), *(callbacks or [])],
+        )
+        self.loss_is_scaled_for_ga = False
+        self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True) if ref_model is not None else None
+        self.unlearning_metrics: dict[str, Any] = {}
+        self.record_extras: dict[str, Any] = {}  # anything else the caller wants in unlearning.json
+        self._logged = defaultdict(list)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names + [self._name.lower()])
+
+    # ---- data -------------------------------------------------------------------------------------------------
+
+    def _rows(self, source, name: str) -> datasets.Dataset:
+        spec = None
+        if isinstance(source, (str, DataSpec)):
+            spec = DataSpec.parse(source)
+            source = load_rows(spec)
+        elif isinstance(source, list):
+            source = datasets.Dataset.from_list(source) if source else datasets.Dataset.from_dict({})
+        if len(source) == 0:
+            raise UsageError(f"the {name} set is empty: give at least one row")
+        self.data_sources[name] = (spec, source)
+        return source
+
+    def _warn_overlap(self, forget, retain, data_format: DataFormat) -> None:
+        if retain is None or "input_ids" in forget.column_names:
+            return
+        shape = data_format.shape_of(forget.column_names, "the forget set")
+        columns = data_format.columns(shape)
+        if not set(columns) <= set(retain.column_names):
+            return
+        overlap = count_overlap(forget, retain, columns)
+        if overlap:
+            logger.warning("%d forget examples also appear in the retain set: they are pushed both ways", overlap)
+
+    # ---- losses -----------------------------------------------------------------------------------------------
+
+    def forget_loss(self, model, forget: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The method's loss on a forget batch (``input_ids``, ``attention_mask``, ``labels``)."""
+        raise NotImplementedError
+
+    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    @torch.no_grad()
+    def reference_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the frozen original: the reference model, or the base with the adapter switched off."""
+        if self.ref_model is not None:
+            return self.logits(self.ref_model, batch)
+        with self.accelerator.unwrap_model(self.model).disable_adapter():
+            return self.logits(self.model, batch)
+
+    def retain_term(self, model, retain: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.logits(model, retain)
+        if self.args.retain_loss == "kl":
+            return losses.kl_to_reference(logits, self.reference_logits(retain), retain["labels"])
+        return losses.nll_loss(logits, retain["labels"])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget_loss = self.forget_loss(model, inputs["forget"])
+        loss = self.args.forget_weight * forget_loss
+        self._logged["forget_loss"].append(forget_loss.item())
+        if self.args.retain_loss != "none" and "retain" in inputs:
+            retain_loss = self.retain_term(model, inputs["retain"])
+            loss = loss + self.args.retain_weight * retain_loss
+            self._logged["retain_loss"].append(retain_loss.item())
+        if model.training:
+            self._stop_if_not_finite(loss)
+        return (loss, None) if return_outputs else loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Raise before the backward pass, on every rank at once, so the weights keep their last good state."""
+        finite = self.accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float())
+        if not bool(finite.all()):
+            value = loss.item()  # finite here when another rank's loss was not
+            raise NonFiniteLossError(self.state.global_step + 1, value if not math.isfinite(value) else float("nan"))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key, values in self._logged.items():
+            if values and "loss" in logs:
+                logs[key] = round(sum(values) / len(values), 6)
+        if "loss" in logs:
+            self._logged.clear()
+        super().log(logs, start_time)
+
+    # ---- artifact ---------------------------------------------------------------------------------------------
+
+    @property
+    def artifact_kind(self) -> str:
+        return "lora" if hasattr(self.accelerator.unwrap_model(self.model), "peft_config") else "full"
+
+    def unlearning_record(self) -> dict[str, Any]:
+        """What ``unlearning.json`` says about this run."""
+        hyperparameters = self.args.method_hyperparameters()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.artifact_kind == "lora":
+            lora = unwrapped.peft_config["default"].to_dict()
+            hyperparameters["lora"] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()
+                                       if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights", "bias")}
+        data_format = self.args.data_format
+        return {
+            "hubunlearn_version": __version__,
+            "method": self._name,
+            "paper": (self._paper or {}).get("id"),
+            "artifact": self.artifact_kind,
+            "base_model": {"name_or_path": self.base_model_id, "revision": self.base_model_revision},
+            "hyperparameters": hyperparameters,
+            "data": {name: describe(spec, rows, data_format) for name, (spec, rows) in self.data_sources.items()},
+            "training": {
+                "global_steps": self.state.global_step,
+                "world_size": self.args.world_size,
+                "device": str(self.args.device),
+                "train_runtime_s": next((h["train_runtime"] for h in self.state.log_history if "train_runtime" in h), None),
+            },
+            "metrics": self.unlearning_metrics,
+            **self.record_extras,
+        }
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the artifact (weights or adapter, tokenizer, ``unlearning.json``, ``README.md``) atomically."""
+        if _internal_call:  # the Trainer's own checkpoints
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir or self.args.output_dir
+        context = staging_dir(output_dir) if self.args.should_save else nullcontext(None)
+        with context as staging:
+            super().save_model(str(staging) if staging else output_dir, _internal_call=True)
+            if staging is not None:
+                record = self.unlearning_record()
+                render_card(record, self._tag_names + [self._name.lower()], repo_id=os.path.basename(os.path.abspath(output_dir))).save(staging / "README.md")
+                write_record(staging, record)
+        self.accelerator.wait_for_everyone()
+
+
+def _with_adapter(model: PreTrainedModel, peft_config):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as error:
+        if "target" not in str(error).lower():
+            raise
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+        raise UsageError(
+            f"--use_lora: no module matches target modules {sorted(peft_config.target_modules or [])}; "
+            f"this model's linear layers are: {', '.join(names)} (set --lora_target_modules)"
+        ) from error

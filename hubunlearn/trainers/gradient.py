@@ -1,0 +1,74 @@
+"""Gradient methods: gradient ascent, GradDiff, KL, and the Inverted Hinge Loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import losses
+from .base import UnlearnConfig, UnlearnTrainer
+
+
+@dataclass
+class GradAscentConfig(UnlearnConfig):
+    """Gradient ascent on the forget set alone (no retain term by default)."""
+
+    retain_loss: str = field(default="none", metadata={"help": "Retain term: 'nll', 'kl' or 'none'."})
+
+
+class GradAscentTrainer(UnlearnTrainer):
+    """Gradient ascent: maximise the forget set's NLL (Jang et al., "Knowledge Unlearning for Mitigating
+    Privacy Risks in Language Models", arXiv 2210.01504)."""
+
+    _name = "GradAscent"
+    _paper = {"id": "2210.01504", "title": "Knowledge Unlearning for Mitigating Privacy Risks in Language Models"}
+    config_class = GradAscentConfig
+
+    def forget_loss(self, model, forget):
+        return losses.gradient_ascent_loss(self.logits(model, forget), forget["labels"])
+
+
+@dataclass
+class GradDiffConfig(UnlearnConfig):
+    """Gradient ascent on the forget set plus NLL on the retain set."""
+
+
+class GradDiffTrainer(GradAscentTrainer):
+    """GradDiff: gradient ascent on forget, descent on retain (Liu et al., "Continual Learning and Private
+    Unlearning", arXiv 2203.12817; the TOFU baseline)."""
+
+    _name = "GradDiff"
+    _paper = {"id": "2203.12817", "title": "Continual Learning and Private Unlearning"}
+    config_class = GradDiffConfig
+
+
+@dataclass
+class KLConfig(UnlearnConfig):
+    """Gradient ascent on the forget set plus KL to the original model on the retain set."""
+
+    retain_loss: str = field(default="kl", metadata={"help": "Retain term: 'kl' (default), 'nll' or 'none'."})
+
+
+class KLTrainer(GradAscentTrainer):
+    """KL minimisation: gradient ascent on forget, ``KL(original || model)`` on retain (Maini et al., TOFU,
+    arXiv 2401.06121)."""
+
+    _name = "KL"
+    _paper = {"id": "2401.06121", "title": "TOFU: A Task of Fictitious Unlearning for LLMs"}
+    config_class = KLConfig
+
+
+@dataclass
+class IHLConfig(UnlearnConfig):
+    """Inverted Hinge Loss on the forget set plus retain NLL (1:1, as in the paper's code)."""
+
+
+class IHLTrainer(UnlearnTrainer):
+    """Inverted Hinge Loss (Cha et al., "Towards Robust and Parameter-Efficient Knowledge Unlearning for LLMs",
+    ICLR 2025, arXiv 2408.06621): per forget token ``1 + p(y) - max_{v≠y} p(v)``, plus retain NLL."""
+
+    _name = "IHL"
+    _paper = {"id": "2408.06621", "title": "Towards Robust and Parameter-Efficient Knowledge Unlearning for LLMs"}
+    config_class = IHLConfig
+
+    def forget_loss(self, model, forget):
+        return losses.inverted_hinge_loss(self.logits(model, forget), forget["labels"])

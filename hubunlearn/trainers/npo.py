@@ -1,0 +1,52 @@
+"""Preference-style methods: NPO and SimNPO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import losses
+from .base import UnlearnConfig, UnlearnTrainer
+
+
+@dataclass
+class NPOConfig(UnlearnConfig):
+    """NPO on the forget set plus a retain term."""
+
+    beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of NPO's log-sigmoid."})
+
+
+class NPOTrainer(UnlearnTrainer):
+    """Negative Preference Optimization (Zhang et al., "Negative Preference Optimization: From Catastrophic
+    Collapse to Effective Unlearning", arXiv 2404.05868): a bounded loss on the forget likelihood ratio to
+    the frozen original."""
+
+    _name = "NPO"
+    _paper = {"id": "2404.05868", "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning"}
+    config_class = NPOConfig
+    uses_reference = True
+
+    def forget_loss(self, model, forget):
+        policy, _ = losses.sequence_log_prob(self.logits(model, forget), forget["labels"])
+        reference, _ = losses.sequence_log_prob(self.reference_logits(forget), forget["labels"])
+        return losses.npo_loss(policy, reference, self.args.beta)
+
+
+@dataclass
+class SimNPOConfig(UnlearnConfig):
+    """SimNPO on the forget set plus a retain term."""
+
+    beta: float = field(default=2.5, metadata={"help": "Inverse temperature β of SimNPO's log-sigmoid."})
+    gamma: float = field(default=0.0, metadata={"help": "Reward margin γ of SimNPO."})
+
+
+class SimNPOTrainer(UnlearnTrainer):
+    """SimNPO (Fan et al., "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM
+    Unlearning", arXiv 2410.07163): NPO without a reference, on the length-normalised likelihood."""
+
+    _name = "SimNPO"
+    _paper = {"id": "2410.07163", "title": "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning"}
+    config_class = SimNPOConfig
+
+    def forget_loss(self, model, forget):
+        policy, num_tokens = losses.sequence_log_prob(self.logits(model, forget), forget["labels"])
+        return losses.simnpo_loss(policy, num_tokens, self.args.beta, self.args.gamma)

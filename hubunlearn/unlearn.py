@@ -1,0 +1,136 @@
+"""``hubunlearn unlearn``: parse a recipe and flags into a method's config, train, and save the artifact."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from .errors import NonFiniteLossError, UsageError
+from .modeling import load_model, load_tokenizer
+from .trainers import METHODS, UnlearnConfig
+
+RECIPE_FOLDERS = (Path(__file__).parent / "recipes", Path(__file__).parent.parent / "trainers")
+
+
+@dataclass
+class UnlearnArguments:
+    """What to unlearn from which model: everything that is not a training hyperparameter."""
+
+    method: str = field(default=None, metadata={"help": f"Unlearning method: one of {', '.join(METHODS)}."})
+    model_name_or_path: str = field(default=None, metadata={"help": "Hub model id or local folder of the model to unlearn from."})
+    model_revision: str = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own code (off unless you trust it)."})
+    forget: str = field(default=None, metadata={"help": "Forget set: ORG/NAME[:CONFIG][@SPLIT], a local file, or FOLDER:CONFIG."})
+    retain: str = field(default=None, metadata={"help": "Retain set, same forms as --forget (needed unless --retain_loss none)."})
+    use_lora: bool = field(default=False, metadata={"help": "Unlearn through a LoRA adapter and save the adapter."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or 'all-linear'."})
+    config: str = field(default=None, metadata={"help": "YAML recipe (a path, or a name from the trainers/ folder); flags override it."})
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in RECIPE_FOLDERS:
+        for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for folder in RECIPE_FOLDERS if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise UsageError(f"recipe '{name_or_path}' not found: give a YAML path or one of: {', '.join(known)}")
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    path = find_recipe(name_or_path)
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(recipe, dict):
+        raise UsageError(f"recipe {path} must be a mapping of argument names to values")
+    return recipe
+
+
+def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig]:
+    """Two passes: find the method (flag or recipe), then parse everything into that method's config."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--method")
+    peek.add_argument("--config")
+    known, _ = peek.parse_known_args(argv)
+    recipe = load_recipe(known.config) if known.config else {}
+    method = known.method or recipe.get("method")
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    if method is None and not wants_help:
+        raise UsageError(f"--method is required: choose one of {', '.join(METHODS)}")
+    if method is not None and method not in METHODS:
+        raise UsageError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    config_class = METHODS[method].config_class if method else UnlearnConfig
+    parser = HfArgumentParser((UnlearnArguments, config_class), prog="hubunlearn unlearn")
+    fields = {action.dest for action in parser._actions}
+    unknown = sorted(set(recipe) - fields)
+    if unknown:
+        raise UsageError(f"recipe {known.config} has unknown keys: {', '.join(unknown)} (see hubunlearn unlearn --method {method} --help)")
+    parser.set_defaults(**recipe)
+    arguments, config = parser.parse_args_into_dataclasses(argv)
+    arguments.method = method
+    for name in ("model_name_or_path", "forget"):
+        if getattr(arguments, name) is None:
+            raise UsageError(f"--{name} is required (on the command line or in the --config recipe)")
+    if "--output_dir" not in argv and "output_dir" not in recipe:
+        raise UsageError("--output_dir is required: the folder that will hold the artifact")
+    return arguments, config
+
+
+def lora_config(arguments: UnlearnArguments):
+    from peft import LoraConfig
+
+    targets = arguments.lora_target_modules
+    return LoraConfig(
+        r=arguments.lora_r,
+        lora_alpha=arguments.lora_alpha,
+        lora_dropout=arguments.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
+    """Train and save; on a non-finite loss save the last good state (marked as stopped) and re-raise."""
+    from .artifacts import check_output_dir
+
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config.overwrite_output_dir)
+    existed = output_dir.exists()
+    trainer = None
+    try:
+        tokenizer = load_tokenizer(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
+        model = load_model(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
+        trainer = METHODS[arguments.method](
+            model=model,
+            args=config,
+            forget_dataset=arguments.forget,
+            retain_dataset=arguments.retain,
+            processing_class=tokenizer,
+            peft_config=lora_config(arguments) if arguments.use_lora else None,
+        )
+        trainer.train()
+    except NonFiniteLossError as error:
+        if trainer is None:
+            raise
+        trainer.record_extras["stopped"] = {"reason": "non-finite loss", "step": error.step}
+        trainer.save_model()
+        raise NonFiniteLossError(error.step, error.value, saved_to=output_dir) from None
+    except BaseException:
+        if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
+            shutil.rmtree(output_dir)
+        raise
+    trainer.save_model()
+    return output_dir
