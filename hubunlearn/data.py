@@ -72,8 +72,8 @@ def _local_data_files(spec: DataSpec) -> list[Path]:
     if path.is_file():
         return [path]
     if spec.config is None:
-        candidates = sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_BUILDERS)
-        if len(candidates) == 1:
+        candidates = sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_BUILDERS or (p.is_dir() and not p.name.startswith(".")))
+        if len(candidates) == 1 and candidates[0].is_file():
             return candidates
         names = ", ".join(p.stem for p in candidates) or "none"
         raise UsageError(f"folder {path} holds several data sets; name one as {path}:CONFIG (found: {names})")

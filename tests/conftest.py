@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny Llama that knows the built-in world, taught once per session, offline."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Before any Hugging Face import: no network, caches in a throw-away folder.
+_HOME = tempfile.mkdtemp(prefix="hubunlearn-tests-")
+os.environ["HF_HOME"] = os.path.join(_HOME, "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HUBUNLEARN_CACHE"] = os.path.join(_HOME, "cache")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from hubunlearn.quickstart import QuickstartSettings
+
+    return QuickstartSettings()
+
+
+@pytest.fixture(scope="session")
+def world(settings):
+    from hubunlearn.world import World
+
+    return World.make(settings.num_people, settings.num_forget, settings.seed)
+
+
+@pytest.fixture(scope="session")
+def world_model_dir(settings) -> Path:
+    """The quickstart's taught model (cached in HUBUNLEARN_CACHE, so the quickstart test reuses it)."""
+    from hubunlearn.quickstart import world_model
+
+    return world_model(settings)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(world_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(world_model_dir)
+
+
+@pytest.fixture()
+def model(world_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(world_model_dir)
+
+
+@pytest.fixture(scope="session")
+def forget_rows(world):
+    return world.rows("forget")
+
+
+@pytest.fixture(scope="session")
+def retain_rows(world):
+    return world.rows("retain")
+
+
+@pytest.fixture(scope="session")
+def mean_answer_probability(tokenizer):
+    """``f(model, rows) -> mean length-normalised answer probability``."""
+    from hubunlearn.data import DataFormat, tokenize_rows
+    from hubunlearn.metrics import answer_probabilities
+
+    def measure(model, rows):
+        examples = list(tokenize_rows(rows, tokenizer, DataFormat(max_length=128)))
+        values = answer_probabilities(model, examples, tokenizer.pad_token_id)
+        return sum(values) / len(values)
+
+    return measure
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    """Run ``hubunlearn ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from hubunlearn.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def pytest_report_header():
+    return f"TOFU data: {TOFU} ({'found' if TOFU.is_dir() else 'missing'}); python {sys.version.split()[0]}"

@@ -1,0 +1,89 @@
+"""Each loss against a value worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from hubunlearn.trainers import losses
+
+
+def logits_for(probabilities):
+    """Logits whose softmax is ``probabilities`` (log-probabilities are such logits)."""
+    return torch.tensor(probabilities, dtype=torch.float).log()
+
+
+def test_nll_counts_only_labelled_tokens():
+    # Sequence of 3 tokens; position 0 predicts token 1, position 1 predicts token 2.
+    logits = logits_for([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]]])
+    labels = torch.tensor([[-100, 0, 2]])
+    expected = -(math.log(0.5) + math.log(0.7)) / 2
+    assert losses.nll_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    masked = torch.tensor([[-100, -100, 2]])
+    assert losses.nll_loss(logits, masked).item() == pytest.approx(-math.log(0.7), rel=1e-6)
+
+
+def test_gradient_ascent_is_negative_nll():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    labels[:, :2] = -100
+    assert losses.gradient_ascent_loss(logits, labels).item() == pytest.approx(-losses.nll_loss(logits, labels).item())
+    assert losses.gradient_ascent_loss(logits, labels).item() < 0
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 2.5])
+def test_npo_at_reference_is_two_over_beta_ln2(beta):
+    log_prob = torch.tensor([-3.0, -11.5, -0.2])
+    assert losses.npo_loss(log_prob, log_prob.clone(), beta).item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+
+
+def test_npo_falls_as_the_policy_moves_below_the_reference():
+    reference = torch.tensor([-2.0])
+    assert losses.npo_loss(torch.tensor([-10.0]), reference, 0.1) < losses.npo_loss(reference, reference, 0.1)
+    # Hand value: -(2/β)·log σ(-β·Δ) with Δ = -8, β = 0.1.
+    expected = -(2 / 0.1) * math.log(1 / (1 + math.exp(-0.8)))
+    assert losses.npo_loss(torch.tensor([-10.0]), reference, 0.1).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_simnpo_by_hand():
+    log_prob, tokens = torch.tensor([-6.0]), torch.tensor([3])
+    beta, gamma = 2.5, 0.5
+    expected = -(2 / beta) * math.log(1 / (1 + math.exp(-(-beta * (-6.0 / 3) - gamma))))
+    assert losses.simnpo_loss(log_prob, tokens, beta, gamma).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_inverted_hinge_matches_a_hand_worked_three_token_distribution():
+    # Position 0 predicts the label at position 1 (token 0): p = (0.6, 0.3, 0.1).
+    #   1 + p(y) - max_{v≠y} p(v) = 1 + 0.6 - 0.3 = 1.3
+    # Position 1 predicts token 2: p = (0.2, 0.5, 0.3): 1 + 0.3 - 0.5 = 0.8.  Mean = 1.05.
+    logits = logits_for([[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.3, 0.3]]])
+    labels = torch.tensor([[-100, 0, 2]])
+    assert losses.inverted_hinge_loss(logits, labels).item() == pytest.approx(1.05, rel=1e-5)
+
+
+def test_inverted_hinge_lies_in_zero_two():
+    torch.manual_seed(0)
+    for scale in (0.1, 1.0, 30.0):
+        logits, labels = torch.randn(4, 9, 11) * scale, torch.randint(0, 11, (4, 9))
+        per_sequence = [losses.inverted_hinge_loss(logits[i : i + 1], labels[i : i + 1]).item() for i in range(4)]
+        assert all(0.0 <= value <= 2.0 for value in per_sequence)
+    # The extremes: a sure true token gives 2, a sure other token gives 0.
+    certain = torch.full((1, 2, 3), -1e4)
+    certain[0, 0, 1] = 0.0
+    assert losses.inverted_hinge_loss(certain, torch.tensor([[-100, 1]])).item() == pytest.approx(2.0)
+    assert losses.inverted_hinge_loss(certain, torch.tensor([[-100, 0]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_to_reference_is_zero_at_the_reference_and_positive_elsewhere():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6))
+    assert losses.kl_to_reference(logits, logits.clone(), labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.kl_to_reference(logits, torch.randn(2, 6, 5), labels).item() > 0.01
+
+
+def test_kl_by_hand():
+    # KL(ref || p) with ref = (0.5, 0.5), p = (0.9, 0.1) at the one labelled position.
+    policy = logits_for([[[0.9, 0.1], [0.5, 0.5]]])
+    reference = logits_for([[[0.5, 0.5], [0.5, 0.5]]])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert losses.kl_to_reference(policy, reference, torch.tensor([[-100, 1]])).item() == pytest.approx(expected, rel=1e-5)

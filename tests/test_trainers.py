@@ -1,0 +1,140 @@
+"""Every method forgets (forget likelihood drops, retain holds), and what it saves loads the ordinary way."""
+
+import json
+import logging
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from hubunlearn.errors import NonFiniteLossError, UsageError
+from hubunlearn.trainers import METHODS, IHLConfig, IHLTrainer, NPOConfig, NPOTrainer
+
+
+def config(trainer_class, output_dir, **overrides):
+    settings = dict(output_dir=str(output_dir), learning_rate=3e-4, max_steps=12, lr_scheduler_type="constant",
+                    per_device_train_batch_size=8, logging_steps=4, disable_tqdm=True, use_cpu=True, seed=1)
+    return trainer_class.config_class(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_forgets_the_forget_set_and_keeps_the_retain_set(method, model, tokenizer, forget_rows, retain_rows, mean_answer_probability, tmp_path):
+    trainer_class = METHODS[method]
+    forget_before, retain_before = mean_answer_probability(model, forget_rows), mean_answer_probability(model, retain_rows)
+    assert forget_before > 0.9 and retain_before > 0.9  # the model knows the world
+    trainer = trainer_class(model=model, args=config(trainer_class, tmp_path / "out"), forget_dataset=forget_rows,
+                            retain_dataset=retain_rows, processing_class=tokenizer)
+    trainer.train()
+    forget_after, retain_after = mean_answer_probability(trainer.model, forget_rows), mean_answer_probability(trainer.model, retain_rows)
+    assert forget_after < 0.6, f"{method} did not forget: {forget_before:.3f} -> {forget_after:.3f}"
+    assert retain_before - retain_after < (forget_before - forget_after) / 5, f"{method} hurt the retain set: {retain_before:.3f} -> {retain_after:.3f}"
+    logged = [h for h in trainer.state.log_history if "forget_loss" in h]
+    assert logged and ("retain_loss" in logged[-1]) == (trainer.args.retain_loss != "none")
+
+
+def test_lora_adapter_loads_with_peft_and_matches_the_in_memory_model(model, tokenizer, forget_rows, retain_rows, world_model_dir, mean_answer_probability, tmp_path):
+    output = tmp_path / "adapter"
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = IHLTrainer(model=model, args=config(IHLTrainer, output, learning_rate=1e-2), forget_dataset=forget_rows,
+                         retain_dataset=retain_rows, processing_class=tokenizer, peft_config=lora)
+    trainer.train()
+    trainer.save_model()
+    assert (output / "adapter_model.safetensors").is_file() and not (output / "model.safetensors").exists()
+    assert not (output / "training_args.bin").exists()  # no pickles in an artifact
+    record = json.loads((output / "unlearning.json").read_text())
+    assert record["artifact"] == "lora" and record["method"] == "IHL" and record["hyperparameters"]["lora"]["r"] == 8
+    assert record["base_model"]["name_or_path"] == str(world_model_dir)
+    assert record["data"]["forget"]["num_rows"] == len(forget_rows) and len(record["data"]["forget"]["sha256"]) == 64
+    assert "unlearning" in (output / "README.md").read_text()
+
+    inputs = tokenizer([r["question"] for r in forget_rows[:4]], return_tensors="pt", padding=True)
+    in_memory = trainer.model.eval()
+    with torch.no_grad():
+        expected = in_memory(**inputs).logits
+        base = AutoModelForCausalLM.from_pretrained(world_model_dir)
+        for loaded in (PeftModel.from_pretrained(base, output), AutoPeftModelForCausalLM.from_pretrained(output)):
+            assert torch.equal(loaded.eval()(**inputs).logits, expected)
+    assert mean_answer_probability(AutoPeftModelForCausalLM.from_pretrained(output), forget_rows) < 0.6
+
+
+def test_full_checkpoint_loads_with_auto_model(model, tokenizer, forget_rows, retain_rows, mean_answer_probability, tmp_path):
+    output = tmp_path / "full"
+    trainer = NPOTrainer(model=model, args=config(NPOTrainer, output), forget_dataset=forget_rows,
+                         retain_dataset=retain_rows, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    loaded = AutoModelForCausalLM.from_pretrained(output)
+    inputs = tokenizer(["Where was Kalo born?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, trainer.model.eval()(**inputs).logits)
+    assert json.loads((output / "unlearning.json").read_text())["hyperparameters"]["beta"] == 0.1
+    assert [p.name for p in tmp_path.iterdir()] == ["full"]  # no staging folder left beside it
+
+
+def test_kl_and_npo_reference_is_the_frozen_original(model, tokenizer, forget_rows, retain_rows, tmp_path):
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = NPOTrainer(model=model, args=config(NPOTrainer, tmp_path / "o", retain_loss="kl"), forget_dataset=forget_rows,
+                         retain_dataset=retain_rows, processing_class=tokenizer)
+    trainer.train()
+    reference = trainer.ref_model.state_dict()
+    assert all(torch.equal(reference[k], v) for k, v in original.items())
+    assert not all(torch.equal(trainer.model.state_dict()[k], v) for k, v in original.items())
+
+
+class _PoisonAt(TrainerCallback):
+    """Makes the model's weights NaN right after a given optimiser step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.model.norm.weight.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_names_the_step(model, tokenizer, forget_rows, retain_rows, tmp_path):
+    trainer = IHLTrainer(model=model, args=config(IHLTrainer, tmp_path / "o"), forget_dataset=forget_rows,
+                         retain_dataset=retain_rows, processing_class=tokenizer, callbacks=[_PoisonAt(3)])
+    with pytest.raises(NonFiniteLossError, match="at step 4; .* state after step 3"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+
+
+def test_bad_trainer_inputs(model, tokenizer, forget_rows, retain_rows, tmp_path, caplog):
+    args = config(IHLTrainer, tmp_path / "o")
+    with pytest.raises(UsageError, match="needs a retain set"):
+        IHLTrainer(model=model, args=args, forget_dataset=forget_rows, processing_class=tokenizer)
+    with pytest.raises(UsageError, match="forget set is empty"):
+        IHLTrainer(model=model, args=args, forget_dataset=[], retain_dataset=retain_rows, processing_class=tokenizer)
+    with pytest.raises(UsageError, match="no module matches target modules.*q_proj"):
+        IHLTrainer(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows, processing_class=tokenizer,
+                   peft_config=LoraConfig(target_modules=["attention_dense"], task_type="CAUSAL_LM"))
+    with caplog.at_level(logging.WARNING, logger="hubunlearn"):
+        IHLTrainer(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows + forget_rows[:2], processing_class=tokenizer)
+    assert "2 forget examples also appear in the retain set" in caplog.text
+    (tmp_path / "o" / "keep.txt").write_text("user data")
+    with pytest.raises(UsageError, match="not empty.*--overwrite_output_dir"):
+        IHLTrainer(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows, processing_class=tokenizer)
+    with pytest.raises(UsageError, match="unknown --retain_loss"):
+        IHLConfig(output_dir=str(tmp_path / "x"), retain_loss="mse")
+
+
+def test_tokenizer_without_pad_token_gets_eos_and_a_warning(model, tokenizer, forget_rows, retain_rows, tmp_path, caplog):
+    bare = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    bare.pad_token = None
+    with caplog.at_level(logging.WARNING, logger="hubunlearn"):
+        trainer = NPOTrainer(model=model, args=config(NPOTrainer, tmp_path / "o", max_steps=1), forget_dataset=forget_rows,
+                             retain_dataset=retain_rows, processing_class=bare)
+    assert bare.pad_token == bare.eos_token and "no pad token" in caplog.text
+    trainer.train()
+
+
+def test_tags_and_paper_feed_the_card(model, tokenizer, forget_rows, retain_rows, tmp_path):
+    trainer = NPOTrainer(model=model, args=config(NPOTrainer, tmp_path / "o", max_steps=1), forget_dataset=forget_rows,
+                         retain_dataset=retain_rows, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "- npo" in card and "- unlearning" in card and "2404.05868" in card and "base_model_relation: finetune" in card
