@@ -34,6 +34,32 @@ def _quickstart(argv: list[str]) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"hubunlearn: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("hubunlearn")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_Formatter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 HANDLERS = {"unlearn": _unlearn, "quickstart": _quickstart}
 
 
@@ -53,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"hubunlearn: error: unknown command '{argv[0]}': choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(format="hubunlearn: warning: %(message)s", level=logging.WARNING)
+    _show_warnings()
     try:
         return HANDLERS[argv[0]](argv[1:])
     except HubUnlearnError as error:

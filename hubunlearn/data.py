@@ -14,6 +14,7 @@ or ``Question: ...\\nAnswer:`` when it has none; labels cover the answer tokens 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -91,17 +92,23 @@ def _local_data_files(spec: DataSpec) -> list[Path]:
 
 
 def load_rows(spec: "str | DataSpec") -> datasets.Dataset:
-    """Load the rows a spec names, from a local file or folder or from the Hub."""
-    spec = DataSpec.parse(spec)
+    """Load the rows a spec names, from a local file or folder or from the Hub (once per spec and process)."""
+    return _load_rows(DataSpec.parse(spec))
+
+
+@functools.lru_cache(maxsize=16)
+def _load_rows(spec: DataSpec) -> datasets.Dataset:
     if spec.is_local:
-        files = _local_data_files(spec)
+        files = [f for f in _local_data_files(spec) if f.stat().st_size > 0]
+        if not files:
+            return datasets.Dataset.from_dict({})
         builders = {DATA_FILE_BUILDERS[f.suffix] for f in files}
         if len(builders) != 1:
             raise UsageError(f"{spec} mixes file formats ({', '.join(sorted(builders))}); keep one format per data set")
         try:
             return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
         except Exception as error:  # datasets raises many kinds for unreadable files
-            raise UsageError(f"cannot read {spec}: {error}".splitlines()[0]) from error
+            raise UsageError(f"cannot read {spec}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
     if spec.source.count("/") != 1 or spec.source.startswith(("/", ".")):
         raise UsageError(f"data '{spec.source}' is neither an existing file or folder nor a Hub dataset id (ORG/NAME)")
     try:

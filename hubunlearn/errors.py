@@ -16,12 +16,12 @@ class UsageError(HubUnlearnError):
 
 
 class NonFiniteLossError(HubUnlearnError):
-    """Training produced a NaN or infinite loss; the model keeps its last good state."""
+    """Training produced a NaN or infinite loss or gradient; the weights keep their last good state."""
 
-    def __init__(self, step: int, value: float, saved_to=None):
-        self.step, self.value, self.saved_to = step, value, saved_to
+    def __init__(self, step: int, what: str = "loss", value: float = float("nan"), saved_to=None):
+        self.step, self.what, self.value, self.saved_to = step, what, value, saved_to
         kept = f"saved the state after step {step - 1} to {saved_to}" if saved_to else f"the model keeps its state after step {step - 1}"
         super().__init__(
-            f"the loss became {value} at step {step}; training stopped and {kept}: "
+            f"the {what} became {value} at step {step}; training stopped and {kept}: "
             "lower --learning_rate (or --max_grad_norm) and run again"
         )

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from .data import load_rows
 from .errors import NonFiniteLossError, UsageError
 from .modeling import load_model, load_tokenizer
 from .trainers import METHODS, UnlearnConfig
@@ -59,6 +60,10 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     return recipe
 
 
+def _usage_error(message: str):
+    raise UsageError(f"{message} (see hubunlearn unlearn --method METHOD --help)")
+
+
 def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig]:
     """Two passes: find the method (flag or recipe), then parse everything into that method's config."""
     peek = argparse.ArgumentParser(add_help=False)
@@ -74,6 +79,7 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
         raise UsageError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     config_class = METHODS[method].config_class if method else UnlearnConfig
     parser = HfArgumentParser((UnlearnArguments, config_class), prog="hubunlearn unlearn")
+    parser.error = _usage_error
     fields = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - fields)
     if unknown:
@@ -111,6 +117,12 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
     existed = output_dir.exists()
     trainer = None
     try:
+        for name, spec in (("forget", arguments.forget), ("retain", arguments.retain)):
+            if spec:  # check the data before loading a possibly large model
+                rows = load_rows(spec)
+                if len(rows) == 0:
+                    raise UsageError(f"the {name} set is empty: give at least one row")
+                config.data_format.shape_of(rows.column_names, f"the {name} set")
         tokenizer = load_tokenizer(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
         model = load_model(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
         trainer = METHODS[arguments.method](
@@ -127,7 +139,7 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
             raise
         trainer.record_extras["stopped"] = {"reason": "non-finite loss", "step": error.step}
         trainer.save_model()
-        raise NonFiniteLossError(error.step, error.value, saved_to=output_dir) from None
+        raise NonFiniteLossError(error.step, error.what, error.value, saved_to=output_dir) from None
     except BaseException:
         if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
             shutil.rmtree(output_dir)

@@ -93,6 +93,16 @@ class _EpochForPairing(TrainerCallback):
         self.dataset.set_epoch(round(state.epoch or 0))
 
 
+class _StopOnNonFiniteGradient(TrainerCallback):
+    """Checks the gradients before every optimiser step: a NaN update would spoil the last good state."""
+
+    def __init__(self, trainer: "UnlearnTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_gradients()
+
+
 class UnlearnTrainer(Trainer):
     """Base trainer: subclasses set ``_name``/``_paper`` and implement :meth:`forget_loss`.
 
@@ -164,7 +174,7 @@ class UnlearnTrainer(Trainer):
             data_collator=ForgetRetainCollator(processing_class.pad_token_id),
             train_dataset=self.pairs,
             processing_class=processing_class,
-            callbacks=[_EpochForPairing(self.pairs), *(callbacks or [])],
+            callbacks=[_EpochForPairing(self.pairs), _StopOnNonFiniteGradient(self), *(callbacks or [])],
         )
         self.loss_is_scaled_for_ga = False
         self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True) if ref_model is not None else None
@@ -234,12 +244,17 @@ class UnlearnTrainer(Trainer):
             self._stop_if_not_finite(loss)
         return (loss, None) if return_outputs else loss
 
-    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
-        """Raise before the backward pass, on every rank at once, so the weights keep their last good state."""
-        finite = self.accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float())
+    def _stop_if_not_finite(self, value: torch.Tensor, what: str = "loss") -> None:
+        """Raise on every rank at once, before the weights change, so they keep their last good state."""
+        finite = self.accelerator.gather(torch.isfinite(value.detach()).all().reshape(1).float())
         if not bool(finite.all()):
-            value = loss.item()  # finite here when another rank's loss was not
-            raise NonFiniteLossError(self.state.global_step + 1, value if not math.isfinite(value) else float("nan"))
+            shown = value.item() if value.numel() == 1 and not math.isfinite(value.item()) else float("nan")
+            raise NonFiniteLossError(self.state.global_step + 1, what, shown)
+
+    def _check_gradients(self) -> None:
+        norms = [p.grad.detach().norm() for p in self.model.parameters() if p.grad is not None]
+        if norms:
+            self._stop_if_not_finite(torch.stack(norms).norm(), "gradient norm")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key, values in self._logged.items():

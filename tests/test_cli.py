@@ -1,0 +1,149 @@
+"""`hubunlearn unlearn` end to end, its recipes, and every bad input: one line, the right exit code, nothing left behind."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hubunlearn.unlearn import RECIPE_FOLDERS, parse_unlearn_args
+
+from .conftest import REPO, TOFU
+
+RECIPES = sorted((REPO / "trainers").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory, world):
+    folder = tmp_path_factory.mktemp("data")
+    for name in ("forget", "retain"):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.rows(name)))
+    (folder / "empty.jsonl").write_text("")
+    (folder / "shapeless.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    return folder
+
+
+def assert_one_error_line(err: str, message: str):
+    """The error is the last line, said once; anything before it is progress bars, never a traceback."""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hubunlearn: error: ") and message in last, err
+    assert err.count("error") == 1 and "Traceback" not in err, err
+
+
+def unlearn_args(model_dir, data, output, *extra):
+    return ["unlearn", "--model_name_or_path", model_dir, "--forget", data / "forget.jsonl", "--retain", data / "retain.jsonl",
+            "--output_dir", output, "--max_steps", "2", "--disable_tqdm", "true", *extra]
+
+
+def test_help_lists_every_subcommand():
+    result = subprocess.run([sys.executable, "-m", "hubunlearn.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("unlearn", "quickstart"):
+        assert f"  {command} " in result.stdout
+    console = shutil.which("hubunlearn", path=str(REPO / ".venv" / "bin")) or shutil.which("hubunlearn")
+    assert console and "unlearn" in subprocess.run([console, "unlearn", "--method", "ihl", "--help"], capture_output=True, text=True).stdout
+
+
+def test_unlearn_with_lora_writes_the_adapter_and_record(run_cli, world_model_dir, data_files, tmp_path):
+    output = tmp_path / "ihl"
+    code, out, err = run_cli(*unlearn_args(world_model_dir, data_files, output, "--method", "ihl", "--use_lora", "--lora_r", "4"))
+    assert code == 0, err
+    assert "saved the ihl LoRA adapter" in out
+    record = json.loads((output / "unlearning.json").read_text())
+    assert record["method"] == "IHL" and record["artifact"] == "lora" and record["hyperparameters"]["lora"]["r"] == 4
+    assert record["data"]["forget"]["path"] == str(data_files / "forget.jsonl") and record["training"]["global_steps"] == 2
+    assert (output / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_parses_into_its_method_config(recipe):
+    arguments, config = parse_unlearn_args(["--config", str(recipe)])
+    assert arguments.method in recipe.stem and arguments.forget == "locuslab/TOFU:forget10"
+    assert type(config).__name__.lower().startswith(arguments.method.replace("ga", "gradascent"))
+    assert config.learning_rate > 0 and config.output_dir.startswith("outputs/")
+
+
+def test_recipes_are_found_by_name_too():
+    assert RECIPE_FOLDERS[-1] == REPO / "trainers"
+    arguments, config = parse_unlearn_args(["--config", "npo-tofu", "--beta", "0.5", "--output_dir", "x"])
+    assert arguments.method == "npo" and config.beta == 0.5 and config.output_dir == "x"  # flags override the recipe
+
+
+@pytest.mark.skipif(not TOFU.is_dir(), reason="needs ../shared/data/tofu")
+def test_a_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path):
+    output = tmp_path / "npo"
+    code, _, err = run_cli("unlearn", "--config", REPO / "trainers" / "npo-tofu.yaml", "--model_name_or_path", world_model_dir,
+                           "--forget", f"{TOFU}:forget01", "--retain", f"{TOFU}:retain99", "--output_dir", output,
+                           "--max_steps", "2", "--gradient_accumulation_steps", "1", "--disable_tqdm", "true")
+    assert code == 0, err
+    record = json.loads((output / "unlearning.json").read_text())
+    assert record["method"] == "NPO" and record["data"]["forget"]["config"] == "forget01" and record["data"]["forget"]["num_rows"] == 40
+    assert record["hyperparameters"]["weight_decay"] == 0.01  # from the recipe
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl"),
+        ({"--model_name_or_path": "nobody/no-such-model"}, "model 'nobody/no-such-model' not found"),
+        ({"--model_name_or_path": "/no/such/folder"}, "model '/no/such/folder' not found"),
+        ({"--forget": "{data}/empty.jsonl"}, "forget set is empty"),
+        ({"--forget": "{data}/shapeless.jsonl"}, "expected 'question' and 'answer'"),
+        ({"--forget": "{data}/missing.jsonl"}, "neither an existing file or folder nor a Hub dataset id"),
+        ({"--method": "npo", "--retain": None}, "needs a retain set"),
+        ({"--use_lora": True, "--lora_target_modules": "dense,fc1"}, "no module matches target modules ['dense', 'fc1']"),
+        ({"--retain_loss": "mse"}, "invalid choice: 'mse'"),
+        ({"--learning_rate": "fast"}, "invalid float value: 'fast'"),
+        ({"--config": "no-such-recipe"}, "recipe 'no-such-recipe' not found"),
+        ({"--method": None}, "--method is required"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_dir, data_files, tmp_path, change, message):
+    output = tmp_path / "never"
+    flags = {"--method": "ihl", "--model_name_or_path": world_model_dir, "--forget": data_files / "forget.jsonl",
+             "--retain": data_files / "retain.jsonl", "--output_dir": output, "--max_steps": 2}
+    flags.update({k: v.format(data=data_files) if isinstance(v, str) else v for k, v in change.items()})
+    args = [part for flag, value in flags.items() if value is not None for part in ((flag,) if value is True else (flag, value))]
+    code, _, err = run_cli("unlearn", *args)
+    assert code == 2
+    assert_one_error_line(err, message)
+    assert not output.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_non_empty_output_folder_needs_overwrite_and_is_left_untouched(run_cli, world_model_dir, data_files, tmp_path):
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    code, _, err = run_cli(*unlearn_args(world_model_dir, data_files, output, "--method", "graddiff"))
+    assert code == 2 and "pass --overwrite_output_dir" in err
+    assert [p.name for p in output.iterdir()] == ["notes.txt"]
+    code, _, err = run_cli(*unlearn_args(world_model_dir, data_files, output, "--method", "graddiff", "--overwrite_output_dir"))
+    assert code == 0, err
+    assert (output / "model.safetensors").is_file() and not (output / "notes.txt").exists()
+
+
+def test_overlap_and_missing_pad_token_are_warned_about(run_cli, world_model_dir, data_files, tmp_path):
+    model_copy = tmp_path / "model"
+    shutil.copytree(world_model_dir, model_copy)
+    tokenizer_config = json.loads((model_copy / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    code, _, err = run_cli("unlearn", "--method", "graddiff", "--model_name_or_path", model_copy, "--forget", data_files / "forget.jsonl",
+                           "--retain", data_files / "forget.jsonl", "--output_dir", tmp_path / "out", "--max_steps", "1", "--disable_tqdm", "true")
+    assert code == 0, err
+    assert "hubunlearn: warning: the tokenizer has no pad token; padding with its eos token '</s>'" in err
+    assert "15 forget examples also appear in the retain set" in err
+
+
+def test_non_finite_loss_stops_names_the_step_and_keeps_the_last_good_state(run_cli, world_model_dir, data_files, tmp_path):
+    output = tmp_path / "exploded"
+    code, _, err = run_cli("unlearn", "--method", "ga", "--model_name_or_path", world_model_dir, "--forget", data_files / "forget.jsonl",
+                           "--output_dir", output, "--learning_rate", "1e3", "--max_grad_norm", "0", "--max_steps", "30", "--disable_tqdm", "true")
+    assert code == 1
+    assert_one_error_line(err, f"to {output}")
+    record = json.loads((output / "unlearning.json").read_text())
+    step = int(err.split("at step ")[1].split(";")[0])
+    assert record["stopped"] == {"reason": "non-finite loss", "step": step} and record["training"]["global_steps"] == step - 1
+    assert all(torch.isfinite(t).all() for t in load_file(output / "model.safetensors").values())
