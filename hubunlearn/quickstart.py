@@ -31,8 +31,8 @@ class QuickstartSettings:
     num_forget: int = 3
     seed: int = 0
     teach_epochs: int = 40
-    unlearn_epochs: int = 5
-    learning_rate: float = 1e-2
+    unlearn_epochs: int = 8
+    learning_rate: float = 5e-3
     lora_r: int = 8
 
 
@@ -91,7 +91,6 @@ def run_quickstart(output_dir: str | Path = "quickstart-output", settings: Quick
     settings = settings or QuickstartSettings()
     output_dir = Path(output_dir)
     _check_output(output_dir)
-    torch.manual_seed(settings.seed)
     world = World.make(settings.num_people, settings.num_forget, settings.seed)
     forget_rows, retain_rows = world.rows("forget"), world.rows("retain")
     folder = world_model(settings)

@@ -19,7 +19,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .. import __version__
 from ..artifacts import check_output_dir, staging_dir, write_record
@@ -161,6 +161,7 @@ class UnlearnTrainer(Trainer):
         self.base_model_id = model.config._name_or_path
         self.base_model_revision = getattr(model.config, "_commit_hash", None)
         if peft_config is not None:
+            set_seed(args.seed)  # the adapter's random init is part of the run: make it follow the config's seed
             model = _with_adapter(model, peft_config)
         elif (self.uses_reference or args.retain_loss == "kl") and ref_model is None:
             ref_model = copy.deepcopy(model)

@@ -1,0 +1,32 @@
+"""Run by `accelerate launch` in tests: GradDiff on the built-in world, recording which examples each rank drew."""
+
+import json
+import sys
+from pathlib import Path
+
+from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer
+from hubunlearn.world import World
+
+
+class RecordingGradDiff(GradDiffTrainer):
+    drawn: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.drawn.append({"step": self.state.global_step, "forget": inputs["forget_index"].tolist(), "retain": inputs["retain_index"].tolist()})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def main(model_dir: str, output_dir: str, record_dir: str) -> None:
+    world = World.make(num_forget=4)  # 20 forget rows: 2 ranks x 5 per step divide them evenly (no padding repeats)
+    args = GradDiffConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=3, per_device_train_batch_size=5,
+                          lr_scheduler_type="constant", logging_steps=1, seed=1, disable_tqdm=True)
+    trainer = RecordingGradDiff(model=model_dir, args=args, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"))
+    trainer.drawn = []
+    trainer.train()
+    trainer.save_model()
+    rank = trainer.accelerator.process_index
+    Path(record_dir, f"rank{rank}.json").write_text(json.dumps({"world_size": trainer.accelerator.num_processes, "drawn": trainer.drawn}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

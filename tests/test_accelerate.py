@@ -1,0 +1,54 @@
+"""The trainers run unchanged under `accelerate launch`: two CPU processes, distinct samples, one artifact.
+
+accelerate 1.x runs `--cpu` scripts in a single process (its multi-CPU path needs mpirun), so two CPU
+processes come from its torch.distributed launcher with ACCELERATE_USE_CPU=true, which makes the
+Trainer's PartialState pick the gloo backend on CPU.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from .conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_draw_different_samples_and_save_one_artifact(world_model_dir, forget_rows, mean_answer_probability, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    output, records = tmp_path / "ddp", tmp_path / "records"
+    records.mkdir()
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(REPO / "tests" / "scripts" / "ddp_unlearn.py"), str(world_model_dir), str(output), str(records)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    steps = [ranks[r]["drawn"] for r in (0, 1)]
+    assert len(steps[0]) == len(steps[1]) == 6  # 20 forget rows, 2 ranks x 5 per step, 3 epochs
+    for epoch in range(3):
+        span = slice(2 * epoch, 2 * epoch + 2)
+        forget = [[i for d in steps[r][span] for i in d["forget"]] for r in (0, 1)]
+        retain = [[i for d in steps[r][span] for i in d["retain"]] for r in (0, 1)]
+        assert sorted(forget[0] + forget[1]) == list(range(20))  # the ranks share the forget set out
+        assert len(set(retain[0] + retain[1])) == 20, "two forget examples drew the same retain example"
+    assert [d["retain"] for d in steps[0][:2]] != [d["retain"] for d in steps[0][2:4]]  # partners move on between epochs
+
+    record = json.loads((output / "unlearning.json").read_text())
+    assert record["training"]["world_size"] == 2 and record["method"] == "GradDiff"
+    assert not list(tmp_path.glob(".ddp.partial-*"))
+    unlearned = AutoModelForCausalLM.from_pretrained(output)
+    assert mean_answer_probability(unlearned, forget_rows) < 0.8 * mean_answer_probability(AutoModelForCausalLM.from_pretrained(world_model_dir), forget_rows)
