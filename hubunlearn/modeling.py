@@ -50,3 +50,16 @@ def load_model(name_or_path: str, revision: str | None = None, trust_remote_code
         )
     except (OSError, ValueError) as error:
         raise _not_found(name_or_path, error) from error
+
+
+def resolve_commit(name_or_path: str, revision: str | None = None) -> str | None:
+    """The commit a Hub model id (at ``revision``) points to; ``revision`` itself when the Hub cannot say,
+    and None for local folders. Best effort: it never fails a run."""
+    if not name_or_path or os.path.isdir(name_or_path):
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(name_or_path, revision=revision).sha or revision
+    except Exception:  # offline, gated, unknown: the record keeps what the user asked for
+        return revision

@@ -13,7 +13,7 @@ from transformers import HfArgumentParser
 
 from .data import load_rows
 from .errors import NonFiniteLossError, UsageError
-from .modeling import load_model, load_tokenizer
+from .modeling import load_model, load_tokenizer, resolve_commit
 from .trainers import METHODS, UnlearnConfig
 
 RECIPE_FOLDERS = (Path(__file__).parent / "recipes", Path(__file__).parent.parent / "trainers")
@@ -133,6 +133,7 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
             processing_class=tokenizer,
             peft_config=lora_config(arguments) if arguments.use_lora else None,
         )
+        trainer.base_model_revision = resolve_commit(arguments.model_name_or_path, arguments.model_revision)
         trainer.train()
     except NonFiniteLossError as error:
         if trainer is None:

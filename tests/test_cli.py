@@ -72,14 +72,18 @@ def test_recipes_are_found_by_name_too():
 
 
 @pytest.mark.skipif(not TOFU.is_dir(), reason="needs ../shared/data/tofu")
-def test_a_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path):
-    output = tmp_path / "npo"
-    code, _, err = run_cli("unlearn", "--config", REPO / "trainers" / "npo-tofu.yaml", "--model_name_or_path", world_model_dir,
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path, recipe):
+    output = tmp_path / "out"
+    code, _, err = run_cli("unlearn", "--config", recipe, "--model_name_or_path", world_model_dir,
                            "--forget", f"{TOFU}:forget01", "--retain", f"{TOFU}:retain99", "--output_dir", output,
-                           "--max_steps", "2", "--gradient_accumulation_steps", "1", "--disable_tqdm", "true")
+                           "--max_steps", "1", "--gradient_accumulation_steps", "1", "--disable_tqdm", "true")
     assert code == 0, err
     record = json.loads((output / "unlearning.json").read_text())
-    assert record["method"] == "NPO" and record["data"]["forget"]["config"] == "forget01" and record["data"]["forget"]["num_rows"] == 40
+    settings = parse_unlearn_args(["--config", str(recipe)])[0]
+    assert record["method"].lower().replace("gradascent", "ga") == settings.method
+    assert record["artifact"] == ("lora" if settings.use_lora else "full")
+    assert record["data"]["forget"]["config"] == "forget01" and record["data"]["forget"]["num_rows"] == 40
     assert record["hyperparameters"]["weight_decay"] == 0.01  # from the recipe
 
 

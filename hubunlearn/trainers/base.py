@@ -35,7 +35,7 @@ from ..data import (
     tokenize_rows,
 )
 from ..errors import NonFiniteLossError, UsageError
-from ..modeling import ensure_pad_token, load_model, load_tokenizer
+from ..modeling import ensure_pad_token, load_model, load_tokenizer, resolve_commit
 from . import losses
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class UnlearnTrainer(Trainer):
             retain_examples = None
 
         self.base_model_id = model.config._name_or_path
-        self.base_model_revision = getattr(model.config, "_commit_hash", None)
+        self.base_model_revision: str | None = None  # resolved at save time unless the caller knows it
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init is part of the run: make it follow the config's seed
             model = _with_adapter(model, peft_config)
@@ -285,7 +285,8 @@ class UnlearnTrainer(Trainer):
             "method": self._name,
             "paper": (self._paper or {}).get("id"),
             "artifact": self.artifact_kind,
-            "base_model": {"name_or_path": self.base_model_id, "revision": self.base_model_revision},
+            "base_model": {"name_or_path": self.base_model_id,
+                           "revision": self.base_model_revision or resolve_commit(self.base_model_id)},
             "hyperparameters": hyperparameters,
             "data": {name: describe(spec, rows, data_format) for name, (spec, rows) in self.data_sources.items()},
             "training": {
