@@ -17,10 +17,13 @@ COMMANDS = {
 def _unlearn(argv: list[str]) -> int:
     from .unlearn import parse_unlearn_args, run_unlearn
 
+    from accelerate import PartialState
+
     arguments, config = parse_unlearn_args(argv)
     output_dir = run_unlearn(arguments, config)
-    kind = "LoRA adapter" if arguments.use_lora else "checkpoint"
-    print(f"hubunlearn: saved the {arguments.method} {kind} and unlearning.json to {output_dir}")
+    if PartialState().is_main_process:
+        kind = "LoRA adapter" if arguments.use_lora else "checkpoint"
+        print(f"hubunlearn: saved the {arguments.method} {kind} and unlearning.json to {output_dir}")
     return 0
 
 
