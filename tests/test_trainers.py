@@ -106,6 +106,8 @@ def test_bad_trainer_inputs(model, tokenizer, forget_rows, retain_rows, tmp_path
     args = config(IHLTrainer, tmp_path / "o")
     with pytest.raises(UsageError, match="needs a retain set"):
         IHLTrainer(model=model, args=args, forget_dataset=forget_rows, processing_class=tokenizer)
+    with pytest.raises(UsageError, match="retain_loss='kl' needs a retain set"):
+        NPOTrainer(model=model, args=config(NPOTrainer, tmp_path / "o", retain_loss="kl"), forget_dataset=forget_rows, processing_class=tokenizer)
     with pytest.raises(UsageError, match="forget set is empty"):
         IHLTrainer(model=model, args=args, forget_dataset=[], retain_dataset=retain_rows, processing_class=tokenizer)
     with pytest.raises(UsageError, match="no module matches target modules.*q_proj"):
@@ -138,3 +140,33 @@ def test_tags_and_paper_feed_the_card(model, tokenizer, forget_rows, retain_rows
     trainer.save_model()
     card = (tmp_path / "o" / "README.md").read_text()
     assert "- npo" in card and "- unlearning" in card and "2404.05868" in card and "base_model_relation: finetune" in card
+
+
+def test_unused_retain_set_is_said_and_not_recorded(model, tokenizer, forget_rows, retain_rows, tmp_path, caplog):
+    trainer_class = METHODS["ga"]
+    with caplog.at_level(logging.WARNING, logger="hubunlearn"):
+        trainer = trainer_class(model=model, args=config(trainer_class, tmp_path / "o", max_steps=1), forget_dataset=forget_rows,
+                                retain_dataset=retain_rows, processing_class=tokenizer)
+    assert "the retain set is not used" in caplog.text
+    assert "retain" not in trainer.unlearning_record()["data"] and "retain" not in trainer.train_dataset[0]
+
+
+def test_raw_text_forget_set(model, tokenizer, forget_rows, retain_rows, tmp_path):
+    """The text road: documents chunked, every token trained on; their likelihood falls, the retain QA holds."""
+    from hubunlearn.data import DataFormat, tokenize_rows
+    from hubunlearn.metrics import answer_probabilities
+
+    documents = [{"text": " ".join(r["answer"] for r in forget_rows[i : i + 5])} for i in range(0, len(forget_rows), 5)]
+    chunks = list(tokenize_rows(documents, tokenizer, DataFormat(max_length=24)))
+
+    def text_probability(m):
+        values = answer_probabilities(m, chunks, tokenizer.pad_token_id)
+        return sum(values) / len(values)
+
+    before = text_probability(model)
+    trainer_class = METHODS["graddiff"]
+    trainer = trainer_class(model=model, args=config(trainer_class, tmp_path / "o", max_length=24), forget_dataset=documents,
+                            retain_dataset=retain_rows, processing_class=tokenizer)
+    trainer.train()
+    assert len(trainer.train_dataset) == len(chunks) > len(documents)
+    assert text_probability(trainer.model) < 0.8 * before

@@ -138,9 +138,11 @@ class UnlearnTrainer(Trainer):
         check_output_dir(args.output_dir, args.overwrite_output_dir)
         if forget_dataset is None:
             raise UsageError("no forget set: pass forget_dataset (--forget SPEC)")
-        needs_retain = args.retain_loss == "nll"
-        if needs_retain and retain_dataset is None:
-            raise UsageError(f"{self._name} with retain_loss='nll' needs a retain set: pass --retain SPEC (or --retain_loss none)")
+        if args.retain_loss != "none" and retain_dataset is None:
+            raise UsageError(f"{self._name} with retain_loss='{args.retain_loss}' needs a retain set: pass --retain SPEC (or --retain_loss none)")
+        if args.retain_loss == "none" and retain_dataset is not None:
+            logger.warning("retain_loss is 'none': the retain set is not used (set --retain_loss nll or kl to use it)")
+            retain_dataset = None
         if isinstance(model, str):
             processing_class = processing_class or load_tokenizer(model)
             model = load_model(model)
@@ -155,8 +157,6 @@ class UnlearnTrainer(Trainer):
         self._warn_overlap(forget_rows, retain_rows, data_format)
         forget_examples = tokenize_rows(forget_rows, processing_class, data_format, "forget")
         retain_examples = tokenize_rows(retain_rows, processing_class, data_format, "retain") if retain_rows is not None else None
-        if args.retain_loss == "none":
-            retain_examples = None
 
         self.base_model_id = model.config._name_or_path
         self.base_model_revision: str | None = None  # resolved at save time unless the caller knows it
@@ -237,7 +237,7 @@ class UnlearnTrainer(Trainer):
         forget_loss = self.forget_loss(model, inputs["forget"])
         loss = self.args.forget_weight * forget_loss
         self._logged["forget_loss"].append(forget_loss.item())
-        if self.args.retain_loss != "none" and "retain" in inputs:
+        if "retain" in inputs:
             retain_loss = self.retain_term(model, inputs["retain"])
             loss = loss + self.args.retain_weight * retain_loss
             self._logged["retain_loss"].append(retain_loss.item())
