@@ -34,19 +34,12 @@ SETTINGS = {"full": {"learning_rate": 3e-4}, "lora": {"learning_rate": 5e-3}}
 
 def run() -> dict:
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hubunlearn.quickstart import QuickstartSettings, measure, world_model
+    from hubunlearn.quickstart import Example, QuickstartSettings
     from hubunlearn.trainers import METHODS
-    from hubunlearn.world import World
 
-    settings = QuickstartSettings()
-    world = World.make(settings.num_people, settings.num_forget, settings.seed)
-    forget_rows, retain_rows = world.rows("forget"), world.rows("retain")
-    folder = world_model(settings)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder)
-    before = {"forget": measure(base, tokenizer, forget_rows), "retain": measure(base, tokenizer, retain_rows)}
+    example = Example.load(QuickstartSettings())
+    before = example.measure(example.model())
     runs, trainers = [], []
     for kind in ("full", "lora"):
         for method, trainer_class in METHODS.items():
@@ -55,10 +48,10 @@ def run() -> dict:
                                                   lr_scheduler_type="constant", seed=1, disable_tqdm=True,
                                                   use_cpu=not torch.cuda.is_available(), **SETTINGS[kind])
                 lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM") if kind == "lora" else None
-                trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(folder), args=args, forget_dataset=forget_rows,
-                                        retain_dataset=retain_rows, processing_class=tokenizer, peft_config=lora)
+                trainer = trainer_class(model=example.model(), args=args, forget_dataset=example.forget_rows,
+                                        retain_dataset=example.retain_rows, processing_class=example.tokenizer, peft_config=lora)
                 trainer.train()
-            after = {split: measure(trainer.model, tokenizer, rows) for split, rows in (("forget", forget_rows), ("retain", retain_rows))}
+            after = example.measure(trainer.model)
             runs.append({
                 "method": method, "kind": kind, **SETTINGS[kind], "steps": STEPS,
                 "forget_probability": after["forget"]["answer_probability"], "forget_recall": after["forget"]["exact_recall"],

@@ -73,6 +73,33 @@ def measure(model, tokenizer, rows: list[dict]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Example:
+    """The world's forget and retain rows with the folder and tokenizer of the model that knows them."""
+
+    forget_rows: list[dict]
+    retain_rows: list[dict]
+    model_dir: Path
+    tokenizer: Any
+
+    @classmethod
+    def load(cls, settings: QuickstartSettings) -> "Example":
+        from transformers import AutoTokenizer
+
+        world = World.make(settings.num_people, settings.num_forget, settings.seed)
+        folder = world_model(settings)
+        return cls(world.rows("forget"), world.rows("retain"), folder, AutoTokenizer.from_pretrained(folder))
+
+    def model(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_dir)
+
+    def measure(self, model) -> dict[str, dict[str, Any]]:
+        """:func:`measure` on the forget and the retain rows."""
+        return {"forget": measure(model, self.tokenizer, self.forget_rows), "retain": measure(model, self.tokenizer, self.retain_rows)}
+
+
 def _check_output(output_dir: Path) -> None:
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
@@ -84,19 +111,16 @@ def _check_output(output_dir: Path) -> None:
 def run_quickstart(output_dir: str | Path = "quickstart-output", settings: QuickstartSettings | None = None) -> dict[str, Any]:
     """Run the example end to end; returns the before/after measurements and writes the adapter to ``output_dir``."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .trainers import IHLConfig, IHLTrainer
 
     settings = settings or QuickstartSettings()
     output_dir = Path(output_dir)
     _check_output(output_dir)
-    world = World.make(settings.num_people, settings.num_forget, settings.seed)
-    forget_rows, retain_rows = world.rows("forget"), world.rows("retain")
-    folder = world_model(settings)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    before = {"forget": measure(model, tokenizer, forget_rows), "retain": measure(model, tokenizer, retain_rows)}
+    example = Example.load(settings)
+    forget_rows, retain_rows = example.forget_rows, example.retain_rows
+    model = example.model()
+    before = example.measure(model)
 
     args = IHLConfig(
         output_dir=str(output_dir),
@@ -110,9 +134,9 @@ def run_quickstart(output_dir: str | Path = "quickstart-output", settings: Quick
     )
     lora = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = IHLTrainer(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows,
-                         processing_class=tokenizer, peft_config=lora)
+                         processing_class=example.tokenizer, peft_config=lora)
     trainer.train()
-    after = {"forget": measure(trainer.model, tokenizer, forget_rows), "retain": measure(trainer.model, tokenizer, retain_rows)}
+    after = example.measure(trainer.model)
 
     summary = {
         split: {stage: {k: v for k, v in result[split].items() if k != "answers"} for stage, result in (("before", before), ("after", after))}
