@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -72,8 +71,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_record(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Write ``unlearning.json`` with the library versions and a UTC timestamp added."""
-    record = {**record, "versions": library_versions(), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    """Write ``unlearning.json``."""
     path = Path(folder) / RECORD_NAME
     path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
     return path

@@ -52,14 +52,17 @@ def load_model(name_or_path: str, revision: str | None = None, trust_remote_code
         raise _not_found(name_or_path, error) from error
 
 
-def resolve_commit(name_or_path: str, revision: str | None = None) -> str | None:
-    """The commit a Hub model id (at ``revision``) points to; ``revision`` itself when the Hub cannot say,
-    and None for local folders. Best effort: it never fails a run."""
+def hub_facts(name_or_path: str, revision: str | None = None) -> dict:
+    """What an artifact records about its base model on the Hub: the commit ``revision`` points to and the
+    license on its card. Best effort, never fails a run: local folders give nothing, an unreachable or gated
+    repository gives back the requested ``revision``."""
     if not name_or_path or os.path.isdir(name_or_path):
-        return None
+        return {"revision": revision, "license": None}
     from huggingface_hub import HfApi
 
     try:
-        return HfApi().model_info(name_or_path, revision=revision).sha or revision
+        info = HfApi().model_info(name_or_path, revision=revision)
     except Exception:  # offline, gated, unknown: the record keeps what the user asked for
-        return revision
+        return {"revision": revision, "license": None}
+    license = (info.card_data or {}).get("license") if info.card_data is not None else None
+    return {"revision": info.sha or revision, "license": license}

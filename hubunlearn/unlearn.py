@@ -13,10 +13,11 @@ from transformers import HfArgumentParser
 
 from .data import load_rows
 from .errors import NonFiniteLossError, UsageError
-from .modeling import load_model, load_tokenizer, resolve_commit
+from .resources import resource_dir
+from .modeling import hub_facts, load_model, load_tokenizer
 from .trainers import METHODS, UnlearnConfig
 
-RECIPE_FOLDERS = (Path(__file__).parent / "recipes", Path(__file__).parent.parent / "trainers")
+RECIPES = resource_dir("recipes", "trainers")
 
 
 @dataclass
@@ -41,11 +42,10 @@ def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for folder in RECIPE_FOLDERS:
-        for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
-            if candidate.is_file():
-                return candidate
-    known = sorted({p.stem for folder in RECIPE_FOLDERS if folder.is_dir() for p in folder.glob("*.yaml")})
+    for candidate in (RECIPES / name_or_path, RECIPES / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
     raise UsageError(f"recipe '{name_or_path}' not found: give a YAML path or one of: {', '.join(known)}")
 
 
@@ -133,7 +133,7 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
             processing_class=tokenizer,
             peft_config=lora_config(arguments) if arguments.use_lora else None,
         )
-        trainer.base_model_revision = resolve_commit(arguments.model_name_or_path, arguments.model_revision)
+        trainer.base_model_facts = hub_facts(arguments.model_name_or_path, arguments.model_revision)
         trainer.train()
     except NonFiniteLossError as error:
         if trainer is None:

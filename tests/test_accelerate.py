@@ -48,7 +48,7 @@ def test_two_processes_draw_different_samples_and_save_one_artifact(world_model_
     assert [d["retain"] for d in steps[0][:2]] != [d["retain"] for d in steps[0][2:4]]  # partners move on between epochs
 
     record = json.loads((output / "unlearning.json").read_text())
-    assert record["training"]["world_size"] == 2 and record["method"] == "GradDiff"
+    assert record["hardware"]["num_processes"] == 2 and record["method"] == "GradDiff"
     assert not list(tmp_path.glob(".ddp.partial-*"))
     unlearned = AutoModelForCausalLM.from_pretrained(output)
     assert mean_answer_probability(unlearned, forget_rows) < 0.8 * mean_answer_probability(AutoModelForCausalLM.from_pretrained(world_model_dir), forget_rows)

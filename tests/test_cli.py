@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hubunlearn.unlearn import RECIPE_FOLDERS, parse_unlearn_args
+from hubunlearn.unlearn import RECIPES, parse_unlearn_args
 
 from .conftest import REPO, TOFU
 
-RECIPES = sorted((REPO / "trainers").glob("*.yaml"))
+RECIPE_FILES = sorted((REPO / "trainers").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_unlearn_with_lora_writes_the_adapter_and_record(run_cli, world_model_di
     assert (output / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[r.stem for r in RECIPE_FILES])
 def test_every_recipe_parses_into_its_method_config(recipe):
     arguments, config = parse_unlearn_args(["--config", str(recipe)])
     assert arguments.method in recipe.stem and arguments.forget == "locuslab/TOFU:forget10"
@@ -66,13 +66,13 @@ def test_every_recipe_parses_into_its_method_config(recipe):
 
 
 def test_recipes_are_found_by_name_too():
-    assert RECIPE_FOLDERS[-1] == REPO / "trainers"
+    assert RECIPES == REPO / "trainers"
     arguments, config = parse_unlearn_args(["--config", "npo-tofu", "--beta", "0.5", "--output_dir", "x"])
     assert arguments.method == "npo" and config.beta == 0.5 and config.output_dir == "x"  # flags override the recipe
 
 
 @pytest.mark.skipif(not TOFU.is_dir(), reason="needs ../shared/data/tofu")
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[r.stem for r in RECIPE_FILES])
 def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path, recipe):
     output = tmp_path / "out"
     code, _, err = run_cli("unlearn", "--config", recipe, "--model_name_or_path", world_model_dir,

@@ -139,7 +139,9 @@ def test_tags_and_paper_feed_the_card(model, tokenizer, forget_rows, retain_rows
     trainer.train()
     trainer.save_model()
     card = (tmp_path / "o" / "README.md").read_text()
-    assert "- npo" in card and "- unlearning" in card and "2404.05868" in card and "base_model_relation: finetune" in card
+    assert "- npo" in card and "- unlearning" in card and "arXiv:2404.05868" in card and "| `beta` | `0.1` |" in card
+    assert "base_model" not in card.split("---")[1]  # a local base path never goes into the Hub metadata
+    assert "| `lr_scheduler_type` | `constant` |" in card and "Libraries: hubunlearn" in card
 
 
 def test_unused_retain_set_is_said_and_not_recorded(model, tokenizer, forget_rows, retain_rows, tmp_path, caplog):

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
+import inspect
 import logging
 import math
 import os
 from collections import defaultdict
+from datetime import datetime, timezone
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +25,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .. import __version__
-from ..artifacts import check_output_dir, staging_dir, write_record
+from ..artifacts import check_output_dir, library_versions, staging_dir, write_record
 from ..cards import render_card
 from ..data import (
     DataFormat,
@@ -35,7 +38,7 @@ from ..data import (
     tokenize_rows,
 )
 from ..errors import NonFiniteLossError, UsageError
-from ..modeling import ensure_pad_token, load_model, load_tokenizer, resolve_commit
+from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer
 from . import losses
 
 logger = logging.getLogger(__name__)
@@ -80,7 +83,12 @@ class UnlearnConfig(TrainingArguments):
         keys = [f.name for f in dataclasses.fields(self) if f.name not in TRAINING_ARGUMENT_FIELDS and f.name != "overwrite_output_dir"]
         keys += ["learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed"]
-        return {key: getattr(self, key) for key in keys}
+        return {key: _plain(getattr(self, key)) for key in keys}
+
+
+def _plain(value: Any) -> Any:
+    """Enums (the scheduler type, ...) as their values, so records and cards read naturally."""
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 class _EpochForPairing(TrainerCallback):
@@ -119,7 +127,7 @@ class UnlearnTrainer(Trainer):
 
     _tag_names = ["unlearning", "hubunlearn"]
     _name = "Unlearn"
-    _paper: dict[str, str] | None = None
+    _paper: dict | None = None  # {"id": arXiv id, "title", "authors": "A and B", "year"}: feeds the card's citation
     config_class = UnlearnConfig
     uses_reference = False  # the forget loss itself needs the frozen original (NPO)
 
@@ -159,7 +167,7 @@ class UnlearnTrainer(Trainer):
         retain_examples = tokenize_rows(retain_rows, processing_class, data_format, "retain") if retain_rows is not None else None
 
         self.base_model_id = model.config._name_or_path
-        self.base_model_revision: str | None = None  # resolved at save time unless the caller knows it
+        self.base_model_facts: dict | None = None  # commit and license on the Hub, looked up at save time if unset
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init is part of the run: make it follow the config's seed
             model = _with_adapter(model, peft_config)
@@ -280,22 +288,30 @@ class UnlearnTrainer(Trainer):
             hyperparameters["lora"] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()
                                        if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights", "bias")}
         data_format = self.args.data_format
+        base = self.base_model_facts or hub_facts(self.base_model_id)
         return {
             "hubunlearn_version": __version__,
             "method": self._name,
-            "paper": (self._paper or {}).get("id"),
+            "method_description": inspect.getdoc(type(self)).split("\n\n")[0].replace("\n", " "),
+            "paper": self._paper,
+            "tags": sorted(set(self._tag_names) | {self._name.lower()}),
             "artifact": self.artifact_kind,
-            "base_model": {"name_or_path": self.base_model_id,
-                           "revision": self.base_model_revision or resolve_commit(self.base_model_id)},
+            "base_model": {"name_or_path": self.base_model_id, **base},
             "hyperparameters": hyperparameters,
             "data": {name: describe(spec, rows, data_format) for name, (spec, rows) in self.data_sources.items()},
             "training": {
                 "global_steps": self.state.global_step,
-                "world_size": self.args.world_size,
-                "device": str(self.args.device),
                 "train_runtime_s": next((h["train_runtime"] for h in self.state.log_history if "train_runtime" in h), None),
             },
+            "hardware": {
+                "device": self.args.device.type,
+                "accelerator": torch.cuda.get_device_name(self.args.device) if self.args.device.type == "cuda" else None,
+                "num_processes": self.args.world_size,
+                "cpu_count": os.cpu_count(),
+            },
             "metrics": self.unlearning_metrics,
+            "versions": library_versions(),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **self.record_extras,
         }
 
@@ -309,7 +325,7 @@ class UnlearnTrainer(Trainer):
             super().save_model(str(staging) if staging else output_dir, _internal_call=True)
             if staging is not None:
                 record = self.unlearning_record()
-                render_card(record, self._tag_names + [self._name.lower()], repo_id=os.path.basename(os.path.abspath(output_dir))).save(staging / "README.md")
+                render_card(record).save(staging / "README.md")
                 write_record(staging, record)
         self.accelerator.wait_for_everyone()
 

@@ -20,7 +20,8 @@ class GradAscentTrainer(UnlearnTrainer):
     Privacy Risks in Language Models", arXiv 2210.01504)."""
 
     _name = "GradAscent"
-    _paper = {"id": "2210.01504", "title": "Knowledge Unlearning for Mitigating Privacy Risks in Language Models"}
+    _paper = {"id": "2210.01504", "title": "Knowledge Unlearning for Mitigating Privacy Risks in Language Models",
+              "authors": "Joel Jang and Dongkeun Yoon and Sohee Yang and Sungmin Cha and Moontae Lee and Lajanugen Logeswaran and Minjoon Seo", "year": 2022}
     config_class = GradAscentConfig
 
     def forget_loss(self, model, forget):
@@ -37,7 +38,8 @@ class GradDiffTrainer(GradAscentTrainer):
     Unlearning", arXiv 2203.12817; the TOFU baseline)."""
 
     _name = "GradDiff"
-    _paper = {"id": "2203.12817", "title": "Continual Learning and Private Unlearning"}
+    _paper = {"id": "2203.12817", "title": "Continual Learning and Private Unlearning",
+              "authors": "Bo Liu and Qiang Liu and Peter Stone", "year": 2022}
     config_class = GradDiffConfig
 
 
@@ -53,7 +55,8 @@ class KLTrainer(GradAscentTrainer):
     arXiv 2401.06121)."""
 
     _name = "KL"
-    _paper = {"id": "2401.06121", "title": "TOFU: A Task of Fictitious Unlearning for LLMs"}
+    _paper = {"id": "2401.06121", "title": "TOFU: A Task of Fictitious Unlearning for LLMs",
+              "authors": "Pratyush Maini and Zhili Feng and Avi Schwarzschild and Zachary C. Lipton and J. Zico Kolter", "year": 2024}
     config_class = KLConfig
 
 
@@ -67,7 +70,8 @@ class IHLTrainer(UnlearnTrainer):
     ICLR 2025, arXiv 2408.06621): per forget token ``1 + p(y) - max_{v≠y} p(v)``, plus retain NLL."""
 
     _name = "IHL"
-    _paper = {"id": "2408.06621", "title": "Towards Robust and Parameter-Efficient Knowledge Unlearning for LLMs"}
+    _paper = {"id": "2408.06621", "title": "Towards Robust and Parameter-Efficient Knowledge Unlearning for LLMs",
+              "authors": "Sungmin Cha and Sungjun Cho and Dasol Hwang and Moontae Lee", "year": 2024}
     config_class = IHLConfig
 
     def forget_loss(self, model, forget):

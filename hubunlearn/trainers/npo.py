@@ -21,7 +21,8 @@ class NPOTrainer(UnlearnTrainer):
     the frozen original."""
 
     _name = "NPO"
-    _paper = {"id": "2404.05868", "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning"}
+    _paper = {"id": "2404.05868", "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
+              "authors": "Ruiqi Zhang and Licong Lin and Yu Bai and Song Mei", "year": 2024}
     config_class = NPOConfig
     uses_reference = True
 
@@ -44,7 +45,8 @@ class SimNPOTrainer(UnlearnTrainer):
     Unlearning", arXiv 2410.07163): NPO without a reference, on the length-normalised likelihood."""
 
     _name = "SimNPO"
-    _paper = {"id": "2410.07163", "title": "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning"}
+    _paper = {"id": "2410.07163", "title": "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning",
+              "authors": "Chongyu Fan and Jiancheng Liu and Licong Lin and Jinghan Jia and Ruiqi Zhang and Song Mei and Sijia Liu", "year": 2024}
     config_class = SimNPOConfig
 
     def forget_loss(self, model, forget):
