@@ -1,1 +1,16 @@
+"""hubunlearn: make causal language models forget, measure it, and publish the result on the Hugging Face Hub.
+
+Imports stay light here (``hubunlearn.testing`` is imported before ``huggingface_hub`` reads its settings);
+``load`` and ``push`` are loaded on first use.
+"""
+
 __version__ = "0.1.0"
+__all__ = ["load", "push", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("load", "push"):
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module 'hubunlearn' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from .errors import HubUnlearnError
 
 COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
+    "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
 }
 
@@ -24,6 +25,32 @@ def _unlearn(argv: list[str]) -> int:
     if PartialState().is_main_process:
         kind = "LoRA adapter" if arguments.use_lora else "checkpoint"
         print(f"hubunlearn: saved the {arguments.method} {kind} and unlearning.json to {output_dir}")
+    return 0
+
+
+def _push(argv: list[str]) -> int:
+    from .hub import push
+
+    parser = argparse.ArgumentParser(prog="hubunlearn push", description=COMMANDS["push"])
+    parser.add_argument("folder", help="An artifact folder (weights + unlearning.json), as `hubunlearn unlearn` writes it.")
+    parser.add_argument("--repo_id", required=True, help="Target repository, ORG/NAME; created when missing.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--revision", help="Branch to commit to (created when missing); default: main.")
+    parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing to the branch.")
+    parser.add_argument("--commit_message", help="Commit title.")
+    parser.add_argument("--base_model_id", help="Hub id of the base model, when the artifact was made from a local folder.")
+    parser.add_argument("--dry_run", action="store_true", help="Check the folder and list what would be uploaded; upload nothing.")
+    args = parser.parse_args(argv)
+    result = push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+                  commit_message=args.commit_message, base_model_id=args.base_model_id, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"hubunlearn: would upload to {args.repo_id} in one commit:")
+        for name in result.files:
+            print(f"  {name} ({(result.folder / name).stat().st_size:,} bytes)")
+        for name, content in result.rewritten.items():
+            print(f"  {name} ({len(content):,} bytes, written for the Hub)")
+        return 0
+    print(f"hubunlearn: pushed {args.folder} to {args.repo_id}: {result.pr_url or result.commit_url}")
     return 0
 
 
@@ -63,7 +90,7 @@ def _show_warnings() -> None:
         logger.setLevel(logging.INFO)
 
 
-HANDLERS = {"unlearn": _unlearn, "quickstart": _quickstart}
+HANDLERS = {"unlearn": _unlearn, "push": _push, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 
 from .. import __version__
 from ..artifacts import check_output_dir, library_versions, staging_dir, write_record
-from ..cards import render_card
+from ..cards import card_text
 from ..data import (
     DataFormat,
     DataSpec,
@@ -325,9 +325,21 @@ class UnlearnTrainer(Trainer):
             super().save_model(str(staging) if staging else output_dir, _internal_call=True)
             if staging is not None:
                 record = self.unlearning_record()
-                render_card(record).save(staging / "README.md")
+                (staging / "README.md").write_text(card_text(record))
                 write_record(staging, record)
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub()
+
+    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, **kwargs):
+        """Push the saved artifact through ``hubunlearn push``'s path: same card, one commit (main process only)."""
+        from ..hub import push
+
+        if not self.is_world_process_zero():
+            return None
+        return push(self.args.output_dir, self.hub_model_id or self.args.hub_model_id, private=bool(self.args.hub_private_repo),
+                    revision=revision or self.args.hub_revision, commit_message=commit_message, token=token or self.args.hub_token)
 
 
 def _with_adapter(model: PreTrainedModel, peft_config):

@@ -1,0 +1,171 @@
+"""Publishing artifacts to the Hub in one commit, and loading any artifact back by its ``unlearning.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifacts import NEVER_SHIPPED, RECORD_NAME, read_record
+from .cards import card_text, hub_id, is_untouched
+from .errors import HubUnlearnError, UsageError
+
+logger = logging.getLogger(__name__)
+WEIGHTS = {
+    "full": ("model.safetensors", "model.safetensors.index.json"),
+    "lora": ("adapter_model.safetensors",),
+    "eco": ("classifier/model.safetensors",),
+}
+RETRIES = 3
+FIRST_WAIT_S = 1.0
+
+
+@dataclass
+class PushPlan:
+    """What a push would upload: files from the folder plus files rewritten for the Hub (card, configs)."""
+
+    folder: Path
+    repo_id: str
+    files: list[str]
+    rewritten: dict[str, bytes]
+    record: dict[str, Any]
+
+
+def plan_push(folder: str | Path, repo_id: str, base_model_id: str | None = None) -> PushPlan:
+    """Check an artifact folder and decide what goes into the commit; raises a one-line :class:`UsageError`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    folder = Path(folder)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UsageError(f"invalid repo id '{repo_id}': use ORG/NAME with letters, digits, '-', '_' or '.'") from error
+    if "/" not in repo_id:
+        raise UsageError(f"repo id '{repo_id}' has no namespace: use ORG/NAME (your user name or an organization)")
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder: give the --output_dir of `hubunlearn unlearn`")
+    record = read_record(folder)
+    kind = record.get("artifact")
+    if kind not in WEIGHTS:
+        raise UsageError(f"{folder}/{RECORD_NAME} names an unknown artifact kind '{kind}'")
+    if not any((folder / name).is_file() for name in WEIGHTS[kind]):
+        raise UsageError(f"{folder} has no weights ({' or '.join(WEIGHTS[kind])}): it is not a complete {kind} artifact")
+
+    rewritten: dict[str, bytes] = {}
+    local_base = record["base_model"]["name_or_path"]
+    if base_model_id is not None:
+        if hub_id(base_model_id) is None:
+            raise UsageError(f"--base_model_id '{base_model_id}' is not a Hub model id (ORG/NAME)")
+        record["base_model"] = {**record["base_model"], "name_or_path": base_model_id, "local_path": local_base}
+        rewritten[RECORD_NAME] = (json.dumps(record, indent=2) + "\n").encode()
+    if kind == "lora":
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        base = base_model_id or adapter_config.get("base_model_name_or_path")
+        if hub_id(base) is None:
+            raise UsageError(f"the adapter's base model is the local path '{base}': pass --base_model_id ORG/NAME, "
+                             "the Hub id it was loaded from, so that the adapter loads for others")
+        if base != adapter_config.get("base_model_name_or_path"):
+            adapter_config["base_model_name_or_path"] = base
+            rewritten["adapter_config.json"] = (json.dumps(adapter_config, indent=2) + "\n").encode()
+    card = folder / "README.md"
+    if not card.is_file() or is_untouched(card.read_text()):  # an edited card is the user's: it goes as it is
+        rewritten["README.md"] = card_text(record, repo_id).encode()
+    files = sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith((".", "checkpoint-")) for part in p.relative_to(folder).parts)
+        and p.name not in NEVER_SHIPPED
+    )
+    return PushPlan(folder, repo_id, [f for f in files if f not in rewritten], rewritten, record)
+
+
+def _token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise UsageError("no Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write access")
+    return token
+
+
+def _refusal(error, repo_id: str) -> UsageError | None:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 401:
+        return UsageError("the Hub refused the token (401): run `hf auth login` again or set HF_TOKEN to a valid token")
+    if status == 403:
+        return UsageError(f"the token may not write to {repo_id} (403): use a write token, or a namespace you own")
+    return None
+
+
+def _is_transient(error: Exception) -> bool:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return (status is not None and status >= 500) or status == 429 or (status is None and isinstance(error, OSError))
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, commit_message: str | None = None, base_model_id: str | None = None,
+         dry_run: bool = False, token: str | None = None):
+    """Upload an artifact folder to ``repo_id`` in one commit; returns the ``CommitInfo`` (or the plan when ``dry_run``).
+
+    The repository is created when missing (and the branch, for ``revision``). A 5xx or network error is retried
+    with exponential backoff; the Hub applies a commit whole or not at all, so a push that finally fails leaves
+    the repository as it was.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    plan = plan_push(folder, repo_id, base_model_id)
+    if dry_run:
+        return plan
+    api = HfApi(token=token or _token())
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name)) for name in plan.files]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in plan.rewritten.items()]
+    message = commit_message or f"Upload {plan.record['method']} unlearning {plan.record['artifact']} with hubunlearn"
+    for attempt in range(1, RETRIES + 1):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
+        except (HfHubHTTPError, OSError) as error:
+            refusal = _refusal(error, repo_id)
+            if refusal is not None:
+                raise refusal from error
+            if not _is_transient(error) or attempt == RETRIES:
+                raise HubUnlearnError(f"push to {repo_id} failed after {attempt} attempt(s) ({str(error).splitlines()[0]}); "
+                                      "nothing was committed: run the same command again") from error
+            wait = FIRST_WAIT_S * 2 ** (attempt - 1)
+            logger.warning("push attempt %d failed (%s); retrying in %.0f s", attempt, str(error).splitlines()[0], wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def load(repo_or_dir: str, revision: str | None = None, **kwargs):
+    """Load any hubunlearn artifact (local folder or Hub repo) as the right object, by its ``unlearning.json``:
+    a ``transformers`` model for full checkpoints, a ``peft`` model (base + adapter) for LoRA adapters."""
+    folder = Path(repo_or_dir)
+    if folder.is_dir():
+        record = read_record(folder)
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            record = json.loads(Path(hf_hub_download(repo_or_dir, RECORD_NAME, revision=revision)).read_text())
+        except RepositoryNotFoundError as error:
+            raise UsageError(f"'{repo_or_dir}' is neither a local folder nor a Hub repository you can read") from error
+        except EntryNotFoundError as error:
+            raise UsageError(f"{repo_or_dir} has no {RECORD_NAME}: it is not a hubunlearn artifact") from error
+    kind = record.get("artifact")
+    if kind == "full":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(repo_or_dir, revision=revision, **kwargs)
+    if kind == "lora":
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(repo_or_dir, revision=revision, **kwargs)
+    raise UsageError(f"{repo_or_dir} holds a '{kind}' artifact, which this version of hubunlearn cannot load: upgrade hubunlearn")
