@@ -12,6 +12,7 @@ from typing import Any
 from .artifacts import NEVER_SHIPPED, RECORD_NAME, read_record
 from .cards import card_text, hub_id, is_untouched
 from .errors import HubUnlearnError, UsageError
+from .modeling import hub_facts
 
 logger = logging.getLogger(__name__)
 WEIGHTS = {
@@ -60,7 +61,8 @@ def plan_push(folder: str | Path, repo_id: str, base_model_id: str | None = None
     if base_model_id is not None:
         if hub_id(base_model_id) is None:
             raise UsageError(f"--base_model_id '{base_model_id}' is not a Hub model id (ORG/NAME)")
-        record["base_model"] = {**record["base_model"], "name_or_path": base_model_id, "local_path": local_base}
+        record["base_model"] = {**record["base_model"], "name_or_path": base_model_id, "local_path": local_base,
+                                **hub_facts(base_model_id)}
         rewritten[RECORD_NAME] = (json.dumps(record, indent=2) + "\n").encode()
     if kind == "lora":
         adapter_config = json.loads((folder / "adapter_config.json").read_text())

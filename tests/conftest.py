@@ -5,12 +5,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Before any Hugging Face import: no network, caches in a throw-away folder.
+from hubunlearn.testing import HubServer  # noqa: E402  (standard library only)
+
+# Before any Hugging Face import: the Hub is a loopback server, caches live in a throw-away folder.
 _HOME = tempfile.mkdtemp(prefix="hubunlearn-tests-")
-os.environ["HF_HOME"] = os.path.join(_HOME, "hf")
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HUBUNLEARN_CACHE"] = os.path.join(_HOME, "cache")
+HUB_TOKEN = "hf_hubunlearn_tests_token"
+OTHER_TOKEN = "hf_someone_else"  # user "alice", for the refusals a real Hub gives
+HUB = HubServer(os.path.join(_HOME, "hub"), tokens={HUB_TOKEN: "tester", OTHER_TOKEN: "alice"}).start()
+for name in [n for n in os.environ if n.startswith("HF_")]:
+    del os.environ[name]
+os.environ.update({
+    "HF_ENDPOINT": HUB.url,
+    "HF_HUB_DISABLE_XET": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HOME": os.path.join(_HOME, "hf"),
+    "HF_DATASETS_OFFLINE": "1",  # the loopback Hub serves models, not `datasets` scripts
+    "HUBUNLEARN_CACHE": os.path.join(_HOME, "cache"),
+})
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
@@ -20,6 +31,19 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """The session's loopback Hub (hubunlearn.testing.HubServer); user "tester" owns HUB_TOKEN."""
+    return HUB
+
+
+@pytest.fixture()
+def hub_token(monkeypatch):
+    """Log in as "tester" for one test (through HF_TOKEN, as users do)."""
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    return HUB_TOKEN
 
 
 @pytest.fixture(scope="session")
