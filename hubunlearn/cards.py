@@ -121,7 +121,7 @@ def card_data(record: dict, title: str) -> ModelCardData:
     datasets = sorted({d["id"] for d in record["data"].values() if d.get("id")})
     return ModelCardData(
         base_model=base,
-        base_model_relation=None if base is None else ("adapter" if kind == "lora" else "finetune"),
+        base_model_relation=None if base is None else ("finetune" if kind == "full" else "adapter"),  # ECO wraps an unchanged base
         library_name=LIBRARY[kind],
         tags=sorted(set(record.get("tags") or []) | {"unlearning", "hubunlearn", record["method"].lower()}),
         datasets=datasets or None,
