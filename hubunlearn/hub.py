@@ -102,9 +102,20 @@ def _refusal(error, repo_id: str) -> UsageError | None:
     return None
 
 
+def _network_errors() -> tuple[type[Exception], ...]:
+    """Connection-level failures of the HTTP library ``huggingface_hub`` uses (httpx2 in 2.x, httpx before)."""
+    errors: tuple[type[Exception], ...] = (OSError,)
+    for module in ("httpx2", "httpx"):
+        try:
+            errors += (__import__(module).TransportError,)
+        except (ImportError, AttributeError):
+            continue
+    return errors
+
+
 def _is_transient(error: Exception) -> bool:
     status = getattr(getattr(error, "response", None), "status_code", None)
-    return (status is not None and status >= 500) or status == 429 or (status is None and isinstance(error, OSError))
+    return (status is not None and status >= 500) or status == 429 or (status is None and isinstance(error, _network_errors()))
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -132,7 +143,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             return api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
-        except (HfHubHTTPError, OSError) as error:
+        except (HfHubHTTPError, *_network_errors()) as error:
             refusal = _refusal(error, repo_id)
             if refusal is not None:
                 raise refusal from error

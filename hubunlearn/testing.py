@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 import threading
 import uuid
@@ -241,6 +242,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         failure = hub._record(self.command, self.path)
+        if failure == 0:  # an injected network error: hang up without answering
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         try:
             if failure is not None:
                 raise HubError(failure, f"Injected failure ({failure}) for {self.command} {url.path}")
@@ -645,7 +650,8 @@ class HubServer:
 
     def fail_next(self, method: str | None = None, path_contains: str = "", status: int = 500, times: int = 1) -> None:
         """Answer the next ``times`` requests matching ``method`` (any if None) and ``path_contains`` (a substring of
-        the percent-encoded path and query) with ``status``, without doing anything else. Note that the client
+        the percent-encoded path and query) with ``status`` (0: close the connection unanswered, a network error),
+        without doing anything else. Note that the client
         retries some calls (preupload, LFS batch and upload) up to 5 times on 5xx, with back-off sleeps."""
         with self._lock:
             rule = {"method": method and method.upper(), "path": path_contains, "status": status, "times": times}

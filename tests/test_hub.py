@@ -136,6 +136,10 @@ def test_failure_mid_push_leaves_the_repo_as_it_was(run_cli, hub, hub_token, mod
     assert after.sha == info.sha
     assert {s.rfilename: (s.size, getattr(s.lfs, "sha256", None) if s.lfs else s.blob_id) for s in after.siblings} == snapshot
 
+    hub.fail_next(method="POST", path_contains="/commit/", status=0, times=hub_module.RETRIES)  # the network drops
+    code, _, err = run_cli("push", tmp_path / "v1", "--repo_id", "tester/fragile")
+    assert code == 1 and "nothing was committed" in err and HfApi().model_info("tester/fragile").sha == info.sha
+
     hub.fail_next(method="POST", path_contains="/commit/", status=503, times=1)  # one transient failure: retried
     code, _, err = run_cli("push", tmp_path / "v1", "--repo_id", "tester/fragile")
     assert code == 0 and "retrying" in err and "notes.txt" in HfApi().list_repo_files("tester/fragile")
