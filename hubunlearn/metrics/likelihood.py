@@ -5,30 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
-
 from ..data import pad_examples
-from ..trainers.losses import sequence_log_prob
+from .stats import batches, token_stats
 
 
-def _batches(items: Sequence, batch_size: int, description: str | None):
-    starts = range(0, len(items), batch_size)
-    for start in tqdm(starts, desc=description, disable=description is None, leave=False):
-        yield items[start : start + batch_size]
-
-
-@torch.no_grad()
 def answer_probabilities(model, examples: Sequence[dict], pad_token_id: int, batch_size: int = 32, description: str | None = None) -> list[float]:
     """Length-normalised answer probability ``exp(mean log p(answer token))`` of each example."""
-    model.eval()
-    device = next(model.parameters()).device
-    probabilities = []
-    for chunk in _batches(list(examples), batch_size, description):
-        batch = {k: v.to(device) for k, v in pad_examples(chunk, pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        log_prob, num_tokens = sequence_log_prob(logits, batch["labels"])
-        probabilities += torch.exp(log_prob / num_tokens.clamp(min=1)).tolist()
-    return probabilities
+    return [s.probability for s in token_stats(model, examples, pad_token_id, batch_size, description)]
 
 
 @torch.no_grad()
@@ -37,7 +20,7 @@ def greedy_answers(model, tokenizer, examples: Sequence[dict], max_new_tokens: i
     model.eval()
     device = next(model.parameters()).device
     answers = []
-    for chunk in _batches(list(examples), batch_size, description):
+    for chunk in batches(list(examples), batch_size, description):
         prompts = [{"input_ids": e["input_ids"][: e["prompt_length"]], "labels": e["input_ids"][: e["prompt_length"]]} for e in chunk]
         batch = pad_examples(prompts, tokenizer.pad_token_id, padding_side="left")
         output = model.generate(
