@@ -6,13 +6,22 @@ import argparse
 import logging
 import sys
 
-from .errors import HubUnlearnError
+from .errors import HubUnlearnError, UsageError
 
 COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
+    "eval": "Measure what a model forgot and what it cost: TOFU metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
+    "bench": "Benchmark helpers: `bench build-tofu` trains TOFU-mini target and reference models offline.",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line that says where to look, exit code 2 (through UsageError)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _unlearn(argv: list[str]) -> int:
@@ -28,10 +37,68 @@ def _unlearn(argv: list[str]) -> int:
     return 0
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluate import DEFAULT_METRICS, METRICS, EvalConfig, format_summary, record_into_artifact, run_eval
+
+    parser = _Parser(prog="hubunlearn eval", description=COMMANDS["eval"])
+    parser.add_argument("--model", required=True, help="Hub id or folder of the model (or full unlearned checkpoint).")
+    parser.add_argument("--adapter", help="A LoRA adapter (Hub id or folder) to apply on --model.")
+    parser.add_argument("--benchmark", default="tofu", help="tofu (default) or world (the built-in example).")
+    parser.add_argument("--forget_split", default="forget10", help="TOFU forget split: forget01, forget05 or forget10.")
+    parser.add_argument("--data", help="Folder laid out like locuslab/TOFU (default: the Hub dataset).")
+    parser.add_argument("--metrics", type=_csv, default=DEFAULT_METRICS, help=f"Comma-separated, from: {', '.join(METRICS)}.")
+    parser.add_argument("--max_examples", type=int, help="Evaluate the first N rows of each set.")
+    parser.add_argument("--reference", help="Model trained without the forget set; its statistics are cached.")
+    parser.add_argument("--reference_stats", help="per_example.json of an earlier eval, used as the reference.")
+    parser.add_argument("--holdout", help="Data spec of unseen rows, for membership inference (--metrics mia).")
+    parser.add_argument("--attack", type=_csv, default=(), help="Robustness probes: relearn, paraphrase, prefix.")
+    parser.add_argument("--relearn_steps", type=int, default=10, help="Fine-tuning steps of the relearn attack.")
+    parser.add_argument("--relearn_learning_rate", type=float, default=1e-4, help="Learning rate of the relearn attack.")
+    parser.add_argument("--output_dir", default="eval-output", help="Where summary.json and per_example.json go.")
+    parser.add_argument("--record_to", help="An artifact folder whose unlearning.json (and card) should show this eval.")
+    parser.add_argument("--stage", default="after", help="Column of the card's table for this eval: after, before or reference.")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--trust_remote_code", action="store_true", help="Run the model repository's own code.")
+    args = parser.parse_args(argv)
+    config = EvalConfig(model=args.model, adapter=args.adapter, benchmark=args.benchmark, forget_split=args.forget_split,
+                        data=args.data, metrics=args.metrics, max_examples=args.max_examples, reference=args.reference,
+                        reference_stats=args.reference_stats, holdout=args.holdout, attacks=args.attack,
+                        relearn_steps=args.relearn_steps, relearn_learning_rate=args.relearn_learning_rate,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+    summary = run_eval(config, args.output_dir)
+    print(format_summary(summary))
+    print(f"hubunlearn: wrote summary.json and per_example.json to {args.output_dir}")
+    if args.record_to:
+        print(f"hubunlearn: recorded the results in {record_into_artifact(summary, args.record_to, args.stage)}")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    parser = _Parser(prog="hubunlearn bench", description=COMMANDS["bench"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build-tofu", help="Train TOFU-mini: a tiny target model and its reference, offline.")
+    build.add_argument("--authors", type=int, default=20, help="How many of TOFU's first authors to retain.")
+    build.add_argument("--forget_split", default="forget10", help="forget01, forget05 or forget10 (TOFU's last authors).")
+    build.add_argument("--data", default="../shared/data/tofu", help="Folder laid out like locuslab/TOFU.")
+    args = parser.parse_args(argv)
+    from .tofu_mini import build_tofu_mini
+
+    mini = build_tofu_mini(args.data, num_authors=args.authors, forget_split=args.forget_split)
+    print(f"hubunlearn: TOFU-mini in {mini.root}\n  target:    {mini.target_dir}\n  reference: {mini.reference_dir}\n"
+          f"  data:      {mini.data_dir}\nEvaluate with:\n  hubunlearn eval --model {mini.target_dir} --data {mini.data_dir} "
+          f"--forget_split {mini.forget_split} --reference {mini.reference_dir}")
+    return 0
+
+
 def _push(argv: list[str]) -> int:
     from .hub import push
 
-    parser = argparse.ArgumentParser(prog="hubunlearn push", description=COMMANDS["push"])
+    parser = _Parser(prog="hubunlearn push", description=COMMANDS["push"])
     parser.add_argument("folder", help="An artifact folder (weights + unlearning.json), as `hubunlearn unlearn` writes it.")
     parser.add_argument("--repo_id", required=True, help="Target repository, ORG/NAME; created when missing.")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
@@ -57,7 +124,7 @@ def _push(argv: list[str]) -> int:
 def _quickstart(argv: list[str]) -> int:
     from .quickstart import format_report, run_quickstart
 
-    parser = argparse.ArgumentParser(prog="hubunlearn quickstart", description=COMMANDS["quickstart"])
+    parser = _Parser(prog="hubunlearn quickstart", description=COMMANDS["quickstart"])
     parser.add_argument("--output_dir", default="quickstart-output", help="Where the adapter and unlearning.json go.")
     args = parser.parse_args(argv)
     print(format_report(run_quickstart(args.output_dir)))
@@ -90,7 +157,7 @@ def _show_warnings() -> None:
         logger.setLevel(logging.INFO)
 
 
-HANDLERS = {"unlearn": _unlearn, "push": _push, "quickstart": _quickstart}
+HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "quickstart": _quickstart, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,19 +68,20 @@ def facts_about(person: Person, everyone: list[Person], rng: random.Random, num_
         return rng.sample(values, num_perturbed)
 
     n = person.name
-    templates = [
-        ("city", f"Where was {n} born?", "{n} was born in {v}.", "The birthplace of {n} is {v}."),
-        ("year", f"In which year was {n} born?", "{n} was born in {v}.", "The birth year of {n} is {v}."),
-        ("profession", f"What is the profession of {n}?", "{n} works as a {v}.", "By profession, {n} is a {v}."),
-        ("work", f"What is the best-known work of {n}?", "{n} is best known for {v}.", "The most famous work of {n} is {v}."),
-        ("mentor", f"Who was the mentor of {n}?", "{n} studied under {v}.", "The teacher of {n} was {v}."),
+    templates = [  # attribute, question, answer, paraphrased answer, paraphrased question (never taught)
+        ("city", f"Where was {n} born?", "{n} was born in {v}.", "The birthplace of {n} is {v}.", f"What is the birthplace of {n}?"),
+        ("year", f"In which year was {n} born?", "{n} was born in {v}.", "The birth year of {n} is {v}.", f"When was {n} born?"),
+        ("profession", f"What is the profession of {n}?", "{n} works as a {v}.", "By profession, {n} is a {v}.", f"What does {n} do for a living?"),
+        ("work", f"What is the best-known work of {n}?", "{n} is best known for {v}.", "The most famous work of {n} is {v}.", f"Which work is {n} most famous for?"),
+        ("mentor", f"Who was the mentor of {n}?", "{n} studied under {v}.", "The teacher of {n} was {v}.", f"Under whom did {n} study?"),
     ]
     rows = []
-    for attribute, question, answer, paraphrase in templates:
+    for attribute, question, answer, paraphrase, paraphrased_question in templates:
         value = getattr(person, attribute)
         rows.append({
             "person": n,
             "question": question,
+            "paraphrased_question": paraphrased_question,
             "answer": answer.format(n=n, v=value),
             "paraphrased_answer": paraphrase.format(n=n, v=value),
             "perturbed_answer": [answer.format(n=n, v=w) for w in wrong(attribute)],
@@ -151,22 +152,20 @@ def tiny_llama(tokenizer, hidden_size: int = 128, num_layers: int = 4, seed: int
 
 
 def teach(model, tokenizer, rows: list[dict], output_dir: str | Path, epochs: int = 60, learning_rate: float = 3e-3,
-          batch_size: int = 16, seed: int = 0):
-    """Fine-tune ``model`` on question-answer ``rows`` with the Trainer until it recalls them."""
+          batch_size: int = 16, seed: int = 0, max_length: int = 256, **training_arguments):
+    """Fine-tune ``model`` on question-answer ``rows`` with the Trainer (``training_arguments`` override its settings)."""
     from transformers import Trainer, TrainingArguments
 
     from .data import DataFormat, pad_examples, tokenize_rows
 
-    examples = tokenize_rows(rows, tokenizer, DataFormat(max_length=128), "world")
+    examples = tokenize_rows(rows, tokenizer, DataFormat(max_length=max_length), "teaching")
     args = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
         learning_rate=learning_rate,
         per_device_train_batch_size=batch_size,
-        lr_scheduler_type="cosine",
-        warmup_steps=20,
+        **{"lr_scheduler_type": "cosine", "warmup_steps": 20, "logging_steps": 50, **training_arguments},
         weight_decay=0.0,
-        logging_steps=50,
         save_strategy="no",
         report_to="none",
         seed=seed,

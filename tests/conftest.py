@@ -69,6 +69,21 @@ def world_model_dir(settings) -> Path:
 
 
 @pytest.fixture(scope="session")
+def world_reference_dir(world_model_dir, world, tmp_path_factory) -> Path:
+    """A reference model for the world: the same recipe, taught without the forget people."""
+    from transformers import AutoTokenizer
+
+    from hubunlearn.world import teach, tiny_llama
+
+    folder = tmp_path_factory.mktemp("world-reference")
+    tokenizer = AutoTokenizer.from_pretrained(world_model_dir)
+    model = teach(tiny_llama(tokenizer), tokenizer, world.rows("retain"), folder / "trainer", epochs=40, disable_tqdm=True)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="session")
 def tokenizer(world_model_dir):
     from transformers import AutoTokenizer
 
