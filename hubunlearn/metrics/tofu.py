@@ -1,0 +1,116 @@
+"""TOFU's metrics (Maini et al., arXiv 2401.06121), as the paper's code (locuslab/tofu) computes them.
+
+Every probability is length-normalised: ``exp(mean log p(answer token))``. The per-example numbers come from
+:func:`qa_statistics` (one batched pass); the set-level aggregates are pure functions over them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+from rouge_score import rouge_scorer
+from scipy.special import softmax
+from scipy.stats import hmean, ks_2samp
+
+from ..data import DataFormat, encode_qa
+from .stats import token_stats
+
+logger = logging.getLogger(__name__)
+
+PARAPHRASED_KEY, PERTURBED_KEY = "paraphrased_answer", "perturbed_answer"
+TRUTH_RATIO_KEYS = ["paraphrased_mean_log_prob", "perturbed_mean_log_probs", "truth_ratio", "normalised_probability"]
+MODEL_UTILITY_KEYS = tuple(f"{s}/{m}" for s in ("retain", "real_authors", "world_facts")
+                           for m in ("probability", "rouge_recall", "truth_ratio"))
+
+
+def rouge_l(generations: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+    """ROUGE-L ``recall`` and ``f1`` of each generation against its reference (stemmed, as TOFU scores)."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(target=r, prediction=g)["rougeL"] for g, r in zip(generations, references, strict=True)]
+    return [{"recall": s.recall, "f1": s.fmeasure} for s in scores]
+
+
+def truth_ratio(paraphrased_mean_log_prob: float, perturbed_mean_log_probs: Sequence[float]) -> float:
+    """``R = P(perturbed) / P(paraphrased)`` of one question (TOFU, Sec. 2.2.1).
+
+    Both sides are length-normalised; the perturbed side is TOFU code's mean of the perturbed *losses*, i.e. the
+    geometric mean of the perturbed normalised probabilities: ``R = exp(mean(perturbed) - paraphrased)``.
+    Low R: the model prefers the (paraphrased) truth. TOFU's code stores ``1/R``; every aggregate here agrees.
+    """
+    return math.exp(float(np.mean(perturbed_mean_log_probs)) - paraphrased_mean_log_prob)
+
+
+def forget_truth_ratio_score(ratios: Sequence[float]) -> float:
+    """Forget-set truth ratio: ``mean(min(R, 1/R))``, 1 when the model cannot tell truth from perturbation."""
+    r = np.asarray(ratios, dtype=float)
+    with np.errstate(divide="ignore"):
+        return float(np.mean(np.minimum(r, 1.0 / r)))
+
+
+def retain_truth_ratio_score(ratios: Sequence[float]) -> float:
+    """Truth ratio of the retain, real-author and world-fact sets: ``mean(max(0, 1 - R))``, higher is better."""
+    return float(np.mean(np.maximum(0.0, 1.0 - np.asarray(ratios, dtype=float))))
+
+
+def normalised_probability(true_mean_log_prob: float, perturbed_mean_log_probs: Sequence[float]) -> float:
+    """``p_true / (p_true + Σ p_perturbed)`` of length-normalised probabilities (TOFU's real-author and world-fact probability)."""
+    return float(softmax([true_mean_log_prob, *perturbed_mean_log_probs])[0])
+
+
+def forget_quality(ratios: Sequence[float], reference_ratios: Sequence[float]) -> float:
+    """p-value of the two-sample KS test between the forget-set truth ratios of the model and of the reference
+    (retain-only) model. KS is invariant under ``R -> 1/R``, so it equals TOFU's value on its stored ``1/R``."""
+    return float(ks_2samp(np.asarray(ratios, dtype=float), np.asarray(reference_ratios, dtype=float)).pvalue)
+
+
+def model_utility(values: dict[str, float | None]) -> float:
+    """Harmonic mean of the 9 numbers ``{retain, real_authors, world_facts}/{probability, rouge_recall, truth_ratio}``
+    (keys as in :data:`MODEL_UTILITY_KEYS`); 0 when any is 0 (scipy's ``hmean`` convention). Other keys are ignored."""
+    missing = [k for k in MODEL_UTILITY_KEYS if values.get(k) is None]
+    if missing:
+        raise ValueError(f"model utility needs {', '.join(MODEL_UTILITY_KEYS)}; missing: {', '.join(missing)}")
+    numbers = [float(values[k]) for k in MODEL_UTILITY_KEYS]
+    return 0.0 if min(numbers) == 0 else float(hmean(numbers))
+
+
+def qa_statistics(model, tokenizer, rows: Sequence[dict], data_format: DataFormat, batch_size: int = 32) -> list[dict]:
+    """Per-row answer statistics from one batched :func:`token_stats` pass, one dict per row in order.
+
+    Every row: ``probability`` (length-normalised), ``mean_log_prob`` and ``exact_memorization`` (fraction of answer
+    tokens that are the teacher-forced argmax; Tirumala et al., arXiv 2205.10770). Rows with ``perturbed_answer``
+    (a list) also get ``paraphrased_mean_log_prob``, ``perturbed_mean_log_probs``, ``truth_ratio`` and
+    ``normalised_probability`` (answer vs perturbed answers). As in TOFU's code, the truth ratio's base is the
+    ``paraphrased_answer`` when the row has one and the ``answer`` itself otherwise (real authors, world facts).
+    A row whose prompt exceeds ``max_length`` gets ``None`` for every value.
+    """
+    q_key, a_key = data_format.question_key, data_format.answer_key
+    examples, groups, skipped = [], [], 0  # groups[i]: (answer index, base index, perturbed indices, fits)
+    for row in rows:
+        perturbed = row.get(PERTURBED_KEY) or []
+        perturbed = [perturbed] if isinstance(perturbed, str) else list(perturbed)
+        paraphrased = [row[PARAPHRASED_KEY]] if perturbed and row.get(PARAPHRASED_KEY) else []
+        encoded = [encode_qa(tokenizer, str(row[q_key]), str(a), data_format.max_length) for a in [row[a_key], *paraphrased, *perturbed]]
+        start, fits = len(examples), all(e is not None for e in encoded)
+        skipped += not fits
+        examples += encoded if fits else []
+        groups.append((start, start + len(paraphrased), range(start + 1 + len(paraphrased), start + len(encoded)), fits))
+    if skipped:
+        logger.warning("%d prompts are longer than max_length=%d: their statistics are None", skipped, data_format.max_length)
+    stats = token_stats(model, examples, tokenizer.pad_token_id, batch_size) if examples else []
+    results = []
+    for answer, base, perturbed, fits in groups:
+        keys = ["probability", "mean_log_prob", "exact_memorization"] + (TRUTH_RATIO_KEYS if perturbed else [])
+        if not fits:
+            results.append(dict.fromkeys(keys))
+            continue
+        s = stats[answer]
+        result = {"probability": s.probability, "mean_log_prob": s.mean_log_prob,
+                  "exact_memorization": sum(s.correct) / max(len(s.correct), 1)}
+        if perturbed:
+            para, pert = stats[base].mean_log_prob, [stats[i].mean_log_prob for i in perturbed]
+            result.update(zip(TRUTH_RATIO_KEYS, [para, pert, truth_ratio(para, pert), normalised_probability(s.mean_log_prob, pert)]))
+        results.append(result)
+    return results
