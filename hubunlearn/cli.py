@@ -13,7 +13,6 @@ COMMANDS = {
     "eval": "Measure what a model forgot and what it cost: TOFU metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
-    "bench": "Benchmark helpers: `bench build-tofu` trains TOFU-mini target and reference models offline.",
 }
 
 
@@ -75,23 +74,6 @@ def _eval(argv: list[str]) -> int:
     print(f"hubunlearn: wrote summary.json and per_example.json to {args.output_dir}")
     if args.record_to:
         print(f"hubunlearn: recorded the results in {record_into_artifact(summary, args.record_to, args.stage)}")
-    return 0
-
-
-def _bench(argv: list[str]) -> int:
-    parser = _Parser(prog="hubunlearn bench", description=COMMANDS["bench"])
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-tofu", help="Train TOFU-mini: a tiny target model and its reference, offline.")
-    build.add_argument("--authors", type=int, default=20, help="How many of TOFU's first authors to retain.")
-    build.add_argument("--forget_split", default="forget10", help="forget01, forget05 or forget10 (TOFU's last authors).")
-    build.add_argument("--data", default="../shared/data/tofu", help="Folder laid out like locuslab/TOFU.")
-    args = parser.parse_args(argv)
-    from .tofu_mini import build_tofu_mini
-
-    mini = build_tofu_mini(args.data, num_authors=args.authors, forget_split=args.forget_split)
-    print(f"hubunlearn: TOFU-mini in {mini.root}\n  target:    {mini.target_dir}\n  reference: {mini.reference_dir}\n"
-          f"  data:      {mini.data_dir}\nEvaluate with:\n  hubunlearn eval --model {mini.target_dir} --data {mini.data_dir} "
-          f"--forget_split {mini.forget_split} --reference {mini.reference_dir}")
     return 0
 
 
@@ -157,7 +139,7 @@ def _show_warnings() -> None:
         logger.setLevel(logging.INFO)
 
 
-HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "quickstart": _quickstart, "bench": _bench}
+HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

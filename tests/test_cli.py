@@ -40,7 +40,7 @@ def unlearn_args(model_dir, data, output, *extra):
 
 def test_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "hubunlearn.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("unlearn", "push", "quickstart"):
+    for command in ("unlearn", "eval", "push", "quickstart"):
         assert f"  {command} " in result.stdout
     console = shutil.which("hubunlearn", path=str(REPO / ".venv" / "bin")) or shutil.which("hubunlearn")
     assert console and "unlearn" in subprocess.run([console, "unlearn", "--method", "ihl", "--help"], capture_output=True, text=True).stdout

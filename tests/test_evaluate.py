@@ -1,0 +1,127 @@
+"""`hubunlearn eval` end to end on the built-in world: files, metrics, the reference workflow, attacks, bad input."""
+
+import json
+
+import pytest
+
+from hubunlearn.evaluate import METRICS
+
+ALL_SET_METRICS = "probability,truth_ratio,rouge,exact_memorization,extraction_strength,extraction_strength_tf"
+
+
+def read(folder):
+    return json.loads((folder / "summary.json").read_text()), json.loads((folder / "per_example.json").read_text())
+
+
+def test_eval_writes_both_files_with_every_requested_metric(run_cli, world_model_dir, tmp_path):
+    output = tmp_path / "eval"
+    code, out, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--metrics", ALL_SET_METRICS + ",forget_quality",
+                             "--output_dir", output)
+    assert code == 0, err
+    summary, per_example = read(output)
+    assert set(per_example) == {"forget", "retain"} and len(per_example["forget"]) == 15
+    for name, results in per_example.items():
+        for key in ("question", "answer", "generation", "probability", "truth_ratio", "rouge_recall", "rouge_f1",
+                    "exact_memorization", "extraction_strength", "extraction_strength_tf"):
+            assert all(key in r for r in results), (name, key)
+        for key in ("probability", "truth_ratio", "rouge_recall", "exact_memorization", "extraction_strength"):
+            assert key in summary["sets"][name]
+    assert summary["sets"]["forget"]["probability"] > 0.9 and summary["sets"]["forget"]["extraction_strength"] > 0.9
+    quality = summary["aggregates"]["forget_quality"]
+    assert quality["value"] is None and "--reference" in quality["unavailable"]  # never reported as 0
+    assert "unavailable: no reference model" in out and "truth_ratio" in out
+
+
+def test_reference_workflow_and_forget_quality(run_cli, world_model_dir, world_reference_dir, tmp_path):
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--reference", world_reference_dir,
+                           "--metrics", "probability,truth_ratio,extraction_strength,forget_quality", "--output_dir", tmp_path / "target")
+    assert code == 0, err
+    target, _ = read(tmp_path / "target")
+    assert "reusing" not in err
+    # The reference knows the retain people and not the forget people: higher probability and ES on its own set.
+    reference_sets = target["reference"]
+    assert reference_sets["retain"]["probability"] > 0.9 > 0.5 > reference_sets["forget"]["probability"]
+    assert reference_sets["retain"]["extraction_strength"] > reference_sets["forget"]["extraction_strength"]
+
+    code, _, err = run_cli("eval", "--model", world_reference_dir, "--benchmark", "world", "--reference_stats", tmp_path / "target" / "per_example.json",
+                           "--metrics", "probability,truth_ratio,forget_quality", "--output_dir", tmp_path / "self")
+    assert code == 0, err
+    # The target's own per-example file served as a reference: compare the reference against the target, and itself.
+    against_target = read(tmp_path / "self")[0]["aggregates"]["forget_quality"]["value"]
+    code, _, err = run_cli("eval", "--model", world_reference_dir, "--benchmark", "world", "--reference_stats",
+                           tmp_path / "self" / "per_example.json", "--metrics", "probability,truth_ratio,forget_quality", "--output_dir", tmp_path / "ref")
+    assert code == 0, err
+    against_itself = read(tmp_path / "ref")[0]["aggregates"]["forget_quality"]["value"]
+    # The world's paraphrased answers were never taught, which blurs truth ratios: the gap is smaller than on TOFU.
+    assert against_itself == pytest.approx(1.0)
+    assert target["aggregates"]["forget_quality"]["value"] == pytest.approx(against_target)
+    assert against_target < against_itself / 2
+
+    # A second run with the same reference reuses the cached statistics.
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--reference", world_reference_dir,
+                           "--metrics", "probability,truth_ratio,extraction_strength,forget_quality", "--output_dir", tmp_path / "again")
+    assert code == 0 and "reusing the reference statistics" in err
+    assert read(tmp_path / "again")[0]["aggregates"] == target["aggregates"]
+
+
+def test_attacks_report_what_comes_back(run_cli, world_model_dir, tmp_path):
+    code, out, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--metrics", "probability",
+                             "--attack", "relearn,paraphrase,prefix", "--relearn_learning_rate", "1e-3", "--output_dir", tmp_path / "e")
+    assert code == 0, err
+    attacks = read(tmp_path / "e")[0]["attacks"]
+    assert set(attacks) == {"relearn", "paraphrase", "prefix"}
+    for result in attacks.values():
+        assert set(result["recovered"]) == {"probability", "rouge_recall"}
+        assert result["recovered"]["probability"] == pytest.approx(result["attacked"]["probability"] - result["clean"]["probability"])
+    assert attacks["paraphrase"]["examples"] == 15 and attacks["relearn"]["measured_on"] == 8
+
+
+def test_recording_into_an_artifact_updates_its_record_and_card(run_cli, world_model_dir, tmp_path):
+    from hubunlearn.quickstart import run_quickstart
+
+    artifact = tmp_path / "artifact"
+    run_quickstart(artifact)
+    code, out, err = run_cli("eval", "--model", world_model_dir, "--adapter", artifact, "--benchmark", "world",
+                             "--metrics", "probability,rouge", "--output_dir", tmp_path / "e", "--record_to", artifact)
+    assert code == 0, err
+    record = json.loads((artifact / "unlearning.json").read_text())
+    assert record["metrics"]["forget"]["after"]["rouge_recall"] < 0.5 and "rouge_recall" in record["metrics"]["retain"]["after"]
+    assert "| forget | rouge recall |" in (artifact / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--benchmark", "tofu", "--forget_split", "forget42"], "unknown split 'forget42': choose one of forget01, forget05, forget10"),
+    (["--metrics", "probability,bleu"], f"unknown metric(s) bleu: choose from {', '.join(METRICS)}"),
+    (["--attack", "bribe"], "unknown attack(s) bribe"),
+    (["--benchmark", "mmlu"], "unknown benchmark 'mmlu'"),
+    (["--reference_stats", "/no/such.json"], "--reference_stats /no/such.json does not exist"),
+    (["--max_examples", "many"], "invalid int value: 'many'"),
+])
+def test_bad_eval_input(run_cli, world_model_dir, tmp_path, args, message):
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--output_dir", tmp_path / "e", *args)
+    assert code == 2 and message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "e").exists()
+
+
+def test_mismatched_tokenizer_and_missing_perturbed_answers(run_cli, world_model_dir, world, tmp_path, caplog):
+    import shutil
+
+    from hubunlearn.world import train_tokenizer
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(world_model_dir, mismatched)
+    train_tokenizer(world.corpus() + [f"extra{i} word{i * 7}" for i in range(3000)], vocab_size=2048).save_pretrained(mismatched)
+    code, _, err = run_cli("eval", "--model", mismatched, "--benchmark", "world", "--output_dir", tmp_path / "e1")
+    assert code == 2 and "does not match the model" in err
+
+    data = tmp_path / "tofu-like"
+    data.mkdir()
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in world.rows("forget")]
+    for name in ("forget01_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
+        (data / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--data", data, "--forget_split", "forget01",
+                           "--metrics", "probability,truth_ratio,model_utility", "--output_dir", tmp_path / "e2")
+    assert code == 0, err
+    assert "has no paraphrased and perturbed answers: its truth ratio is skipped" in err
+    summary, _ = read(tmp_path / "e2")
+    assert "truth_ratio" not in summary["sets"]["forget"] and summary["aggregates"]["model_utility"]["value"] is None

@@ -1,0 +1,137 @@
+"""Extraction metrics: ES, teacher-forced ES, EM, MA and EL_n by hand, then on the taught world model."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from hubunlearn.data import DataFormat, format_prompt, tokenize_rows
+from hubunlearn.metrics import extraction
+from hubunlearn.metrics.stats import TokenStats, token_stats
+
+
+def flags(*correct):
+    return TokenStats([0.0] * len(correct), [0.0] * len(correct), [0.0] * len(correct), list(correct))
+
+
+# ---- by hand -----------------------------------------------------------------------------------------------------
+
+
+def test_teacher_forced_extraction_strength_by_hand():
+    assert extraction.teacher_forced_extraction_strength(flags(True, True, True, True, True)) == 1.0
+    assert extraction.teacher_forced_extraction_strength(flags(False, False, False, False, False)) == 0.0
+    # Only the last 2 of 5 answer tokens are recovered: m_tf - l = 3, ES = 1 - 3/5.
+    assert extraction.teacher_forced_extraction_strength(flags(False, False, False, True, True)) == pytest.approx(0.4)
+    # A wrong token late in the answer caps ES however good the start is: 1 - 5/5.
+    assert extraction.teacher_forced_extraction_strength(flags(True, True, True, True, False)) == 0.0
+    assert extraction.teacher_forced_extraction_strength(flags()) == 0.0
+
+
+def test_exact_memorization_and_memorization_accuracy_by_hand():
+    stats = flags(True, False, True, True)
+    assert extraction.exact_memorization(stats) == 0.75
+    assert extraction.memorization_accuracy(stats) == 0.75
+    assert extraction.exact_memorization(flags()) == 0.0
+
+
+def test_ngram_overlap_by_hand():
+    assert extraction.ngrams([1, 2, 3, 2, 3], 2) == [(1, 2), (2, 3), (3, 2), (2, 3)]
+    assert extraction.ngram_overlap([1, 2, 3, 4], [1, 2, 3, 4], 2) == 1.0
+    # Reference bigrams 12 23 34 45; the generation shares 12 and 23: 2/4.
+    assert extraction.ngram_overlap([1, 2, 3, 9, 9], [1, 2, 3, 4, 5], 2) == 0.5
+    # A repeated bigram counts at most as often as in the reference: {12} from 12 21 12, over 3 bigrams.
+    assert extraction.ngram_overlap([1, 2, 1, 2], [1, 2, 7, 8], 2) == pytest.approx(1 / 3)
+    assert extraction.ngram_overlap([1, 2], [1, 2, 3], 3) == 0.0  # the generation is too short for a trigram
+    assert extraction.ngram_overlap([1, 2, 3], [1, 2], 3) == 0.0  # no reference trigram: 0, not undefined
+
+
+def test_positions_spread_evenly():
+    assert extraction._positions(1, 11, None) == list(range(1, 11))
+    assert extraction._positions(1, 11, 4) == [1, 4, 7, 10]
+    assert extraction._positions(3, 5, 10) == [3, 4]
+    assert extraction._positions(5, 5, None) == []
+
+
+# ---- on the taught world model ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small generate steps: one thread is as fast on a ~1M-parameter model and, unlike two, does not slow
+    down tenfold when another process holds a core (OpenMP threads waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="module")
+def facts(forget_rows, tokenizer):
+    return list(tokenize_rows(forget_rows[:10], tokenizer, DataFormat(max_length=128)))
+
+
+@pytest.fixture(scope="module")
+def wrong_facts(forget_rows, tokenizer):
+    """The same questions with the first perturbed (wrong) answer, which the model was never taught."""
+    rows = [{"question": r["question"], "answer": r["perturbed_answer"][0]} for r in forget_rows[:10]]
+    return list(tokenize_rows(rows, tokenizer, DataFormat(max_length=128)))
+
+
+def test_extraction_strength_is_one_when_the_question_alone_gives_the_answer(model, tokenizer, facts):
+    assert extraction.extraction_strength(model, tokenizer, facts, batch_size=4) == [1.0] * len(facts)
+
+
+def test_extraction_strength_is_zero_for_a_model_that_never_reproduces(tokenizer, facts):
+    from hubunlearn.world import tiny_llama
+
+    untrained = tiny_llama(tokenizer, seed=123)  # random weights: not even the final eos is its argmax
+    assert extraction.extraction_strength(untrained, tokenizer, facts) == [0.0] * len(facts)
+
+
+def test_taught_answers_are_more_extractable_than_wrong_ones(model, tokenizer, facts, wrong_facts):
+    taught = extraction.extraction_strength(model, tokenizer, facts)
+    wrong = extraction.extraction_strength(model, tokenizer, wrong_facts)
+    assert all(t > w for t, w in zip(taught, wrong))
+    assert all(0.0 < w < 1.0 for w in wrong)  # the shared start ("NAME was born in") is no help, the tail is
+
+
+def test_teacher_forced_extraction_strength_agrees_with_generation(model, tokenizer, facts, wrong_facts):
+    for examples in (facts, wrong_facts):
+        generated = extraction.extraction_strength(model, tokenizer, examples)
+        stats = token_stats(model, examples, tokenizer.pad_token_id)
+        assert [extraction.teacher_forced_extraction_strength(s) for s in stats] == pytest.approx(generated)
+
+
+def test_extraction_strength_searches_in_lockstep(model, tokenizer, wrong_facts, monkeypatch):
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kwargs: calls.append(1) or generate(**kwargs))
+    extraction.extraction_strength(model, tokenizer, wrong_facts, batch_size=32)
+    longest = max(len(e["input_ids"]) - e["prompt_length"] for e in wrong_facts)
+    assert len(calls) <= math.ceil(math.log2(longest + 1))  # one call per round, one round per halving
+
+
+def test_extraction_likelihood_is_one_on_answers_the_model_recalls(model, tokenizer, facts):
+    # Every answer prefix (t = l .. T-n) continues greedily into the rest of the answer.
+    assert extraction.extraction_likelihood(model, tokenizer, facts[:4], n=2) == [1.0] * 4
+    assert extraction.extraction_likelihood(model, tokenizer, facts[:4], n=2, max_positions=3) == [1.0] * 4
+
+
+def test_taught_text_beats_random_tokens_on_extraction_likelihood_and_memorization_accuracy(model, tokenizer, forget_rows):
+    texts = [{"text": format_prompt(tokenizer, r["question"]) + " " + r["answer"]} for r in forget_rows[:10]]
+    taught = list(tokenize_rows(texts, tokenizer, DataFormat(max_length=128)))
+    rng = random.Random(0)
+    noise = []
+    for example in taught:  # same lengths, bos then random tokens past the special ones
+        ids = [tokenizer.bos_token_id] + [rng.randrange(4, len(tokenizer)) for _ in example["input_ids"][1:]]
+        noise.append({"input_ids": ids, "labels": list(ids), "prompt_length": 0})
+
+    el_taught, el_noise = (extraction.extraction_likelihood(model, tokenizer, e, n=2) for e in (taught, noise))
+    assert min(el_taught) > max(el_noise)
+    assert sum(el_taught) / len(el_taught) > 0.2 and max(el_noise) < 0.05
+
+    ma_taught, ma_noise = ([extraction.memorization_accuracy(s) for s in token_stats(model, e, tokenizer.pad_token_id)]
+                           for e in (taught, noise))
+    assert min(ma_taught) > max(ma_noise)
