@@ -102,6 +102,18 @@ def training_summary(record: dict) -> str:
     text = " ".join(p for p in parts if p) + "."
     if stopped:
         text += f" **Training stopped early at step {stopped['step']} ({stopped['reason']}); these are the last good weights.**"
+    if record.get("fila"):
+        text += (" The adapter was initialised with FILA (Fisher-weighted LoRA initialisation, Cha et al., arXiv 2408.06621) and "
+                 f"exported as a {record['fila']['exported']}.")
+    calibration = record.get("calibration")
+    if calibration:
+        text += (f"\n\nCalibrated with Unlearning with Control (Wang et al., arXiv 2406.09179): these weights are the original "
+                 f"mixed with the unlearned model at α = {calibration['alpha']:.3g}, the largest α that keeps the "
+                 f"{calibration['metric']} (on {calibration['probe_size']} examples) at or above {calibration['tau']}× the "
+                 f"original's ({calibration['original']:.4g} → {calibration['value']:.4g}).")
+        stopping = calibration.get("early_stopping")
+        if stopping and stopping.get("stopped_at_step") is not None:
+            text += f" Training stopped at step {stopping['stopped_at_step']}, when the budget was crossed, and went back to the last state within it."
     return text + (f"\n\nLibraries: {versions}." if versions else "")
 
 

@@ -12,6 +12,7 @@ COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
     "eval": "Measure what a model forgot and what it cost: TOFU metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
+    "bench": "Benchmarks: `bench build-tofu` trains TOFU-mini, a tiny TOFU target model and its retain-only reference.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
 }
 
@@ -103,6 +104,39 @@ def _push(argv: list[str]) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from .tofu_mini import DEFAULT_EPOCHS, FORGET_SPLITS, build_tofu_mini, tofu_data_folder
+
+    parser = _Parser(prog="hubunlearn bench", description=COMMANDS["bench"])
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    build = actions.add_parser("build-tofu", help="Train TOFU-mini (target and reference models) from TOFU's data; cached.")
+    build.add_argument("--authors", type=int, default=20, help="Retain authors: the first N authors of TOFU's `full` (default 20).")
+    build.add_argument("--forget_split", default="forget10", help=f"Whose authors to forget: {', '.join(FORGET_SPLITS)}.")
+    build.add_argument("--data", default="locuslab/TOFU", help="Folder of TOFU's files, or the Hub dataset id (default locuslab/TOFU).")
+    build.add_argument("--hidden_size", type=int, default=256)
+    build.add_argument("--num_layers", type=int, default=4)
+    build.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    build.add_argument("--cache_dir", help="Parent folder of the build (default: the hubunlearn cache).")
+    args = parser.parse_args(argv)
+    if args.forget_split not in FORGET_SPLITS:
+        raise UsageError(f"unknown forget split '{args.forget_split}': choose one of {', '.join(FORGET_SPLITS)}")
+    for name in ("hidden_size", "num_layers", "epochs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer; got {getattr(args, name)}")
+    mini = build_tofu_mini(tofu_data_folder(args.data, args.forget_split), args.authors, args.forget_split, args.hidden_size,
+                           args.num_layers, args.epochs, cache_dir=args.cache_dir)
+    info = mini.info
+    print(f"hubunlearn: TOFU-mini ({info['parameter_count']:,} parameters, {info['authors']['retain']} retain and "
+          f"{info['authors']['forget']} forget authors) is in {mini.root}")
+    print(f"{'answer probability':<20}" + "".join(f"{name:>14}" for name in info["answer_probability"]["target"]))
+    for model, values in info["answer_probability"].items():
+        print(f"{model:<20}" + "".join(f"{value:>14.3f}" for value in values.values()))
+    print(f"evaluate against its reference:\n  hubunlearn eval --model {mini.target_dir} --data {mini.data_dir} "
+          f"--forget_split {mini.forget_split} --reference {mini.reference_dir}")
+    return 0
+
+
 def _quickstart(argv: list[str]) -> int:
     from .quickstart import format_report, run_quickstart
 
@@ -139,7 +173,7 @@ def _show_warnings() -> None:
         logger.setLevel(logging.INFO)
 
 
-HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "quickstart": _quickstart}
+HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

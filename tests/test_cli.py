@@ -71,6 +71,17 @@ def test_recipes_are_found_by_name_too():
     assert arguments.method == "npo" and config.beta == 0.5 and config.output_dir == "x"  # flags override the recipe
 
 
+def test_fila_with_a_utility_budget_from_the_command_line(run_cli, world_model_dir, data_files, tmp_path):
+    output = tmp_path / "fila"
+    code, out, err = run_cli(*unlearn_args(world_model_dir, data_files, output, "--method", "ihl", "--use_lora", "--lora_r", "4",
+                                           "--lora_init", "fila", "--learning_rate", "1e-3", "--utility_budget", "0.9"))
+    assert code == 0, err
+    record = json.loads((output / "unlearning.json").read_text())
+    assert json.loads((output / "adapter_config.json").read_text())["r"] == 8  # converted for the unmodified base
+    assert record["hyperparameters"]["lora_init"] == "fila" and record["calibration"]["tau"] == 0.9
+    assert record["calibration"]["value"] >= 0.9 * record["calibration"]["original"]
+
+
 @pytest.mark.skipif(not TOFU.is_dir(), reason="needs ../shared/data/tofu")
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[r.stem for r in RECIPE_FILES])
 def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path, recipe):
@@ -102,6 +113,12 @@ def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path
         ({"--learning_rate": "fast"}, "invalid float value: 'fast'"),
         ({"--config": "no-such-recipe"}, "recipe 'no-such-recipe' not found"),
         ({"--method": None}, "--method is required"),
+        ({"--lora_init": "fila"}, "--lora_init fila initialises a LoRA adapter: add --use_lora"),
+        ({"--use_lora": True, "--lora_init": "pissa"}, "invalid choice: 'pissa'"),
+        ({"--use_lora": True, "--lora_init": "fila", "--retain": None, "--retain_loss": "none"}, "--lora_init fila (its Fisher pass) needs a retain set"),
+        ({"--utility_budget": "1.5"}, "--utility_budget must be in (0, 1]"),
+        ({"--utility_budget": "0"}, "--utility_budget must be in (0, 1]"),
+        ({"--method": "ga", "--nll_cap": "-1"}, "--nll_cap must be a positive NLL"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_dir, data_files, tmp_path, change, message):

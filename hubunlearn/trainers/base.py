@@ -37,6 +37,7 @@ from ..data import (
     load_rows,
     tokenize_rows,
 )
+from ..controls import UTILITY_METRICS, ModelMixer, UtilityBudgetStopping, calibrate, check_budget, probe_metric
 from ..errors import NonFiniteLossError, UsageError
 from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer
 from . import losses
@@ -44,6 +45,8 @@ from . import losses
 logger = logging.getLogger(__name__)
 TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 RETAIN_LOSSES = ("nll", "kl", "none")
+LORA_INITS = ("default", "fila")
+LORA_EXPORTS = ("adapter", "merged")
 
 
 @dataclass
@@ -61,6 +64,21 @@ class UnlearnConfig(TrainingArguments):
     answer_key: str = field(default="answer", metadata={"help": "Column holding the answer of question-answer rows."})
     text_key: str = field(default="text", metadata={"help": "Column holding raw text (used when there is no question/answer pair)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace the artifact in a non-empty --output_dir."})
+    lora_init: str = field(default="default", metadata={
+        "help": "LoRA initialisation: 'default' (PEFT's) or 'fila' (Fisher-weighted, Cha et al., arXiv 2408.06621).",
+        "choices": list(LORA_INITS)})
+    lora_export: str = field(default="adapter", metadata={
+        "help": "What a LoRA run saves: 'adapter' (loads on the unmodified base) or 'merged' (a full checkpoint).",
+        "choices": list(LORA_EXPORTS)})
+    utility_budget: float | None = field(default=None, metadata={
+        "help": "Unlearning with Control (Wang et al., arXiv 2406.09179): after training, mix with the original to the "
+                "largest alpha whose retain metric is at least this share (0 < tau <= 1) of the original's."})
+    utility_metric: str = field(default="extraction_strength", metadata={
+        "help": "Retain metric of --utility_budget: 'extraction_strength' or 'probability'.", "choices": ["extraction_strength", "probability"]})
+    utility_probe_size: int = field(default=32, metadata={"help": "Retain examples the --utility_budget metric is measured on."})
+    budget_check_steps: int = field(default=0, metadata={
+        "help": "With --utility_budget: check the retain probe every N steps; stop, and restore the last state within "
+                "budget, when it is crossed (0: off)."})
     # Defaults that suit unlearning better than fine-tuning's.
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate."})
     num_train_epochs: float = field(default=5.0, metadata={"help": "Passes over the forget set."})
@@ -73,6 +91,13 @@ class UnlearnConfig(TrainingArguments):
         super().__post_init__()
         if self.retain_loss not in RETAIN_LOSSES:
             raise UsageError(f"unknown --retain_loss '{self.retain_loss}'; choose one of: {', '.join(RETAIN_LOSSES)}")
+        for name, choices in (("lora_init", LORA_INITS), ("lora_export", LORA_EXPORTS), ("utility_metric", UTILITY_METRICS)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"unknown --{name} '{getattr(self, name)}'; choose one of: {', '.join(choices)}")
+        if self.utility_budget is not None:
+            check_budget(self.utility_budget)
+        if self.utility_probe_size < 1 or self.budget_check_steps < 0:
+            raise UsageError("--utility_probe_size must be at least 1 and --budget_check_steps at least 0")
 
     @property
     def data_format(self) -> DataFormat:
@@ -148,7 +173,14 @@ class UnlearnTrainer(Trainer):
             raise UsageError("no forget set: pass forget_dataset (--forget SPEC)")
         if args.retain_loss != "none" and retain_dataset is None:
             raise UsageError(f"{self._name} with retain_loss='{args.retain_loss}' needs a retain set: pass --retain SPEC (or --retain_loss none)")
-        if args.retain_loss == "none" and retain_dataset is not None:
+        if args.lora_init == "fila" and peft_config is None:
+            raise UsageError("--lora_init fila initialises a LoRA adapter: add --use_lora (or pass peft_config)")
+        if args.lora_export == "merged" and peft_config is None:
+            raise UsageError("--lora_export merged merges a LoRA adapter: add --use_lora (or pass peft_config)")
+        for needs, name in ((args.lora_init == "fila", "--lora_init fila (its Fisher pass)"), (args.utility_budget is not None, "--utility_budget (its retain probe)")):
+            if needs and retain_dataset is None:
+                raise UsageError(f"{name} needs a retain set: pass --retain SPEC")
+        if args.retain_loss == "none" and retain_dataset is not None and args.lora_init != "fila" and args.utility_budget is None:
             logger.warning("retain_loss is 'none': the retain set is not used (set --retain_loss nll or kl to use it)")
             retain_dataset = None
         if isinstance(model, str):
@@ -168,11 +200,21 @@ class UnlearnTrainer(Trainer):
 
         self.base_model_id = model.config._name_or_path
         self.base_model_facts: dict | None = None  # commit and license on the Hub, looked up at save time if unset
+        needs_reference = self.uses_reference or args.retain_loss == "kl"
+        # With FILA the base holds W - s·B·A during training, so switching the adapter off is not the original.
+        if needs_reference and ref_model is None and (peft_config is None or args.lora_init == "fila"):
+            ref_model = copy.deepcopy(model)
+        self._original_state = None  # what full-model mixing interpolates from
+        if args.utility_budget is not None and peft_config is None:
+            self._original_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if peft_config is not None:
             set_seed(args.seed)  # the adapter's random init is part of the run: make it follow the config's seed
             model = _with_adapter(model, peft_config)
-        elif (self.uses_reference or args.retain_loss == "kl") and ref_model is None:
-            ref_model = copy.deepcopy(model)
+        self._lora_settings = _lora_settings(model)
+        if args.retain_loss == "none" and retain_examples is not None:  # kept for FILA's Fisher pass or the probe only
+            self._probe_examples, retain_examples = retain_examples, None
+        else:
+            self._probe_examples = retain_examples
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
 
@@ -192,6 +234,79 @@ class UnlearnTrainer(Trainer):
         self._logged = defaultdict(list)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names + [self._name.lower()])
+        self._finished = False
+        self._fila_initial = None
+        if args.lora_init == "fila":
+            from .. import fila
+
+            self._fila_initial = fila.initialise(self.model, self._fisher_batches(), seed=args.seed)
+            self.record_extras["fila"] = {"fisher_pairs": len(self.pairs.forget), "exported": "standard LoRA adapter of rank 2r for the unmodified base"
+                                          if args.lora_export == "adapter" else "merged into a full checkpoint"}
+
+    def _fisher_batches(self):
+        """The forget/retain pairs of one epoch, collated and on the training device, for FILA's Fisher pass."""
+        size = self.args.per_device_train_batch_size
+        pairs = ForgetRetainDataset(self.pairs.forget, self._probe_examples, seed=self.args.seed)
+        for start in range(0, len(pairs), size):
+            batch = self.data_collator([pairs[i] for i in range(start, min(start + size, len(pairs)))])
+            yield {part: {k: v.to(self.args.device) for k, v in batch[part].items()} for part in ("forget", "retain")}
+
+    # ---- controls (Unlearning with Control) and the end of training ----------------------------------------------
+
+    def probe(self) -> float:
+        """The ``--utility_metric`` of the current model on the first ``--utility_probe_size`` retain examples."""
+        examples = [self._probe_examples[i] for i in range(min(self.args.utility_probe_size, len(self._probe_examples)))]
+        return probe_metric(self.accelerator.unwrap_model(self.model), self.processing_class, examples, self.args.utility_metric)
+
+    def train(self, *args, **kwargs):
+        if self.args.utility_budget is not None:
+            self._probe_original = self.probe()
+            if self.args.budget_check_steps:
+                self._early_stopping = UtilityBudgetStopping(self.probe, self._probe_original, self.args.utility_budget,
+                                                             self.args.budget_check_steps)
+                self.add_callback(self._early_stopping)
+        output = super().train(*args, **kwargs)
+        self.finish_training()
+        return output
+
+    def finish_training(self) -> None:
+        """After the last step (once): FILA's adapter becomes a standard one, the utility budget is applied, and a
+        ``merged`` export folds the adapter into the weights."""
+        if self._finished:
+            return
+        self._finished = True
+        model = self.accelerator.unwrap_model(self.model)
+        if self._fila_initial is not None:
+            from .. import fila
+
+            fila.to_standard_adapter(model, self._fila_initial)
+            self._fila_initial = None
+        if self.args.utility_budget is not None and hasattr(self, "_probe_original"):
+            self._calibrate(model)
+        if self.args.lora_export == "merged":
+            self.model = model.merge_and_unload()
+
+    def _calibrate(self, model) -> None:
+        mixer = ModelMixer(model, self._original_state)
+
+        def measure(alpha: float) -> float:
+            mixer.set_alpha(alpha)
+            return self.probe()
+
+        alpha, curve = calibrate(measure, self._probe_original, self.args.utility_budget)
+        mixer.set_alpha(alpha)
+        mixer.bake()
+        self._original_state = None
+        stopping = getattr(self, "_early_stopping", None)
+        self.record_extras["calibration"] = {
+            "tau": self.args.utility_budget, "metric": f"retain {self.args.utility_metric}", "probe_size": len(self._probe_examples[: self.args.utility_probe_size]),
+            "original": self._probe_original, "alpha": alpha, "value": dict(curve)[alpha] if alpha in dict(curve) else None,
+            "curve": [{"alpha": a, "value": v} for a, v in curve],
+            **({"early_stopping": {"every": self.args.budget_check_steps, "stopped_at_step": stopping.stopped_at,
+                                   "checks": stopping.history}} if stopping else {}),
+        }
+        logger.info("utility budget %.2f: alpha = %.4g (retain %s %.4g -> %.4g)", self.args.utility_budget, alpha,
+                    self.args.utility_metric, self._probe_original, dict(curve).get(alpha, float("nan")))
 
     # ---- data -------------------------------------------------------------------------------------------------
 
@@ -282,11 +397,8 @@ class UnlearnTrainer(Trainer):
     def unlearning_record(self) -> dict[str, Any]:
         """What ``unlearning.json`` says about this run."""
         hyperparameters = self.args.method_hyperparameters()
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.artifact_kind == "lora":
-            lora = unwrapped.peft_config["default"].to_dict()
-            hyperparameters["lora"] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()
-                                       if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights", "bias")}
+        if self._lora_settings:
+            hyperparameters["lora"] = self._lora_settings
         data_format = self.args.data_format
         base = self.base_model_facts or hub_facts(self.base_model_id)
         return {
@@ -319,6 +431,7 @@ class UnlearnTrainer(Trainer):
         """Save the artifact (weights or adapter, tokenizer, ``unlearning.json``, ``README.md``) atomically."""
         if _internal_call:  # the Trainer's own checkpoints
             return super().save_model(output_dir, _internal_call=True)
+        self.finish_training()
         output_dir = output_dir or self.args.output_dir
         context = staging_dir(output_dir) if self.args.should_save else nullcontext(None)
         with context as staging:
@@ -340,6 +453,14 @@ class UnlearnTrainer(Trainer):
             return None
         return push(self.args.output_dir, self.hub_model_id or self.args.hub_model_id, private=bool(self.args.hub_private_repo),
                     revision=revision or self.args.hub_revision, commit_message=commit_message, token=token or self.args.hub_token)
+
+
+def _lora_settings(model) -> dict | None:
+    if not hasattr(model, "peft_config"):
+        return None
+    lora = model.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()
+            if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights", "bias")}
 
 
 def _with_adapter(model: PreTrainedModel, peft_config):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from . import losses
 from .base import UnlearnConfig, UnlearnTrainer
 
@@ -13,6 +14,13 @@ class GradAscentConfig(UnlearnConfig):
     """Gradient ascent on the forget set alone (no retain term by default)."""
 
     retain_loss: str = field(default="none", metadata={"help": "Retain term: 'nll', 'kl' or 'none'."})
+    nll_cap: float | None = field(default=None, metadata={
+        "help": "Likelihood capping (Wang et al.): a forget sequence whose mean NLL passes this value stops contributing."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nll_cap is not None and not self.nll_cap > 0:
+            raise UsageError(f"--nll_cap must be a positive NLL (nats per token); got {self.nll_cap}")
 
 
 class GradAscentTrainer(UnlearnTrainer):
@@ -25,12 +33,16 @@ class GradAscentTrainer(UnlearnTrainer):
     config_class = GradAscentConfig
 
     def forget_loss(self, model, forget):
+        if self.args.nll_cap is not None:
+            return losses.capped_gradient_ascent_loss(self.logits(model, forget), forget["labels"], self.args.nll_cap)
         return losses.gradient_ascent_loss(self.logits(model, forget), forget["labels"])
 
 
 @dataclass
-class GradDiffConfig(UnlearnConfig):
+class GradDiffConfig(GradAscentConfig):
     """Gradient ascent on the forget set plus NLL on the retain set."""
+
+    retain_loss: str = field(default="nll", metadata={"help": "Retain term: 'nll' (default), 'kl' or 'none'."})
 
 
 class GradDiffTrainer(GradAscentTrainer):
@@ -44,7 +56,7 @@ class GradDiffTrainer(GradAscentTrainer):
 
 
 @dataclass
-class KLConfig(UnlearnConfig):
+class KLConfig(GradAscentConfig):
     """Gradient ascent on the forget set plus KL to the original model on the retain set."""
 
     retain_loss: str = field(default="kl", metadata={"help": "Retain term: 'kl' (default), 'nll' or 'none'."})

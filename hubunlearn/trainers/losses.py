@@ -43,6 +43,14 @@ def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return -nll_loss(logits, labels)
 
 
+def capped_gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gradient ascent with likelihood capping (Wang et al., arXiv 2406.09179): ``-mean_s min(NLL_s, δ)`` over
+    sequences, ``NLL_s`` the sequence's mean token NLL; a sequence past ``δ`` stops contributing (zero gradient)."""
+    log_probs, mask = token_log_probs(logits, labels)
+    sequence_nll = -log_probs.sum(-1) / mask.sum(-1).clamp(min=1)
+    return -sequence_nll.clamp(max=cap)[mask.any(-1)].mean()
+
+
 def npo_loss(policy_log_prob: torch.Tensor, reference_log_prob: torch.Tensor, beta: float) -> torch.Tensor:
     """Negative Preference Optimization (Zhang et al., arXiv 2404.05868).
 
