@@ -24,18 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_draw_different_samples_and_save_one_artifact(world_model_dir, forget_rows, mean_answer_probability, tmp_path):
+def launch(world_model_dir, output, records, mode="full") -> list[dict]:
+    """Run tests/scripts/ddp_unlearn.py on two CPU processes; return what each rank recorded."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    output, records = tmp_path / "ddp", tmp_path / "records"
     records.mkdir()
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "tests" / "scripts" / "ddp_unlearn.py"), str(world_model_dir), str(output), str(records)]
+               str(REPO / "tests" / "scripts" / "ddp_unlearn.py"), str(world_model_dir), str(output), str(records), mode]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+def test_two_processes_draw_different_samples_and_save_one_artifact(world_model_dir, forget_rows, mean_answer_probability, tmp_path):
+    output = tmp_path / "ddp"
+    ranks = launch(world_model_dir, output, tmp_path / "records")
     assert all(r["world_size"] == 2 for r in ranks)
     steps = [ranks[r]["drawn"] for r in (0, 1)]
     assert len(steps[0]) == len(steps[1]) == 6  # 20 forget rows, 2 ranks x 5 per step, 3 epochs
@@ -52,3 +56,17 @@ def test_two_processes_draw_different_samples_and_save_one_artifact(world_model_
     assert not list(tmp_path.glob(".ddp.partial-*"))
     unlearned = AutoModelForCausalLM.from_pretrained(output)
     assert mean_answer_probability(unlearned, forget_rows) < 0.8 * mean_answer_probability(AutoModelForCausalLM.from_pretrained(world_model_dir), forget_rows)
+
+
+def test_fila_and_the_utility_budget_under_two_processes(world_model_dir, forget_rows, retain_rows, mean_answer_probability, tmp_path):
+    from peft import PeftModel
+
+    output = tmp_path / "ddp-fila"
+    ranks = launch(world_model_dir, output, tmp_path / "records", mode="fila")
+    assert ranks[0]["initial_adapter_sum"] == ranks[1]["initial_adapter_sum"] != 0  # the same FILA init on both ranks
+    record = json.loads((output / "unlearning.json").read_text())
+    assert record["hardware"]["num_processes"] == 2 and record["hyperparameters"]["lora_init"] == "fila"
+    assert record["calibration"]["value"] >= 0.9 * record["calibration"]["original"]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world_model_dir), output)
+    original = AutoModelForCausalLM.from_pretrained(world_model_dir)
+    assert mean_answer_probability(loaded, forget_rows) < mean_answer_probability(original, forget_rows) - 0.05

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+from peft import LoraConfig
+
 from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer
 from hubunlearn.world import World
 
@@ -16,17 +18,23 @@ class RecordingGradDiff(GradDiffTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def main(model_dir: str, output_dir: str, record_dir: str) -> None:
+def main(model_dir: str, output_dir: str, record_dir: str, mode: str = "full") -> None:
+    """``mode`` "full": plain GradDiff; "fila": through a FILA-initialised LoRA adapter with a utility budget."""
     world = World.make(num_forget=4)  # 20 forget rows: 2 ranks x 5 per step divide them evenly (no padding repeats)
+    extra = {"lora_init": "fila", "utility_budget": 0.9, "utility_metric": "probability", "budget_check_steps": 2} if mode == "fila" else {}
     args = GradDiffConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=3, per_device_train_batch_size=5,
-                          lr_scheduler_type="constant", logging_steps=1, seed=1, disable_tqdm=True)
-    trainer = RecordingGradDiff(model=model_dir, args=args, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"))
+                          lr_scheduler_type="constant", logging_steps=1, seed=1, disable_tqdm=True, **extra)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if mode == "fila" else None
+    trainer = RecordingGradDiff(model=model_dir, args=args, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"),
+                                peft_config=lora)
+    initial = sum(float(p.double().sum()) for n, p in trainer.model.named_parameters() if "lora_" in n)
     trainer.drawn = []
     trainer.train()
     trainer.save_model()
     rank = trainer.accelerator.process_index
-    Path(record_dir, f"rank{rank}.json").write_text(json.dumps({"world_size": trainer.accelerator.num_processes, "drawn": trainer.drawn}))
+    Path(record_dir, f"rank{rank}.json").write_text(json.dumps({"world_size": trainer.accelerator.num_processes, "drawn": trainer.drawn,
+                                                                "initial_adapter_sum": initial}))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
