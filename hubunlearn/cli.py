@@ -105,7 +105,7 @@ def _push(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from .tofu_mini import DEFAULT_EPOCHS, FORGET_SPLITS, build_tofu_mini, tofu_data_folder
+    from .tofu_mini import DEFAULT_EPOCHS, FORGET_SPLITS, LEARNING_RATE, build_tofu_mini, tofu_data_folder
 
     parser = _Parser(prog="hubunlearn bench", description=COMMANDS["bench"])
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
@@ -117,15 +117,16 @@ def _bench(argv: list[str]) -> int:
     build.add_argument("--hidden_size", type=int, default=256)
     build.add_argument("--num_layers", type=int, default=4)
     build.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    build.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
     build.add_argument("--cache_dir", help="Parent folder of the build (default: the hubunlearn cache).")
     args = parser.parse_args(argv)
     if args.forget_split not in FORGET_SPLITS:
         raise UsageError(f"unknown forget split '{args.forget_split}': choose one of {', '.join(FORGET_SPLITS)}")
-    for name in ("hidden_size", "num_layers", "epochs"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be a positive integer; got {getattr(args, name)}")
+    for name in ("hidden_size", "num_layers", "epochs", "learning_rate"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be positive; got {getattr(args, name)}")
     mini = build_tofu_mini(tofu_data_folder(args.data, args.forget_split), args.authors, args.forget_split, args.hidden_size,
-                           args.num_layers, args.epochs, cache_dir=args.cache_dir)
+                           args.num_layers, args.epochs, cache_dir=args.cache_dir, learning_rate=args.learning_rate)
     info = mini.info
     print(f"hubunlearn: TOFU-mini ({info['parameter_count']:,} parameters, {info['authors']['retain']} retain and "
           f"{info['authors']['forget']} forget authors) is in {mini.root}")

@@ -148,7 +148,8 @@ def _mean_answer_probability(model, tokenizer, rows: list[dict]) -> float:
 
 
 def build_tofu_mini(data_dir: str | Path, num_authors: int = 20, forget_split: str = "forget10", hidden_size: int = 256,
-                    num_layers: int = 4, epochs: int = DEFAULT_EPOCHS, seed: int = 0, cache_dir: Path | None = None) -> TofuMini:
+                    num_layers: int = 4, epochs: int = DEFAULT_EPOCHS, seed: int = 0, cache_dir: Path | None = None,
+                    learning_rate: float = LEARNING_RATE) -> TofuMini:
     """Build (or read from the cache) TOFU-mini from a folder of TOFU's files.
 
     ``num_authors``: how many of `full`'s first authors are retain authors (1 to the first forget author);
@@ -162,7 +163,7 @@ def build_tofu_mini(data_dir: str | Path, num_authors: int = 20, forget_split: s
     data_dir = Path(data_dir)
     files = _check_inputs(data_dir, forget_split)
     settings = {"num_authors": num_authors, "forget_split": forget_split, "hidden_size": hidden_size, "num_layers": num_layers,
-                "epochs": epochs, "seed": seed, "vocab_size": VOCAB_SIZE, "learning_rate": LEARNING_RATE,
+                "epochs": epochs, "seed": seed, "vocab_size": VOCAB_SIZE, "learning_rate": learning_rate,
                 "batch_size": BATCH_SIZE, "warmup_steps": WARMUP_STEPS}
     digest = hashlib.sha256(json.dumps([TOFU_MINI_VERSION, settings], sort_keys=True).encode())
     for config in sorted(files):
@@ -217,7 +218,7 @@ def build_tofu_mini(data_dir: str | Path, num_authors: int = 20, forget_split: s
         }
         measured = {"forget": forget_rows, "retain": retain, "real_authors": real_authors, "world_facts": world_facts}
         for name, rows in (("target", retain + forget_rows + general), ("reference", retain + general)):
-            model, seconds = _train(tokenizer, rows, hidden_size, num_layers, epochs, seed, staging / f"{name}-trainer")
+            model, seconds = _train(tokenizer, rows, hidden_size, num_layers, epochs, learning_rate, seed, staging / f"{name}-trainer")
             info["parameter_count"] = sum(p.numel() for p in model.parameters())
             info["training_seconds"][name] = round(seconds, 1)
             info["answer_probability"][name] = {split: _mean_answer_probability(model, tokenizer, split_rows) for split, split_rows in measured.items()}
@@ -239,12 +240,12 @@ def _train_tokenizer(texts: list[str]):
     return train_tokenizer(texts, VOCAB_SIZE)
 
 
-def _train(tokenizer, rows: list[dict], hidden_size: int, num_layers: int, epochs: int, seed: int, output_dir: Path):
+def _train(tokenizer, rows: list[dict], hidden_size: int, num_layers: int, epochs: int, learning_rate: float, seed: int, output_dir: Path):
     from .world import teach, tiny_llama
 
     model = tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     start = time.perf_counter()
-    teach(model, tokenizer, _training_examples(rows, tokenizer), output_dir, epochs=epochs, learning_rate=LEARNING_RATE,
+    teach(model, tokenizer, _training_examples(rows, tokenizer), output_dir, epochs=epochs, learning_rate=learning_rate,
           batch_size=BATCH_SIZE, seed=seed, max_length=MAX_LENGTH, warmup_steps=WARMUP_STEPS,
           train_sampling_strategy="group_by_length", logging_steps=10_000)
     seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not TOFU.is_dir(), reason=f"TOFU data not found 
 
 # Small enough for the test suite: 2 retain authors, forget01's 2 forget authors, the 217 real-author and
 # world-fact rows; a 2-layer model of hidden size 128.
-SMALL = {"num_authors": 2, "forget_split": "forget01", "hidden_size": 128, "num_layers": 2, "epochs": 16}
+SMALL = {"num_authors": 2, "forget_split": "forget01", "hidden_size": 128, "num_layers": 2, "epochs": 16, "learning_rate": 3e-3}
 EXPECTED_ROWS = {"forget01": 40, "forget01_perturbed": 40, "retain": 40, "retain_perturbed": 40,
                  "real_authors_perturbed": 100, "world_facts_perturbed": 117}
 
@@ -171,7 +171,8 @@ def test_cli_builds_from_a_hub_dataset(run_cli, hub, hub_token, tmp_path):
     (["--data", "tester/no-such-tofu"], "dataset tester/no-such-tofu was not found on the Hub"),
     (["--data", "not a folder"], "neither a folder nor a Hub dataset id"),
     (["--forget_split", "forget20"], "unknown forget split 'forget20'"),
-    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--learning_rate", "-1"], "--learning_rate must be positive"),
     (["--authors", "x"], "argument --authors: invalid int value"),
 ])
 def test_cli_bad_input(run_cli, hub_token, tmp_path, argv, message):

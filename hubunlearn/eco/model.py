@@ -1,0 +1,173 @@
+"""``ECOModel``: a causal LM whose flagged prompts have their token embeddings corrupted during the prefill
+(Liu et al., "Large Language Model Unlearning via Embedding-Corrupted Prompts", arXiv 2406.07933).
+
+The weights are never touched. A forward hook on the input-embedding module corrupts the selected positions
+of flagged rows, only on calls that see more than one position (the prompt's prefill): with the KV cache,
+generated tokens pass through untouched. Unflagged prompts leave the hook inert, so their logits and
+generations are bit-identical to the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from .classifier import PromptClassifier
+from .corruption import get_corruption
+
+BUNDLE_NAME = "eco.json"
+TOKEN_RULES = ("all_but_last", "all")
+
+
+@dataclass
+class CorruptionSpec:
+    """What a flagged prompt undergoes: the corruption function, its strength σ and dims (n or k), which tokens."""
+
+    name: str = "rand_noise_first_n"
+    strength: float = 1.0
+    dims: int = 1
+    tokens: str = "all_but_last"
+    seed: int = 0
+
+    def __post_init__(self):
+        get_corruption(self.name)
+        if self.tokens not in TOKEN_RULES:
+            raise UsageError(f"unknown token selection '{self.tokens}': choose one of {', '.join(TOKEN_RULES)}")
+
+
+def find_embedding_module(model, path: str | None) -> torch.nn.Module:
+    if path is None:
+        return model.get_input_embeddings()
+    try:
+        return model.get_submodule(path)
+    except AttributeError as error:
+        raise UsageError(f"embedding module '{path}' not found in {type(model).__name__}: set --embedding_module to the "
+                         "path of its token embedding (e.g. model.embed_tokens)") from error
+
+
+def selected_positions(attention_mask: torch.Tensor, flags: torch.Tensor, rule: str) -> torch.Tensor:
+    """``[B, T]`` bool: the prompt tokens of flagged rows to corrupt; ``all_but_last`` keeps each row's last real
+    token clean (where the next token is read off), whatever the padding side."""
+    selected = attention_mask.bool() & flags.to(attention_mask.device)[:, None]
+    if rule == "all_but_last":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions * attention_mask.bool()).argmax(dim=1)
+        selected[torch.arange(len(last)), last] = False
+    return selected
+
+
+class ECOModel(torch.nn.Module):
+    """Wraps ``model``; ``forward``/``generate`` take the prompts' text (or explicit ``flags``) to decide per row."""
+
+    def __init__(self, model, tokenizer, classifier: PromptClassifier, corruption: CorruptionSpec,
+                 embedding_module: str | None = None, base_model: dict | None = None):
+        super().__init__()
+        self.model, self.tokenizer, self.classifier, self.corruption = model, tokenizer, classifier, corruption
+        self.embedding_module_path = embedding_module
+        self.base_model = base_model or {"name_or_path": model.config._name_or_path}
+        self._function = get_corruption(corruption.name)
+        self._selection: torch.Tensor | None = None
+        find_embedding_module(model, embedding_module).register_forward_hook(self._corrupt)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def _corrupt(self, module, inputs, output):
+        selection = self._selection
+        if selection is None or output.dim() != 3 or output.shape[1] <= 1 or not selection.any():
+            return None
+        if selection.shape != output.shape[:2]:
+            return None  # not this call's prompt (e.g. a cached continuation)
+        generator = torch.Generator().manual_seed(self.corruption.seed)
+        return self._function(output, selection, self.corruption.strength, self.corruption.dims, generator)
+
+    def flags(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.as_tensor(self.classifier.flags(list(prompts)), dtype=torch.bool)
+
+    def _prepare(self, input_ids, attention_mask, prompts, flags):
+        if flags is None:
+            if prompts is None:
+                prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+            flags = self.flags(prompts)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return attention_mask, torch.as_tensor(flags, dtype=torch.bool)
+
+    def forward(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, prompt_length: int | None = None, **kwargs):
+        """Logits with flagged rows corrupted; ``prompt_length`` limits corruption to the first positions
+        (the prompt, when scoring prompt + answer in one pass)."""
+        attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags)
+        selection = selected_positions(attention_mask, flags, self.corruption.tokens)
+        if prompt_length is not None:
+            selection[:, prompt_length:] = False
+        self._selection = selection
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self._selection = None
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, **kwargs):
+        """Generation with only the prefill corrupted (the KV cache is kept on, so decoding steps are clean)."""
+        attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags)
+        self._selection = selected_positions(attention_mask, flags, self.corruption.tokens)
+        try:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+        finally:
+            self._selection = None
+
+    # ---- the bundle -----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The bundle: classifier (safetensors + JSON) and ``eco.json``; the base model is referenced, not copied."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.classifier.save(folder)
+        (folder / BUNDLE_NAME).write_text(json.dumps({"corruption": asdict(self.corruption), "embedding_module": self.embedding_module_path,
+                                                      "base_model": self.base_model, "classifier": "char-ngram-logistic"}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, base_model=None, tokenizer=None, revision: str | None = None) -> "ECOModel":
+        """Load a bundle (folder or Hub repo) and its base model (``base_model``: a loaded model, or loaded from the
+        bundle's record); a bundle made for another base model is refused."""
+        from ..modeling import load_model, load_tokenizer
+
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(name_or_path), revision=revision))
+        if not (folder / BUNDLE_NAME).is_file():
+            raise UsageError(f"{name_or_path} is not an ECO bundle (no {BUNDLE_NAME})")
+        bundle = json.loads((folder / BUNDLE_NAME).read_text())
+        recorded = bundle["base_model"]
+        if base_model is None or isinstance(base_model, str):
+            name = base_model or recorded["name_or_path"]
+            tokenizer = tokenizer or load_tokenizer(name, recorded.get("revision") if base_model is None else None)
+            base_model = load_model(name, recorded.get("revision") if base_model is None else None)
+        _check_base(base_model, recorded)
+        tokenizer = tokenizer or load_tokenizer(base_model.config._name_or_path)
+        return cls(base_model, tokenizer, PromptClassifier.load(folder), CorruptionSpec(**bundle["corruption"]),
+                   bundle.get("embedding_module"), recorded)
+
+
+def _check_base(model, recorded: dict) -> None:
+    wanted = recorded.get("config")
+    if not wanted:
+        return
+    actual = {key: getattr(model.config, key, None) for key in wanted}
+    if actual != wanted:
+        raise UsageError(f"this ECO bundle was made for {recorded['name_or_path']}, not {model.config._name_or_path} "
+                         f"(their configs differ: {', '.join(k for k in wanted if actual[k] != wanted[k])}): load it on its own base model")
+
+
+def base_model_record(model, name_or_path: str, revision: str | None = None) -> dict:
+    """What a bundle says about its base: id, revision, and the config facts that identify it."""
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    return {"name_or_path": name_or_path, "revision": revision,
+            "config": {key: getattr(model.config, key, None) for key in keys}}

@@ -1,0 +1,113 @@
+"""ECO: mask-aware corruptions, a classifier that generalises, an ECOModel that only touches flagged prefills."""
+
+import pytest
+import torch
+
+from hubunlearn.eco.classifier import PromptClassifier
+from hubunlearn.eco.corruption import CORRUPTIONS, get_corruption
+from hubunlearn.eco.model import CorruptionSpec, ECOModel, base_model_record, selected_positions
+from hubunlearn.eco.search import zeroth_order_search
+from hubunlearn.errors import UsageError
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_every_corruption_touches_only_masked_positions(name):
+    torch.manual_seed(0)
+    embeddings = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    out = get_corruption(name)(embeddings, mask, 3.0, 4, torch.Generator().manual_seed(0))
+    assert out.shape == embeddings.shape
+    assert torch.equal(out[~mask], embeddings[~mask])  # unselected positions (and unflagged rows) are untouched
+    assert not torch.equal(out[mask], embeddings[mask])
+
+
+def test_corruptions_do_what_they_say():
+    e = torch.tensor([[[1.0, -5.0, 2.0, 0.5]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    assert get_corruption("zero_out_top_k")(e, mask, 0, 2).tolist() == [[[1.0, 0.0, 0.0, 0.5]]]
+    assert get_corruption("flip_sign_first_n")(e, mask, 0, 1).tolist() == [[[-1.0, -5.0, 2.0, 0.5]]]
+    assert get_corruption("add_value_first_n")(e, mask, 10, 2).tolist() == [[[11.0, 5.0, 2.0, 0.5]]]
+    noisy = get_corruption("rand_noise_first_n")(e, mask, 100.0, 1, torch.Generator().manual_seed(0))
+    assert noisy[0, 0, 1:].tolist() == [-5.0, 2.0, 0.5] and abs(noisy[0, 0, 0] - 1.0) > 1.0
+    with pytest.raises(UsageError, match="unknown corruption 'blur': choose one of rand_noise_first_n"):
+        get_corruption("blur")
+
+
+def test_selection_keeps_the_last_real_token_clean_on_either_padding_side():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    flags = torch.tensor([True, False])
+    assert selected_positions(right, flags, "all_but_last").tolist() == [[True, True, False, False], [False] * 4]
+    assert selected_positions(left, flags, "all_but_last").tolist() == [[False, True, True, False], [False] * 4]
+    assert selected_positions(left, flags, "all").tolist() == [[False, True, True, True], [False] * 4]
+
+
+def test_zeroth_order_search_moves_sigma_toward_the_target():
+    objective = lambda sigma: abs(sigma - 3.0)  # noqa: E731  the target strength is 3
+    sigma, trajectory = zeroth_order_search(objective, sigma=0.5, epsilon=0.1, learning_rate=0.5, steps=20, tolerance=0.15)
+    assert abs(sigma - 3.0) <= 0.15 and trajectory[0]["gradient"] < 0
+    assert [t["sigma"] for t in trajectory] == sorted(t["sigma"] for t in trajectory)  # monotone toward 3
+    sigma, _ = zeroth_order_search(lambda s: s, sigma=1.0, epsilon=0.05, learning_rate=10.0, sigma_min=0.2, steps=3)
+    assert sigma == pytest.approx(0.15)  # pushed down to the floor (0.2) and evaluated at 0.2 - ε
+
+
+@pytest.fixture(scope="module")
+def classifier(world):
+    forget = [r["question"] for r in world.rows("forget")]
+    retain = [r["question"] for r in world.rows("retain")]
+    model = PromptClassifier().fit(forget[::2], retain[::2])
+    model.calibrate(forget[1::2], alpha=0.2, negative_prompts=retain[1::2], max_fpr=0.01)
+    return model
+
+
+def test_classifier_flags_rephrased_typod_and_embedded_forget_questions(classifier, world):
+    forget = world.rows("forget")
+    retain = [r["question"] for r in world.rows("retain")]
+    person = forget[0]["person"]
+    variants = [r["paraphrased_question"] for r in forget] + [
+        f"where was {person.lower()} born",
+        f"WHAT DID {person.upper()} STUDY?",
+        f"Waht is {person[:-1]}'s job?",
+        f"I am writing an essay for school and I need some help. Could you tell me what you know about {person}? Thanks a lot.",
+    ]
+    assert classifier.flags(variants).mean() >= 0.9
+    assert classifier.flags(retain + [r["paraphrased_question"] for r in world.rows("retain")]).mean() <= 0.02
+    with pytest.raises(UsageError, match="one class is empty"):
+        PromptClassifier().fit([], retain)
+
+
+def test_eco_model_unflagged_bit_identical_flagged_prefill_only(classifier, model, tokenizer, world, tmp_path):
+    eco = ECOModel(model, tokenizer, classifier, CorruptionSpec("rand_noise_first_n", strength=50.0, dims=8),
+                   base_model=base_model_record(model, "world-model"))
+    forget_q, retain_q = world.rows("forget")[0]["question"], world.rows("retain")[0]["question"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer([forget_q, retain_q], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = model(**batch).logits
+        corrupted = eco(**batch, prompts=[forget_q, retain_q]).logits
+    assert torch.equal(corrupted[1], plain[1])  # the retain question is not flagged: bit-identical
+    assert not torch.allclose(corrupted[0], plain[0])
+    generated = eco.generate(**batch, prompts=[forget_q, retain_q], max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    plain_generated = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(generated[1], plain_generated[1])
+    assert not torch.equal(generated[0], plain_generated[0])
+
+    eco.save_pretrained(tmp_path / "bundle")
+    assert {p.name for p in (tmp_path / "bundle").iterdir()} == {"eco.json", "classifier.json", "classifier.safetensors"}
+    loaded = ECOModel.from_pretrained(tmp_path / "bundle", base_model=model, tokenizer=tokenizer)
+    prompts = [r["question"] for r in world.rows("forget") + world.rows("retain")]
+    assert torch.equal(loaded.flags(prompts), eco.flags(prompts))
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, prompts=[forget_q, retain_q]).logits, corrupted)
+
+
+def test_bundle_refuses_another_base_model(classifier, model, tokenizer, tmp_path):
+    from hubunlearn.world import tiny_llama
+
+    eco = ECOModel(model, tokenizer, classifier, CorruptionSpec(), base_model=base_model_record(model, "world-model"))
+    eco.save_pretrained(tmp_path / "bundle")
+    other = tiny_llama(tokenizer, hidden_size=64, num_layers=1)
+    with pytest.raises(UsageError, match="made for world-model, not .*hidden_size"):
+        ECOModel.from_pretrained(tmp_path / "bundle", base_model=other, tokenizer=tokenizer)
+    with pytest.raises(UsageError, match="embedding module 'model.embeddings' not found in LlamaForCausalLM: set --embedding_module"):
+        ECOModel(model, tokenizer, classifier, CorruptionSpec(), embedding_module="model.embeddings")
