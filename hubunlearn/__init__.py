@@ -1,11 +1,11 @@
 """hubunlearn: make causal language models forget, measure it, and publish the result on the Hugging Face Hub.
 
 Imports stay light here (``hubunlearn.testing`` is imported before ``huggingface_hub`` reads its settings);
-``load`` and ``push`` are loaded on first use.
+``load``, ``push`` and ``ECOModel`` are loaded on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["load", "push", "__version__"]
+__all__ = ["load", "push", "ECOModel", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from . import hub
 
         return getattr(hub, name)
+    if name == "ECOModel":
+        from .eco import ECOModel
+
+        return ECOModel
     raise AttributeError(f"module 'hubunlearn' has no attribute {name!r}")

@@ -32,7 +32,7 @@ def _unlearn(argv: list[str]) -> int:
     arguments, config = parse_unlearn_args(argv)
     output_dir = run_unlearn(arguments, config)
     if PartialState().is_main_process:
-        kind = "LoRA adapter" if arguments.use_lora else "checkpoint"
+        kind = "bundle" if arguments.method == "eco" else "LoRA adapter" if arguments.use_lora else "checkpoint"
         print(f"hubunlearn: saved the {arguments.method} {kind} and unlearning.json to {output_dir}")
     return 0
 

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = {
     "full": ("model.safetensors", "model.safetensors.index.json"),
     "lora": ("adapter_model.safetensors",),
-    "eco": ("classifier/model.safetensors",),
+    "eco": ("classifier.safetensors",),
 }
 RETRIES = 3
 FIRST_WAIT_S = 1.0
@@ -158,7 +158,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
 
 def load(repo_or_dir: str, revision: str | None = None, **kwargs):
     """Load any hubunlearn artifact (local folder or Hub repo) as the right object, by its ``unlearning.json``:
-    a ``transformers`` model for full checkpoints, a ``peft`` model (base + adapter) for LoRA adapters."""
+    a ``transformers`` model for full checkpoints, a ``peft`` model (base + adapter) for LoRA adapters, an
+    :class:`~hubunlearn.eco.ECOModel` (base + classifier) for ECO bundles."""
     folder = Path(repo_or_dir)
     if folder.is_dir():
         record = read_record(folder)
@@ -181,4 +182,8 @@ def load(repo_or_dir: str, revision: str | None = None, **kwargs):
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(repo_or_dir, revision=revision, **kwargs)
+    if kind == "eco":
+        from .eco import ECOModel
+
+        return ECOModel.from_pretrained(repo_or_dir, revision=revision, **kwargs)
     raise UsageError(f"{repo_or_dir} holds a '{kind}' artifact, which this version of hubunlearn cannot load: upgrade hubunlearn")

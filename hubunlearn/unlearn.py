@@ -15,7 +15,7 @@ from .data import load_rows
 from .errors import NonFiniteLossError, UsageError
 from .resources import resource_dir
 from .modeling import hub_facts, load_model, load_tokenizer
-from .trainers import METHODS, UnlearnConfig
+from .trainers import UNLEARNING_METHODS, UnlearnConfig
 
 RECIPES = resource_dir("recipes", "trainers")
 
@@ -24,7 +24,7 @@ RECIPES = resource_dir("recipes", "trainers")
 class UnlearnArguments:
     """What to unlearn from which model: everything that is not a training hyperparameter."""
 
-    method: str = field(default=None, metadata={"help": f"Unlearning method: one of {', '.join(METHODS)}."})
+    method: str = field(default=None, metadata={"help": f"Unlearning method: one of {', '.join(UNLEARNING_METHODS)}."})
     model_name_or_path: str = field(default=None, metadata={"help": "Hub model id or local folder of the model to unlearn from."})
     model_revision: str = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own code (off unless you trust it)."})
@@ -74,10 +74,10 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
     method = known.method or recipe.get("method")
     wants_help = any(a in ("-h", "--help") for a in argv)
     if method is None and not wants_help:
-        raise UsageError(f"--method is required: choose one of {', '.join(METHODS)}")
-    if method is not None and method not in METHODS:
-        raise UsageError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    config_class = METHODS[method].config_class if method else UnlearnConfig
+        raise UsageError(f"--method is required: choose one of {', '.join(UNLEARNING_METHODS)}")
+    if method is not None and method not in UNLEARNING_METHODS:
+        raise UsageError(f"unknown method '{method}': choose one of {', '.join(UNLEARNING_METHODS)}")
+    config_class = UNLEARNING_METHODS[method].config_class if method else UnlearnConfig
     parser = HfArgumentParser((UnlearnArguments, config_class), prog="hubunlearn unlearn")
     parser.error = _usage_error
     fields = {action.dest for action in parser._actions}
@@ -125,7 +125,7 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
                 config.data_format.shape_of(rows.column_names, f"the {name} set")
         tokenizer = load_tokenizer(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
         model = load_model(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
-        trainer = METHODS[arguments.method](
+        trainer = UNLEARNING_METHODS[arguments.method](
             model=model,
             args=config,
             forget_dataset=arguments.forget,

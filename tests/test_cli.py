@@ -101,7 +101,7 @@ def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl"),
+        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl, eco"),
         ({"--model_name_or_path": "nobody/no-such-model"}, "model 'nobody/no-such-model' not found"),
         ({"--model_name_or_path": "/no/such/folder"}, "model '/no/such/folder' not found"),
         ({"--forget": "{data}/empty.jsonl"}, "forget set is empty"),

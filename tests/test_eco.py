@@ -111,3 +111,67 @@ def test_bundle_refuses_another_base_model(classifier, model, tokenizer, tmp_pat
         ECOModel.from_pretrained(tmp_path / "bundle", base_model=other, tokenizer=tokenizer)
     with pytest.raises(UsageError, match="embedding module 'model.embeddings' not found in LlamaForCausalLM: set --embedding_module"):
         ECOModel(model, tokenizer, classifier, CorruptionSpec(), embedding_module="model.embeddings")
+
+
+def test_unlearn_method_eco_writes_a_bundle_that_loads_and_forgets(run_cli, world_model_dir, world_reference_dir, world, tokenizer, tmp_path):
+    import json
+
+    import hubunlearn
+    from hubunlearn.data import DataFormat, tokenize_rows
+    from hubunlearn.trainers.losses import sequence_log_prob
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("forget", "retain"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.rows(name)))
+    output = tmp_path / "eco"
+    code, out, err = run_cli("unlearn", "--method", "eco", "--model_name_or_path", world_model_dir, "--forget", data / "forget.jsonl",
+                             "--retain", data / "retain.jsonl", "--eco_reference", world_reference_dir, "--classifier_alpha", "0.25",
+                             "--output_dir", output)
+    assert code == 0, err
+    assert "saved the eco bundle" in out
+    record = json.loads((output / "unlearning.json").read_text())
+    assert record["artifact"] == "eco" and "learning_rate" not in record["hyperparameters"]
+    search = record["eco"]["strength_search"]
+    assert search["forget_probability_before"] > 0.9 and abs(search["forget_probability_after"] - search["target_forget_probability"]) < 0.1
+    assert record["eco"]["classifier"]["retain_false_positive_rate"] <= 0.02 and record["eco"]["classifier"]["forget_recall"] >= 0.8
+    assert "ECOModel.from_pretrained" in (output / "README.md").read_text()
+
+    eco = hubunlearn.load(output)  # base model from the record, bundle from the folder
+    assert isinstance(eco, ECOModel) and eco.corruption.strength == pytest.approx(record["eco"]["corruption"]["strength"])
+    examples = list(tokenize_rows(world.rows("forget") + world.rows("retain")[:15], tokenizer, DataFormat(max_length=128)))
+    from hubunlearn.data import pad_examples
+
+    batch = pad_examples([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples], tokenizer.pad_token_id)
+    with torch.no_grad():
+        clean = eco.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        guarded = eco(batch["input_ids"], batch["attention_mask"], prompts=[r["question"] for r in world.rows("forget") + world.rows("retain")[:15]],
+                      prompt_length=[e["prompt_length"] for e in examples]).logits
+    probability = lambda logits: torch.exp(torch.div(*sequence_log_prob(logits, batch["labels"])))  # noqa: E731
+    forget = slice(0, 15)
+    assert probability(guarded)[forget].mean() < probability(clean)[forget].mean() - 0.3  # the forget answers are gone
+    assert torch.equal(probability(guarded)[15:], probability(clean)[15:])  # retain questions: untouched, bit for bit
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--corruption", "blur"], "unknown corruption 'blur'"),
+    (["--use_lora"], "ECO does not train the model's weights: drop --use_lora"),
+    (["--retain", None], "ECO needs a retain set"),
+    (["--embedding_module", "model.nope"], "embedding module 'model.nope' not found"),
+])
+def test_eco_bad_input(run_cli, world_model_dir, world, tmp_path, extra, message):
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("forget", "retain"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.rows(name)))
+    flags = {"--method": "eco", "--model_name_or_path": world_model_dir, "--forget": data / "forget.jsonl",
+             "--retain": data / "retain.jsonl", "--output_dir": tmp_path / "never", "--classifier_alpha": "0.25"}
+    if extra[-1] is None:
+        flags.pop(extra[0])
+        extra = []
+    args = [str(part) for pair in flags.items() for part in pair] + extra
+    code, _, err = run_cli("unlearn", *args)
+    assert code == 2 and message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "never").exists()

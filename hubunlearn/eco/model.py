@@ -98,13 +98,16 @@ class ECOModel(torch.nn.Module):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return attention_mask, torch.as_tensor(flags, dtype=torch.bool)
 
-    def forward(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, prompt_length: int | None = None, **kwargs):
-        """Logits with flagged rows corrupted; ``prompt_length`` limits corruption to the first positions
-        (the prompt, when scoring prompt + answer in one pass)."""
+    def forward(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, prompt_length=None, **kwargs):
+        """Logits with flagged rows corrupted; ``prompt_length`` (an int, or one per row, right padding) limits the
+        corruption to the prompt when prompt + answer are scored in one pass."""
         attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags)
-        selection = selected_positions(attention_mask, flags, self.corruption.tokens)
         if prompt_length is not None:
-            selection[:, prompt_length:] = False
+            lengths = torch.as_tensor(prompt_length, device=attention_mask.device).reshape(-1, 1)
+            attention_mask_prompt = attention_mask * (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)
+            selection = selected_positions(attention_mask_prompt, flags, self.corruption.tokens)
+        else:
+            selection = selected_positions(attention_mask, flags, self.corruption.tokens)
         self._selection = selection
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -11,8 +11,10 @@ from .gradient import (
     KLConfig,
     KLTrainer,
 )
+from .eco import ECOConfig, ECOTrainer
 from .npo import NPOConfig, NPOTrainer, SimNPOConfig, SimNPOTrainer
 
+# The gradient methods: each trains the model's weights (or an adapter) on a forget loss.
 METHODS: dict[str, type[UnlearnTrainer]] = {
     "ga": GradAscentTrainer,
     "graddiff": GradDiffTrainer,
@@ -22,4 +24,7 @@ METHODS: dict[str, type[UnlearnTrainer]] = {
     "ihl": IHLTrainer,
 }
 
-__all__ = [name for name in dir() if name.endswith(("Config", "Trainer"))] + ["METHODS"]
+# Every method `hubunlearn unlearn --method` knows: the gradient methods above, and ECO, which trains no weights.
+UNLEARNING_METHODS: dict[str, type[UnlearnTrainer]] = {**METHODS, "eco": ECOTrainer}
+
+__all__ = [name for name in dir() if name.endswith(("Config", "Trainer"))] + ["METHODS", "UNLEARNING_METHODS"]

@@ -155,6 +155,7 @@ class UnlearnTrainer(Trainer):
     _paper: dict | None = None  # {"id": arXiv id, "title", "authors": "A and B", "year"}: feeds the card's citation
     config_class = UnlearnConfig
     uses_reference = False  # the forget loss itself needs the frozen original (NPO)
+    keeps_retain_rows = False  # the method reads the retain rows even when no retain loss is trained on (ECO)
 
     def __init__(
         self,
@@ -180,7 +181,8 @@ class UnlearnTrainer(Trainer):
         for needs, name in ((args.lora_init == "fila", "--lora_init fila (its Fisher pass)"), (args.utility_budget is not None, "--utility_budget (its retain probe)")):
             if needs and retain_dataset is None:
                 raise UsageError(f"{name} needs a retain set: pass --retain SPEC")
-        if args.retain_loss == "none" and retain_dataset is not None and args.lora_init != "fila" and args.utility_budget is None:
+        if (args.retain_loss == "none" and retain_dataset is not None and args.lora_init != "fila" and args.utility_budget is None
+                and not self.keeps_retain_rows):
             logger.warning("retain_loss is 'none': the retain set is not used (set --retain_loss nll or kl to use it)")
             retain_dataset = None
         if isinstance(model, str):

@@ -1,0 +1,180 @@
+"""``ECOConfig`` / ``ECOTrainer``: ECO as a method like the others (``hubunlearn unlearn --method eco``).
+
+"Training" fits and calibrates the prompt classifier, then tunes the corruption strength σ by zeroth-order
+search so that the corrupted model's forget answer probability matches a target: the reference model's (a
+model never trained on the forget set) when ``--eco_reference`` is given, else ``--target_probability``. The
+model's weights never change; the artifact is an ECO bundle (Liu et al., arXiv 2406.07933).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..artifacts import staging_dir, write_record
+from ..cards import card_text
+from ..data import pad_examples
+from ..eco.classifier import PromptClassifier
+from ..eco.corruption import CORRUPTIONS, USES_STRENGTH
+from ..eco.model import TOKEN_RULES, CorruptionSpec, ECOModel, base_model_record, find_embedding_module
+from ..eco.search import zeroth_order_search
+from ..errors import UsageError
+from . import losses
+from .base import UnlearnConfig, UnlearnTrainer
+
+logger = logging.getLogger(__name__)
+UNUSED_BY_ECO = {"learning_rate", "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
+                 "gradient_accumulation_steps", "retain_loss", "retain_weight", "forget_weight", "lora_init", "lora_export",
+                 "utility_budget", "utility_metric", "utility_probe_size", "budget_check_steps"}
+
+
+@dataclass
+class ECOConfig(UnlearnConfig):
+    """Classifier, corruption and strength-search settings of ECO."""
+
+    corruption: str = field(default="rand_noise_first_n", metadata={"help": f"Corruption function: one of {', '.join(CORRUPTIONS)}."})
+    corruption_dims: int = field(default=0, metadata={"help": "n (first n) or k (top k) embedding coordinates; 0: all of them."})
+    token_selection: str = field(default="all_but_last", metadata={"help": "Prompt tokens to corrupt.", "choices": list(TOKEN_RULES)})
+    embedding_module: str | None = field(default=None, metadata={"help": "Path of the token-embedding module (default: the model's input embeddings)."})
+    classifier_alpha: float = field(default=0.05, metadata={"help": "Allowed miss rate on forget prompts (split-conformal recall >= 1 - alpha)."})
+    classifier_max_fpr: float = field(default=0.01, metadata={"help": "False-positive rate allowed on held-out retain prompts."})
+    holdout_fraction: float = field(default=0.25, metadata={"help": "Share of forget (and retain) prompts held out to calibrate the classifier."})
+    eco_reference: str | None = field(default=None, metadata={"help": "Model trained without the forget set: its forget answer probability is the target."})
+    target_probability: float = field(default=0.1, metadata={"help": "Surrogate target forget answer probability when there is no --eco_reference."})
+    initial_strength: float = field(default=1.0, metadata={"help": "Starting corruption strength sigma."})
+    zo_epsilon: float = field(default=0.05, metadata={"help": "Zeroth-order probe offset epsilon."})
+    zo_learning_rate: float = field(default=20.0, metadata={"help": "Zeroth-order step size eta."})
+    zo_steps: int = field(default=12, metadata={"help": "Zeroth-order steps."})
+    min_strength: float = field(default=0.01, metadata={"help": "Floor of sigma."})
+    tuning_examples: int = field(default=64, metadata={"help": "Forget examples the strength is tuned on."})
+    retain_loss: str = field(default="none", metadata={"help": "Unused by ECO (nothing is trained); the retain set feeds the classifier."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.corruption not in CORRUPTIONS:
+            raise UsageError(f"unknown corruption '{self.corruption}': choose one of {', '.join(CORRUPTIONS)}")
+        if not 0 < self.holdout_fraction < 1 or not 0 < self.target_probability < 1:
+            raise UsageError("--holdout_fraction and --target_probability must be in (0, 1)")
+
+
+class ECOTrainer(UnlearnTrainer):
+    """ECO, embedding-corrupted prompts (Liu et al., "Large Language Model Unlearning via Embedding-Corrupted Prompts",
+    NeurIPS 2024, arXiv 2406.07933): a prompt classifier flags forget-scope prompts, whose token embeddings are
+    corrupted during the prefill by a strength tuned offline; the model's weights are untouched."""
+
+    _name = "ECO"
+    _paper = {"id": "2406.07933", "title": "Large Language Model Unlearning via Embedding-Corrupted Prompts",
+              "authors": "Chris Yuhao Liu and Yaxuan Wang and Jeffrey Flanigan and Yang Liu", "year": 2024}
+    config_class = ECOConfig
+
+    keeps_retain_rows = True  # the retain prompts are the classifier's negatives, whatever retain_loss says
+
+    def __init__(self, *args, peft_config=None, **kwargs):
+        if peft_config is not None:
+            raise UsageError("ECO does not train the model's weights: drop --use_lora")
+        super().__init__(*args, **kwargs)
+        if self._probe_examples is None:
+            raise UsageError("ECO needs a retain set: its prompts are the classifier's negatives (pass --retain SPEC)")
+        find_embedding_module(self.accelerator.unwrap_model(self.model), self.args.embedding_module)
+        self.eco_model: ECOModel | None = None
+
+    @property
+    def artifact_kind(self) -> str:
+        return "eco"
+
+    def _questions(self, name: str) -> list[str]:
+        rows = self.data_sources[name][1]
+        key = self.args.question_key if self.args.question_key in rows.column_names else self.args.text_key
+        return [str(q) for q in rows[key]]
+
+    def train(self, *args, **kwargs):
+        """Fit and calibrate the classifier, then tune σ; no weight changes."""
+        config = self.args
+        forget, retain = self._questions("forget"), self._questions("retain")
+        step = max(2, round(1 / config.holdout_fraction))
+        classifier = PromptClassifier().fit([q for i, q in enumerate(forget) if i % step], [q for i, q in enumerate(retain) if i % step], config.seed)
+        try:
+            classifier.calibrate(forget[::step], config.classifier_alpha, retain[::step], config.classifier_max_fpr, config.seed)
+        except UsageError as error:
+            raise UsageError(f"{error} (ECO holds out {config.holdout_fraction:.0%} of the forget set for calibration)") from None
+        model = self.accelerator.unwrap_model(self.model).eval()
+        dims = config.corruption_dims or model.get_input_embeddings().embedding_dim
+        spec = CorruptionSpec(config.corruption, config.initial_strength, dims, config.token_selection, config.seed)
+        self.eco_model = ECOModel(model, self.processing_class, classifier, spec, config.embedding_module,
+                                  base_model_record(model, self.base_model_id, (self.base_model_facts or {}).get("revision")))
+        flags = {"forget": classifier.flags(forget), "retain": classifier.flags(retain)}
+        tuning = [self.pairs.forget[i] for i in range(0, len(self.pairs.forget), max(1, len(self.pairs.forget) // config.tuning_examples))]
+        target = self._reference_target(tuning) if config.eco_reference else config.target_probability
+        original = self._forget_probability(tuning, strength=None)
+        trajectory = []
+        if config.corruption in USES_STRENGTH:
+            spec.strength, trajectory = zeroth_order_search(
+                lambda sigma: abs(self._forget_probability(tuning, sigma) - target), config.initial_strength, config.zo_epsilon,
+                config.zo_learning_rate, config.min_strength, config.zo_steps, tolerance=0.01)
+        achieved = self._forget_probability(tuning, spec.strength)
+        self.record_extras["eco"] = {
+            "classifier": {"kind": "char-ngram-logistic", "threshold": classifier.threshold, "alpha": config.classifier_alpha,
+                           "forget_recall": float(flags["forget"].mean()), "retain_false_positive_rate": float(flags["retain"].mean())},
+            "corruption": {"name": spec.name, "strength": spec.strength, "dims": spec.dims, "tokens": spec.tokens},
+            "strength_search": {"target_forget_probability": target, "target_from": config.eco_reference or "surrogate",
+                                "forget_probability_before": original, "forget_probability_after": achieved, "trajectory": trajectory},
+        }
+        logger.info("ECO: classifier recall %.3f, retain FPR %.3f; sigma %.4g gives forget probability %.3f -> %.3f (target %.3f)",
+                    flags["forget"].mean(), flags["retain"].mean(), spec.strength, original, achieved, target)
+        return None
+
+    @torch.no_grad()
+    def _forget_probability(self, examples: list[dict], strength: float | None) -> float:
+        """Mean length-normalised answer probability with every example corrupted at ``strength`` (None: clean).
+
+        As in the paper's likelihood evaluations, the selection spans prompt and answer (scored in one pass);
+        corrupting the prompt alone leaves the teacher-forced answer tokens to predict each other."""
+        values = []
+        for start in range(0, len(examples), 16):
+            chunk = examples[start : start + 16]
+            batch = pad_examples([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in chunk], self.processing_class.pad_token_id)
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            if strength is None:
+                logits = self.eco_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            else:
+                self.eco_model.corruption.strength = strength
+                logits = self.eco_model(batch["input_ids"], batch["attention_mask"], flags=torch.ones(len(chunk), dtype=torch.bool)).logits
+            log_prob, count = losses.sequence_log_prob(logits, batch["labels"])
+            values += torch.exp(log_prob / count.clamp(min=1)).tolist()
+        return sum(values) / len(values)
+
+    def _reference_target(self, examples: list[dict]) -> float:
+        from ..modeling import load_model
+
+        reference = load_model(self.args.eco_reference).to(self.args.device).eval()
+        saved, self.eco_model.model = self.eco_model.model, reference
+        try:
+            return self._forget_probability(examples, strength=None)
+        finally:
+            self.eco_model.model = saved
+
+    def unlearning_record(self) -> dict[str, Any]:
+        record = super().unlearning_record()
+        record["hyperparameters"] = {k: v for k, v in record["hyperparameters"].items() if k not in UNUSED_BY_ECO}
+        return record
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the bundle (classifier, ``eco.json``), the tokenizer, ``unlearning.json`` and the card, atomically."""
+        if self.eco_model is None:
+            raise UsageError("nothing to save: call train() first")
+        output_dir = output_dir or self.args.output_dir
+        context = staging_dir(output_dir) if self.args.should_save else nullcontext(None)
+        with context as staging:
+            if staging is not None:
+                self.eco_model.save_pretrained(staging)
+                self.processing_class.save_pretrained(staging)
+                record = self.unlearning_record()
+                (staging / "README.md").write_text(card_text(record))
+                write_record(staging, record)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub()
