@@ -56,7 +56,7 @@ def run(data: Path) -> dict:
         "schema": SCHEMA,
         "machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "platform": platform.platform()},
-        "tofu_mini": {k: mini.info[k] for k in ("settings", "authors", "rows", "parameter_count", "training_seconds")},
+        "tofu_mini": {k: mini.info.get(k) for k in ("settings", "authors", "rows", "parameter_count", "training_seconds", "training_threads")},
         "build_seconds_this_run": round(build_seconds, 1),
         "eval": {"rows": {name: len(r) for name, r in sets.items()}, "metrics": list(config.metrics),
                  "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
@@ -74,8 +74,8 @@ def table(results: dict) -> str:
         f"TOFU-mini: a {mini['parameter_count'] / 1e6:.1f}M-parameter Llama trained from scratch on {mini['authors']['retain']} retain "
         f"authors, the {mini['authors']['forget']} authors of {mini['settings']['forget_split']} and the real-authors and "
         f"world-facts sets ({mini['rows']['target_training']} rows, {mini['settings']['epochs']} epochs); the reference without "
-        f"the forget authors. Building both took {(training['target'] + training['reference']) / 60:.0f} min on "
-        f"{results['machine']['cores']} cores (torch {results['machine']['torch']}, {results['machine']['device']}), once; "
+        f"the forget authors. Building both took {(training['target'] + training['reference']) / 60:.0f} min with "
+        f"{mini['training_threads']} torch thread(s) (torch {results['machine']['torch']}, {results['machine']['device']}), once; "
         f"it is cached. A full eval ({sum(timing['rows'].values())} rows, default metrics, greedy answers of up to "
         f"{timing['max_new_tokens']} tokens) takes {timing['seconds_median']:.0f} s (median of {len(timing['seconds'])}), "
         f"{timing['seconds_per_100_examples']:.1f} s per 100 examples.",
