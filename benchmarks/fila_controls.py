@@ -221,7 +221,7 @@ def main() -> None:
         if results.get("schema") != SCHEMA:
             sys.exit(f"{RESULTS} has schema {results.get('schema')}, expected {SCHEMA}: run the benchmark again")
     else:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
         results = run(args.data)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         plot(results)

@@ -89,8 +89,18 @@ def load_sets(config: EvalConfig) -> dict[str, list[dict]]:
 
 
 def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_code: bool = False):
-    """Model (with an adapter applied when given) and tokenizer, checked against each other."""
+    """Model (with an adapter applied when given, or wrapped by an ECO bundle when ``name_or_path`` is one) and
+    tokenizer, checked against each other."""
+    from .eco.model import BUNDLE_NAME
     from .modeling import load_model, load_tokenizer
+
+    if (Path(name_or_path) / BUNDLE_NAME).is_file():
+        from .eco import ECOModel
+
+        if adapter:
+            raise UsageError(f"{name_or_path} is an ECO bundle: it wraps its base model and takes no --adapter")
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        return ECOModel.from_pretrained(name_or_path, tokenizer=tokenizer).eval(), tokenizer
 
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     model = load_model(name_or_path, trust_remote_code=trust_remote_code)

@@ -152,6 +152,16 @@ def test_unlearn_method_eco_writes_a_bundle_that_loads_and_forgets(run_cli, worl
     assert probability(guarded)[forget].mean() < probability(clean)[forget].mean() - 0.3  # the forget answers are gone
     assert torch.equal(probability(guarded)[15:], probability(clean)[15:])  # retain questions: untouched, bit for bit
 
+    # `hubunlearn eval` takes the bundle as a model: forget answers gone, retain answers exactly as the base's
+    summaries = {}
+    for name, model_path in (("base", world_model_dir), ("eco", output)):
+        code, _, err = run_cli("eval", "--benchmark", "world", "--model", model_path, "--metrics", "probability,rouge",
+                               "--output_dir", tmp_path / f"eval-{name}")
+        assert code == 0, err
+        summaries[name] = json.loads((tmp_path / f"eval-{name}" / "summary.json").read_text())["sets"]
+    assert summaries["eco"]["forget"]["rouge_recall"] < summaries["base"]["forget"]["rouge_recall"] - 0.5
+    assert summaries["eco"]["retain"] == summaries["base"]["retain"]
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--corruption", "blur"], "unknown corruption 'blur'"),

@@ -78,6 +78,17 @@ class ECOModel(torch.nn.Module):
     def config(self):
         return self.model.config
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
     def _corrupt(self, module, inputs, output):
         selection = self._selection
         if selection is None or output.dim() != 3 or output.shape[1] <= 1 or not selection.any():
@@ -90,18 +101,25 @@ class ECOModel(torch.nn.Module):
     def flags(self, prompts: Sequence[str]) -> torch.Tensor:
         return torch.as_tensor(self.classifier.flags(list(prompts)), dtype=torch.bool)
 
-    def _prepare(self, input_ids, attention_mask, prompts, flags):
+    classifies_prompts = True  # metrics pass ``classify_lengths`` so the classifier reads prompts, not answers
+
+    def _prepare(self, input_ids, attention_mask, prompts, flags, classify_lengths=None):
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if flags is None:
             if prompts is None:
-                prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+                rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+                if classify_lengths is not None:
+                    rows = [ids[:length] for ids, length in zip(rows, classify_lengths)]
+                prompts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
             flags = self.flags(prompts)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return attention_mask, torch.as_tensor(flags, dtype=torch.bool)
 
-    def forward(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, prompt_length=None, **kwargs):
-        """Logits with flagged rows corrupted; ``prompt_length`` (an int, or one per row, right padding) limits the
-        corruption to the prompt when prompt + answer are scored in one pass."""
-        attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags)
+    def forward(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, prompt_length=None,
+                classify_lengths: Sequence[int] | None = None, **kwargs):
+        """Logits with flagged rows corrupted. The classifier reads ``prompts``, or else the decoded rows (their
+        first ``classify_lengths`` tokens when scoring prompt + answer, so that it sees only the prompt, as in the
+        paper); ``prompt_length`` (an int, or one per row, right padding) keeps the corruption on the prompt."""
+        attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags, classify_lengths)
         if prompt_length is not None:
             lengths = torch.as_tensor(prompt_length, device=attention_mask.device).reshape(-1, 1)
             attention_mask_prompt = attention_mask * (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)

@@ -51,7 +51,10 @@ def token_stats(model, examples: Sequence[dict], pad_token_id: int, batch_size: 
     results = []
     for chunk in batches(list(examples), batch_size, description):
         batch = {k: v.to(device) for k, v in pad_examples(chunk, pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        extra = {}
+        if getattr(model, "classifies_prompts", False) and all("prompt_length" in e for e in chunk):
+            extra["classify_lengths"] = [int(e["prompt_length"]) for e in chunk]  # an ECO model's classifier reads the prompts
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         logits, targets, mask = shift(logits, batch["labels"])
         log_softmax = logits.float().log_softmax(-1)
         chosen = torch.gather(log_softmax, -1, targets.unsqueeze(-1)).squeeze(-1)
