@@ -20,6 +20,11 @@ WEIGHTS = {
     "lora": ("adapter_model.safetensors",),
     "eco": ("classifier.safetensors",),
 }
+# Where an artifact names its base model: (file, read, write).
+BASE_REFERENCES = {
+    "lora": ("adapter_config.json", lambda c: c.get("base_model_name_or_path"), lambda c, v: c.__setitem__("base_model_name_or_path", v)),
+    "eco": ("eco.json", lambda c: c["base_model"]["name_or_path"], lambda c, v: c["base_model"].__setitem__("name_or_path", v)),
+}
 RETRIES = 3
 FIRST_WAIT_S = 1.0
 
@@ -64,15 +69,16 @@ def plan_push(folder: str | Path, repo_id: str, base_model_id: str | None = None
         record["base_model"] = {**record["base_model"], "name_or_path": base_model_id, "local_path": local_base,
                                 **hub_facts(base_model_id)}
         rewritten[RECORD_NAME] = (json.dumps(record, indent=2) + "\n").encode()
-    if kind == "lora":
-        adapter_config = json.loads((folder / "adapter_config.json").read_text())
-        base = base_model_id or adapter_config.get("base_model_name_or_path")
+    if kind in BASE_REFERENCES:  # an adapter or a bundle names its base: it must be a Hub id for others to load it
+        name, read, write = BASE_REFERENCES[kind]
+        content = json.loads((folder / name).read_text())
+        base = base_model_id or read(content)
         if hub_id(base) is None:
-            raise UsageError(f"the adapter's base model is the local path '{base}': pass --base_model_id ORG/NAME, "
-                             "the Hub id it was loaded from, so that the adapter loads for others")
-        if base != adapter_config.get("base_model_name_or_path"):
-            adapter_config["base_model_name_or_path"] = base
-            rewritten["adapter_config.json"] = (json.dumps(adapter_config, indent=2) + "\n").encode()
+            raise UsageError(f"the {kind} artifact's base model is the local path '{base}': pass --base_model_id ORG/NAME, "
+                             "the Hub id it was loaded from, so that it loads for others")
+        if base != read(content):
+            write(content, base)
+            rewritten[name] = (json.dumps(content, indent=2) + "\n").encode()
     card = folder / "README.md"
     if not card.is_file() or is_untouched(card.read_text()):  # an edited card is the user's: it goes as it is
         rewritten["README.md"] = card_text(record, repo_id).encode()

@@ -80,8 +80,7 @@ def test_eco_model_unflagged_bit_identical_flagged_prefill_only(classifier, mode
     eco = ECOModel(model, tokenizer, classifier, CorruptionSpec("rand_noise_first_n", strength=50.0, dims=8),
                    base_model=base_model_record(model, "world-model"))
     forget_q, retain_q = world.rows("forget")[0]["question"], world.rows("retain")[0]["question"]
-    tokenizer.padding_side = "left"
-    batch = tokenizer([forget_q, retain_q], return_tensors="pt", padding=True)
+    batch = tokenizer([forget_q, retain_q], return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         plain = model(**batch).logits
         corrupted = eco(**batch, prompts=[forget_q, retain_q]).logits
@@ -113,7 +112,7 @@ def test_bundle_refuses_another_base_model(classifier, model, tokenizer, tmp_pat
         ECOModel(model, tokenizer, classifier, CorruptionSpec(), embedding_module="model.embeddings")
 
 
-def test_unlearn_method_eco_writes_a_bundle_that_loads_and_forgets(run_cli, world_model_dir, world_reference_dir, world, tokenizer, tmp_path):
+def test_unlearn_method_eco_writes_a_bundle_that_loads_and_forgets(run_cli, hub_token, world_model_dir, world_reference_dir, world, tokenizer, tmp_path):
     import json
 
     import hubunlearn
@@ -161,6 +160,20 @@ def test_unlearn_method_eco_writes_a_bundle_that_loads_and_forgets(run_cli, worl
         summaries[name] = json.loads((tmp_path / f"eval-{name}" / "summary.json").read_text())["sets"]
     assert summaries["eco"]["forget"]["rouge_recall"] < summaries["base"]["forget"]["rouge_recall"] - 0.5
     assert summaries["eco"]["retain"] == summaries["base"]["retain"]
+
+    # published with `hubunlearn push` (the base's Hub id given for the local path), loaded back from the Hub
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("tester/eco-base", exist_ok=True)
+    HfApi().upload_folder(folder_path=str(world_model_dir), repo_id="tester/eco-base", ignore_patterns=["README.md"])
+    code, _, err = run_cli("push", output, "--repo_id", "tester/eco-bundle")
+    assert code == 2 and "pass --base_model_id" in err
+    code, _, err = run_cli("push", output, "--repo_id", "tester/eco-bundle", "--base_model_id", "tester/eco-base")
+    assert code == 0, err
+    from_hub = hubunlearn.load("tester/eco-bundle")
+    assert from_hub.base_model["name_or_path"] == "tester/eco-base"
+    prompts = [r["question"] for r in world.rows("forget") + world.rows("retain")]
+    assert torch.equal(from_hub.flags(prompts), eco.flags(prompts))
 
 
 @pytest.mark.parametrize("extra, message", [
