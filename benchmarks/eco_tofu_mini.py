@@ -12,17 +12,15 @@ table between its markers.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from hubunlearn.benchmarking import benchmark_main, machine, replace_between
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "eco_tofu_mini.json"
@@ -44,7 +42,7 @@ def generation_seconds(model, tokenizer, prompts: list[str]) -> float:
 
 
 def run(data: Path) -> dict:
-    from hubunlearn.data import format_prompt, load_rows
+    from hubunlearn.data import format_prompt
     from hubunlearn.evaluate import EvalConfig, evaluate_sets, load_for_eval, load_sets, summarize
     from hubunlearn.tofu_mini import build_tofu_mini
     from hubunlearn.trainers import ECOConfig, ECOTrainer
@@ -54,8 +52,13 @@ def run(data: Path) -> dict:
     sets = load_sets(config)
     with tempfile.TemporaryDirectory() as folder:
         bundle = Path(folder) / "eco"
+        general = []  # half of the real-author and world-fact questions are the classifier's general negatives
+        for name in ("real_authors", "world_facts"):
+            general.append(Path(folder) / f"{name}.jsonl")
+            general[-1].write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in sets[name][::2]))
         target, tokenizer = load_for_eval(str(mini.target_dir))
         trainer = ECOTrainer(model=target, args=ECOConfig(output_dir=str(bundle), eco_reference=str(mini.reference_dir), seed=0,
+                                                          general_prompts=",".join(map(str, general)),
                                                           use_cpu=not torch.cuda.is_available()),
                              forget_dataset=mini.spec(mini.forget_split), retain_dataset=mini.spec("retain"), processing_class=tokenizer)
         start = time.perf_counter()
@@ -68,6 +71,7 @@ def run(data: Path) -> dict:
         summaries = {name: summarize(stats, config, reference) for name, stats in {**per_model, "reference": reference}.items()}
         questions = {name: [r["question"] for r in rows] for name, rows in sets.items()}
         flagged = {name: float(eco.flags(q).float().mean()) for name, q in questions.items()}
+        flagged.update({f"{name}_unseen": float(eco.flags(questions[name][1::2]).float().mean()) for name in ("real_authors", "world_facts")})
         prompts = [format_prompt(tokenizer, q) for q in questions["retain"][:LATENCY_PROMPTS]]
         times = {"base": [], "eco": []}
         for _ in range(LATENCY_ROUNDS):
@@ -76,8 +80,7 @@ def run(data: Path) -> dict:
         record = json.loads((bundle / "unlearning.json").read_text())["eco"]
     return {
         "schema": SCHEMA,
-        "machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": "cuda" if torch.cuda.is_available() else "cpu", "platform": platform.platform()},
+        "machine": machine(),
         "tofu_mini": {k: mini.info[k] for k in ("settings", "parameter_count")},
         "bundle": {**record, "seconds_to_make": round(making_seconds, 1)},
         "flag_rate": flagged,
@@ -97,8 +100,10 @@ def table(results: dict) -> str:
         f"(threshold {bundle['classifier']['threshold']:.3g}); {bundle['corruption']['name']} on {bundle['corruption']['dims']} "
         f"dims with σ = {bundle['corruption']['strength']:.3g}, tuned to the reference's forget answer probability "
         f"({search['target_forget_probability']:.4f}; reached {search['forget_probability_after']:.4f}). Made in "
-        f"{bundle['seconds_to_make']:.0f} s. Flagged: forget {flags['forget']:.1%}, retain {flags['retain']:.1%}, real authors "
-        f"{flags['real_authors']:.1%}, world facts {flags['world_facts']:.1%}. Generation on unflagged prompts takes "
+        f"{bundle['seconds_to_make']:.0f} s. The classifier's negatives: the retain questions and half of the real-author and "
+        f"world-fact questions. Flagged: forget {flags['forget']:.1%}, retain {flags['retain']:.1%}, real authors "
+        f"{flags['real_authors']:.1%} ({flags['real_authors_unseen']:.1%} of the unseen half), world facts {flags['world_facts']:.1%} "
+        f"({flags['world_facts_unseen']:.1%} unseen). Generation on unflagged prompts takes "
         f"{latency['ratio']:.2f}× the base model's time (median of {latency['rounds']} interleaved rounds, {latency['prompts']} "
         f"retain prompts, {results['machine']['cores']} cores, {results['machine']['device']}).",
         "",
@@ -114,27 +119,11 @@ def table(results: dict) -> str:
 
 
 def write_table(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    replace_between(readme, BEGIN, END, table(results))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="only regenerate the README table from the results JSON")
-    parser.add_argument("--data", type=Path, default=TOFU, help="folder of TOFU's files")
-    args = parser.parse_args()
-    if args.table:
-        results = json.loads(RESULTS.read_text())
-        if results.get("schema") != SCHEMA:
-            sys.exit(f"{RESULTS} has schema {results.get('schema')}, expected {SCHEMA}: run the benchmark again")
-    else:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
-        results = run(args.data)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results)
-
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), write_table, default_data=TOFU)
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,6 @@ measured in the same process.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from hubunlearn.benchmarking import benchmark_main, machine, replace_between
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "methods_world.json"
@@ -66,8 +64,7 @@ def run() -> dict:
     return {
         "schema": SCHEMA,
         "benchmark": "built-in world: 30 people, forget 3 (15 facts), retain 27 (135 facts), 1.06M-parameter Llama",
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                    "platform": platform.platform()},
+        "machine": machine(),
         "before": {split: {k: v for k, v in before[split].items() if k != "answers"} for split in before},
         "runs": runs,
     }
@@ -107,25 +104,11 @@ def table(results: dict) -> str:
 
 
 def write_table(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    replace_between(readme, BEGIN, END, table(results))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="only regenerate the README table from the results JSON")
-    if parser.parse_args().table:
-        results = json.loads(RESULTS.read_text())
-        if results.get("schema") != SCHEMA:
-            sys.exit(f"{RESULTS} has schema {results.get('schema')}, expected {SCHEMA}: run the benchmark again")
-    else:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-        results = run()
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results)
-
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(), write_table)
 
 if __name__ == "__main__":
     main()

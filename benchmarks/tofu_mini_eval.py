@@ -11,16 +11,12 @@ Writes ``benchmarks/results/tofu_mini_eval.json`` and the README's TOFU-mini tab
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import torch
+
+from hubunlearn.benchmarking import benchmark_main, machine, replace_between
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "tofu_mini_eval.json"
@@ -54,8 +50,7 @@ def run(data: Path) -> dict:
     rows = sum(len(r) for r in sets.values())
     return {
         "schema": SCHEMA,
-        "machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": "cuda" if torch.cuda.is_available() else "cpu", "platform": platform.platform()},
+        "machine": machine(),
         "tofu_mini": {k: mini.info.get(k) for k in ("settings", "authors", "rows", "parameter_count", "training_seconds", "training_threads")},
         "build_seconds_this_run": round(build_seconds, 1),
         "eval": {"rows": {name: len(r) for name, r in sets.items()}, "metrics": list(config.metrics),
@@ -90,27 +85,11 @@ def table(results: dict) -> str:
 
 
 def write_table(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    replace_between(readme, BEGIN, END, table(results))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="only regenerate the README table from the results JSON")
-    parser.add_argument("--data", type=Path, default=TOFU, help="folder of TOFU's files")
-    args = parser.parse_args()
-    if args.table:
-        results = json.loads(RESULTS.read_text())
-        if results.get("schema") != SCHEMA:
-            sys.exit(f"{RESULTS} has schema {results.get('schema')}, expected {SCHEMA}: run the benchmark again")
-    else:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-        results = run(args.data)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results)
-
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), write_table, default_data=TOFU)
 
 if __name__ == "__main__":
     main()

@@ -181,6 +181,7 @@ def test_unlearn_method_eco_writes_a_bundle_that_loads_and_forgets(run_cli, hub_
     (["--use_lora"], "ECO does not train the model's weights: drop --use_lora"),
     (["--retain", None], "ECO needs a retain set"),
     (["--embedding_module", "model.nope"], "embedding module 'model.nope' not found"),
+    (["--general_prompts", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
 ])
 def test_eco_bad_input(run_cli, world_model_dir, world, tmp_path, extra, message):
     import json

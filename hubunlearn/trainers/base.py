@@ -437,7 +437,7 @@ class UnlearnTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         context = staging_dir(output_dir) if self.args.should_save else nullcontext(None)
         with context as staging:
-            super().save_model(str(staging) if staging else output_dir, _internal_call=True)
+            self.save_weights(str(staging) if staging else output_dir)
             if staging is not None:
                 record = self.unlearning_record()
                 (staging / "README.md").write_text(card_text(record))
@@ -445,6 +445,10 @@ class UnlearnTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub()
+
+    def save_weights(self, folder: str) -> None:
+        """The artifact's weights (or adapter) and tokenizer, through the Trainer's own saving (every rank calls it)."""
+        super().save_model(folder, _internal_call=True)
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
                     revision: str | None = None, **kwargs):

@@ -9,14 +9,11 @@ model's weights never change; the artifact is an ECO bundle (Liu et al., arXiv 2
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..artifacts import staging_dir, write_record
-from ..cards import card_text
 from ..data import pad_examples
 from ..eco.classifier import PromptClassifier
 from ..eco.corruption import CORRUPTIONS, USES_STRENGTH
@@ -42,6 +39,8 @@ class ECOConfig(UnlearnConfig):
     embedding_module: str | None = field(default=None, metadata={"help": "Path of the token-embedding module (default: the model's input embeddings)."})
     classifier_alpha: float = field(default=0.05, metadata={"help": "Allowed miss rate on forget prompts (split-conformal recall >= 1 - alpha)."})
     classifier_max_fpr: float = field(default=0.01, metadata={"help": "False-positive rate allowed on held-out retain prompts."})
+    general_prompts: str | None = field(default=None, metadata={
+        "help": "Comma-separated data specs of general prompts the classifier must not flag (extra negatives, e.g. other QA sets)."})
     holdout_fraction: float = field(default=0.25, metadata={"help": "Share of forget (and retain) prompts held out to calibrate the classifier."})
     eco_reference: str | None = field(default=None, metadata={"help": "Model trained without the forget set: its forget answer probability is the target."})
     target_probability: float = field(default=0.1, metadata={"help": "Surrogate target forget answer probability when there is no --eco_reference."})
@@ -91,10 +90,22 @@ class ECOTrainer(UnlearnTrainer):
         key = self.args.question_key if self.args.question_key in rows.column_names else self.args.text_key
         return [str(q) for q in rows[key]]
 
+    def _general_questions(self) -> list[str]:
+        from ..data import load_rows
+
+        questions = []
+        for spec in filter(None, (part.strip() for part in (self.args.general_prompts or "").split(","))):
+            rows = load_rows(spec)
+            key = self.args.question_key if self.args.question_key in rows.column_names else self.args.text_key
+            if key not in rows.column_names:
+                raise UsageError(f"--general_prompts {spec} has no '{self.args.question_key}' or '{self.args.text_key}' column")
+            questions += [str(q) for q in rows[key]]
+        return questions
+
     def train(self, *args, **kwargs):
         """Fit and calibrate the classifier, then tune σ; no weight changes."""
         config = self.args
-        forget, retain = self._questions("forget"), self._questions("retain")
+        forget, retain = self._questions("forget"), self._questions("retain") + self._general_questions()
         step = max(2, round(1 / config.holdout_fraction))
         classifier = PromptClassifier().fit([q for i, q in enumerate(forget) if i % step], [q for i, q in enumerate(retain) if i % step], config.seed)
         try:
@@ -163,18 +174,12 @@ class ECOTrainer(UnlearnTrainer):
         return record
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the bundle (classifier, ``eco.json``), the tokenizer, ``unlearning.json`` and the card, atomically."""
         if self.eco_model is None:
             raise UsageError("nothing to save: call train() first")
-        output_dir = output_dir or self.args.output_dir
-        context = staging_dir(output_dir) if self.args.should_save else nullcontext(None)
-        with context as staging:
-            if staging is not None:
-                self.eco_model.save_pretrained(staging)
-                self.processing_class.save_pretrained(staging)
-                record = self.unlearning_record()
-                (staging / "README.md").write_text(card_text(record))
-                write_record(staging, record)
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self.push_to_hub()
+        super().save_model(output_dir, _internal_call)
+
+    def save_weights(self, folder: str) -> None:
+        """The bundle (classifier, ``eco.json``) and the tokenizer; the base model is referenced, not copied."""
+        if self.args.should_save:
+            self.eco_model.save_pretrained(folder)
+            self.processing_class.save_pretrained(folder)

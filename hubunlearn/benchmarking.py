@@ -1,0 +1,53 @@
+"""What the scripts in ``benchmarks/`` share: the machine record, the README tables they own, their command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def machine() -> dict:
+    """Cores, torch threads and version, device: every results file records where it was measured."""
+    import torch
+
+    return {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "platform": platform.platform()}
+
+
+def replace_between(readme: Path, begin: str, end: str, text: str) -> None:
+    """Put ``text`` between the ``begin`` and ``end`` markers of ``readme`` (a generated table, never hand-typed)."""
+    content = readme.read_text()
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def benchmark_main(description: str, results_path: Path, schema: int, run: Callable[[argparse.Namespace], dict],
+                   write_table: Callable[[dict], None], after_run: Callable[[dict], None] | None = None,
+                   default_data: Path | None = None) -> None:
+    """``script.py`` runs the benchmark, saves the JSON and rewrites the README table; ``--table`` only rewrites
+    the table from the committed JSON (refusing one of another schema). Torch uses ``$OMP_NUM_THREADS`` threads
+    (default: 2 at most)."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--table", action="store_true", help="only regenerate the README table from the results JSON")
+    if default_data is not None:
+        parser.add_argument("--data", type=Path, default=default_data, help="folder of TOFU's files")
+    args = parser.parse_args()
+    if args.table:
+        results = json.loads(results_path.read_text())
+        if results.get("schema") != schema:
+            sys.exit(f"{results_path} has schema {results.get('schema')}, expected {schema}: run the benchmark again")
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
+        results = run(args)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        if after_run:
+            after_run(results)
+    write_table(results)
