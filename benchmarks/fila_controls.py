@@ -169,6 +169,14 @@ def plot(results: dict, path: Path = PLOT) -> None:
     plt.close(figure)
 
 
+MILESTONES = (0.5, 0.2, 0.05)  # forget answer probabilities on the way to the target, read off the trajectory
+
+
+def steps_to(trajectory: list[dict], threshold: float) -> int | None:
+    """The first checked step at which the forget answer probability is at or below ``threshold``."""
+    return next((t["step"] for t in trajectory if t["forget_probability"] <= threshold), None)
+
+
 def table(results: dict) -> str:
     fila, calibrated = results["fila"], results["calibrated"]
     settings = fila["settings"]
@@ -176,14 +184,17 @@ def table(results: dict) -> str:
         f"**FILA versus PEFT's default LoRA init** on TOFU-mini forget10 ({results['tofu_mini']['parameter_count'] / 1e6:.1f}M "
         f"parameters): {settings['method'].upper()}, rank {settings['rank']}, lr {settings['learning_rate']:g}, batch "
         f"{settings['batch_size']}, at most {settings['max_steps']} steps; the target is the reference model's forget answer "
-        f"probability ({fila['runs'][0]['target']:.3f}), checked every {settings['check_every']} steps.",
+        f"probability ({fila['runs'][0]['target']:.4f}), checked every {settings['check_every']} steps (original: "
+        f"{fila['runs'][0]['trajectory'][0]['forget_probability']:.3f} after the first {settings['check_every']}).",
         "",
-        "| LoRA init | steps to the forget target | forget prob. at stop | model utility at stop |",
-        "|---|---|---|---|",
+        "| LoRA init | " + " | ".join(f"steps to forget prob. ≤ {t:g}" for t in MILESTONES) + " | steps to the target | forget prob. at stop | model utility at stop |",
+        "|---|" + "---|" * (len(MILESTONES) + 3),
     ]
     for r in fila["runs"]:
-        steps = r["steps_to_target"] if r["steps_to_target"] is not None else f"not reached in {r['steps_run']}"
-        lines.append(f"| {r['init']} | {steps} | {r['forget_probability']:.3f} | {r['model_utility']:.3f} |")
+        reached = [steps_to(r["trajectory"], t) for t in MILESTONES]
+        steps = r["steps_to_target"] if r["steps_to_target"] is not None else f"not in {r['steps_run']}"
+        lines.append(f"| {r['init']} | " + " | ".join(str(s) if s is not None else "–" for s in reached)
+                     + f" | {steps} | {r['forget_probability']:.3f} | {r['model_utility']:.3f} |")
     c = calibrated["settings"]
     lines += [
         "",
