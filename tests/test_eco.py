@@ -27,6 +27,8 @@ def test_corruptions_do_what_they_say():
     assert get_corruption("zero_out_top_k")(e, mask, 0, 2).tolist() == [[[1.0, 0.0, 0.0, 0.5]]]
     assert get_corruption("flip_sign_first_n")(e, mask, 0, 1).tolist() == [[[-1.0, -5.0, 2.0, 0.5]]]
     assert get_corruption("add_value_first_n")(e, mask, 10, 2).tolist() == [[[11.0, 5.0, 2.0, 0.5]]]
+    assert get_corruption("sub_value_top_k")(e, mask, 1, 2).tolist() == [[[0.0, -5.0, 1.0, 0.5]]]
+    assert get_corruption("add_value_least_k")(e, mask, 1, 1).tolist() == [[[1.0, -4.0, 2.0, 0.5]]]
     noisy = get_corruption("rand_noise_first_n")(e, mask, 100.0, 1, torch.Generator().manual_seed(0))
     assert noisy[0, 0, 1:].tolist() == [-5.0, 2.0, 0.5] and abs(noisy[0, 0, 0] - 1.0) > 1.0
     with pytest.raises(UsageError, match="unknown corruption 'blur': choose one of rand_noise_first_n"):

@@ -45,6 +45,35 @@ def rand_noise_top_k(embeddings, mask, strength, dims, generator=None):
     return torch.where(where, embeddings + _noise(embeddings, strength, generator), embeddings)
 
 
+def rand_noise_rand_n(embeddings, mask, strength, dims, generator=None):
+    """Add Gaussian noise N(0, σ²) to n coordinates drawn at random (one draw per call)."""
+    chosen = torch.randperm(embeddings.shape[-1], generator=generator)[: max(1, min(dims, embeddings.shape[-1]))]
+    where = torch.zeros_like(embeddings, dtype=torch.bool)
+    where[..., chosen.to(embeddings.device)] = True
+    where &= mask[..., None]
+    return torch.where(where, embeddings + _noise(embeddings, strength, generator), embeddings)
+
+
+def _smallest_k(embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    indices = embeddings.topk(max(1, min(k, embeddings.shape[-1])), dim=-1, largest=False).indices
+    return torch.zeros_like(embeddings, dtype=torch.bool).scatter_(-1, indices, True)
+
+
+def _largest_k(embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    indices = embeddings.topk(max(1, min(k, embeddings.shape[-1])), dim=-1).indices
+    return torch.zeros_like(embeddings, dtype=torch.bool).scatter_(-1, indices, True)
+
+
+def sub_value_top_k(embeddings, mask, strength, dims, generator=None):
+    """Subtract σ from the k largest (signed) coordinates."""
+    return torch.where(_largest_k(embeddings, dims) & mask[..., None], embeddings - strength, embeddings)
+
+
+def add_value_least_k(embeddings, mask, strength, dims, generator=None):
+    """Add σ to the k smallest (signed) coordinates."""
+    return torch.where(_smallest_k(embeddings, dims) & mask[..., None], embeddings + strength, embeddings)
+
+
 def zero_out_first_n(embeddings, mask, strength, dims, generator=None):
     """Set the first n coordinates to zero (σ unused)."""
     return embeddings.masked_fill(_first_n(embeddings, dims) & mask[..., None], 0)
@@ -95,9 +124,10 @@ def shuffle(embeddings, mask, strength, dims, generator=None):
 
 
 CORRUPTIONS: dict[str, Callable] = {f.__name__: f for f in (
-    rand_noise_first_n, rand_noise_top_k, zero_out_first_n, zero_out_top_k, flip_sign_first_n, flip_sign_top_k,
-    sub_value_first_n, add_value_first_n, reverse_order, shuffle)}
-USES_STRENGTH = {"rand_noise_first_n", "rand_noise_top_k", "sub_value_first_n", "add_value_first_n"}
+    rand_noise_first_n, rand_noise_rand_n, rand_noise_top_k, zero_out_first_n, zero_out_top_k, flip_sign_first_n,
+    flip_sign_top_k, sub_value_first_n, add_value_first_n, sub_value_top_k, add_value_least_k, reverse_order, shuffle)}
+USES_STRENGTH = {"rand_noise_first_n", "rand_noise_rand_n", "rand_noise_top_k", "sub_value_first_n", "add_value_first_n",
+                 "sub_value_top_k", "add_value_least_k"}
 
 
 def get_corruption(name: str) -> Callable:

@@ -74,7 +74,7 @@ class UnlearnConfig(TrainingArguments):
         "help": "Unlearning with Control (Wang et al., arXiv 2406.09179): after training, mix with the original to the "
                 "largest alpha whose retain metric is at least this share (0 < tau <= 1) of the original's."})
     utility_metric: str = field(default="extraction_strength", metadata={
-        "help": "Retain metric of --utility_budget: 'extraction_strength' or 'probability'.", "choices": ["extraction_strength", "probability"]})
+        "help": "Retain metric of --utility_budget: 'extraction_strength' or 'probability'.", "choices": list(UTILITY_METRICS)})
     utility_probe_size: int = field(default=32, metadata={"help": "Retain examples the --utility_budget metric is measured on."})
     budget_check_steps: int = field(default=0, metadata={
         "help": "With --utility_budget: check the retain probe every N steps; stop, and restore the last state within "
@@ -296,19 +296,20 @@ class UnlearnTrainer(Trainer):
             return self.probe()
 
         alpha, curve = calibrate(measure, self._probe_original, self.args.utility_budget)
+        value = dict(curve).get(alpha)  # calibrate measures every alpha it can return
         mixer.set_alpha(alpha)
         mixer.bake()
         self._original_state = None
         stopping = getattr(self, "_early_stopping", None)
         self.record_extras["calibration"] = {
             "tau": self.args.utility_budget, "metric": f"retain {self.args.utility_metric}", "probe_size": len(self._probe_examples[: self.args.utility_probe_size]),
-            "original": self._probe_original, "alpha": alpha, "value": dict(curve)[alpha] if alpha in dict(curve) else None,
+            "original": self._probe_original, "alpha": alpha, "value": value,
             "curve": [{"alpha": a, "value": v} for a, v in curve],
             **({"early_stopping": {"every": self.args.budget_check_steps, "stopped_at_step": stopping.stopped_at,
                                    "checks": stopping.history}} if stopping else {}),
         }
         logger.info("utility budget %.2f: alpha = %.4g (retain %s %.4g -> %.4g)", self.args.utility_budget, alpha,
-                    self.args.utility_metric, self._probe_original, dict(curve).get(alpha, float("nan")))
+                    self.args.utility_metric, self._probe_original, value)
 
     # ---- data -------------------------------------------------------------------------------------------------
 
