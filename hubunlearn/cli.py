@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": "Measure what a model forgot and what it cost: TOFU metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
     "bench": "Benchmarks: `bench build-tofu` trains TOFU-mini, a tiny TOFU target model and its retain-only reference.",
+    "space": "Show the original and the unlearned model side by side in a Gradio app, locally or as a Hub Space.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
 }
 
@@ -138,6 +139,31 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _space(argv: list[str]) -> int:
+    from .space import check_artifact
+
+    parser = _Parser(prog="hubunlearn space", description=COMMANDS["space"])
+    parser.add_argument("--unlearned", required=True, help="The unlearned artifact: a folder or a Hub repo id.")
+    parser.add_argument("--original", help="The original model (default: the base model named in unlearning.json).")
+    parser.add_argument("--port", type=int, default=7860, help="Local port (default 7860).")
+    parser.add_argument("--deploy", metavar="ORG/NAME", help="Create or update this Hub Space instead of running locally.")
+    parser.add_argument("--hardware", default="cpu-basic", help="Suggested Space hardware (e.g. cpu-basic, t4-small, zero-a10g).")
+    parser.add_argument("--private", action="store_true", help="Create the Space as private.")
+    args = parser.parse_args(argv)
+    check_artifact(args.unlearned)
+    if args.deploy:
+        from .space import deploy
+
+        print(f"hubunlearn: deployed the Space {args.deploy}: {deploy(args.unlearned, args.deploy, args.original, args.hardware, args.private)}")
+        return 0
+    from .space import SideBySide, build_demo
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535; got {args.port}")
+    build_demo(SideBySide.load(args.unlearned, args.original)).launch(server_port=args.port)
+    return 0
+
+
 def _quickstart(argv: list[str]) -> int:
     from .quickstart import format_report, run_quickstart
 
@@ -174,7 +200,7 @@ def _show_warnings() -> None:
         logger.setLevel(logging.INFO)
 
 
-HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "quickstart": _quickstart}
+HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "space": _space, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

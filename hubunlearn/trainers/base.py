@@ -76,6 +76,8 @@ class UnlearnConfig(TrainingArguments):
     utility_metric: str = field(default="extraction_strength", metadata={
         "help": "Retain metric of --utility_budget: 'extraction_strength' or 'probability'.", "choices": list(UTILITY_METRICS)})
     utility_probe_size: int = field(default=32, metadata={"help": "Retain examples the --utility_budget metric is measured on."})
+    record_examples: int = field(default=3, metadata={
+        "help": "Questions (never answers) of each set recorded in unlearning.json as demo prompts for the Space (0: none)."})
     budget_check_steps: int = field(default=0, metadata={
         "help": "With --utility_budget: check the retain probe every N steps; stop, and restore the last state within "
                 "budget, when it is crossed (0: off)."})
@@ -425,10 +427,17 @@ class UnlearnTrainer(Trainer):
                 "cpu_count": os.cpu_count(),
             },
             "metrics": self.unlearning_metrics,
+            "examples": self._examples(),
             "versions": library_versions(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **self.record_extras,
         }
+
+    def _examples(self) -> dict[str, list[str]]:
+        """The first ``record_examples`` questions of each set: demo prompts (the Space shows them)."""
+        key = self.args.question_key
+        return {name: [str(q) for q in rows[key][: self.args.record_examples]]
+                for name, (_, rows) in self.data_sources.items() if key in rows.column_names and self.args.record_examples}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the artifact (weights or adapter, tokenizer, ``unlearning.json``, ``README.md``) atomically."""

@@ -1,0 +1,211 @@
+"""The side-by-side demo: the same prompt to the original and the unlearned model (a Gradio Blocks app).
+
+One model in memory where possible: an adapter is switched off for the original's answer, an ECO bundle's base
+model answers unguarded for the original; only a full checkpoint needs two models. Prompt length, new tokens
+and concurrency are capped; errors reach the page as messages, never as stack traces.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import RECORD_NAME, read_record
+from .errors import UsageError
+
+MAX_PROMPT_CHARS = 1000
+MAX_NEW_TOKENS = 256
+CONCURRENCY = 2
+
+
+@dataclass
+class SideBySide:
+    """What the app compares: the unlearned artifact and its original, loaded once."""
+
+    record: dict
+    tokenizer: Any
+    unlearned: Any
+    original: Any | None  # None: the unlearned model itself, with its adapter off or its ECO guard bypassed
+    kind: str
+
+    @classmethod
+    def load(cls, unlearned: str, original: str | None = None) -> "SideBySide":
+        from .hub import load
+        from .modeling import load_model, load_tokenizer
+
+        folder = Path(unlearned)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(unlearned, allow_patterns=[RECORD_NAME, "README.md"]))
+        record = read_record(folder)
+        kind = record["artifact"]
+        model = load(unlearned)
+        tokenizer = load_tokenizer(unlearned)  # every artifact folder carries its tokenizer
+        base = original or record["base_model"]["name_or_path"]
+        other = None
+        if kind == "full" or original:
+            other = load_model(base).eval()
+        return cls(record, tokenizer, model.eval(), other, kind)
+
+    def _original_context(self):
+        if self.original is None and self.kind == "lora":
+            return self.unlearned.disable_adapter()
+        return nullcontext()
+
+    def flag(self, prompt: str) -> tuple[bool, float] | None:
+        """For an ECO bundle: whether its classifier flags the prompt, and the score."""
+        if self.kind != "eco":
+            return None
+        score = float(self.unlearned.classifier.scores([prompt])[0])
+        return score >= self.unlearned.classifier.threshold, score
+
+    def stream(self, which: str, prompt: str, max_new_tokens: int, temperature: float):
+        """Yield the growing answer of ``which`` ("original" or "unlearned")."""
+        from transformers import TextIteratorStreamer
+
+        from .data import format_prompt
+
+        text = format_prompt(self.tokenizer, prompt)
+        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if temperature > 0:
+            settings["temperature"] = temperature
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if which == "original":
+            model = self.original or (self.unlearned.model if self.kind == "eco" else self.unlearned)
+            context = self._original_context()
+            extra = {}
+        else:
+            model, context = self.unlearned, nullcontext()
+            extra = {"prompts": [prompt]} if self.kind == "eco" else {}
+        errors = []
+
+        def run():
+            try:
+                with context, torch.no_grad():
+                    model.generate(**inputs, streamer=streamer, **settings, **extra)
+            except Exception as error:  # shown on the page; the worker must not die silently
+                errors.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        answer = ""
+        for piece in streamer:
+            answer += piece
+            yield answer
+        worker.join()
+        if errors:
+            raise RuntimeError(f"generation failed: {errors[0]}")
+
+
+def examples(record: dict) -> list[str]:
+    recorded = record.get("examples") or {}
+    return [q for name in ("forget", "retain") for q in recorded.get(name, [])]
+
+
+def build_demo(models: SideBySide, gpu=None):
+    """The Blocks app: prompt, two streamed answers, settings, the ECO flag, and the card's metrics table.
+    ``gpu``: a decorator for the generation function (``spaces.GPU`` on ZeroGPU hardware)."""
+    import gradio as gr
+
+    from .cards import metrics_table
+
+    def generate(prompt: str, max_new_tokens: float, temperature: float):
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise gr.Error("Type a prompt first.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise gr.Error(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+        tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
+        flag = models.flag(prompt)
+        flag_text = "" if flag is None else f"ECO classifier: {'flagged' if flag[0] else 'not flagged'} (score {flag[1]:.3f})"
+        original = unlearned = ""
+        try:
+            for original in models.stream("original", prompt, tokens, temperature):
+                yield original, unlearned, flag_text
+            for unlearned in models.stream("unlearned", prompt, tokens, temperature):
+                yield original, unlearned, flag_text
+        except RuntimeError as error:
+            raise gr.Error(str(error)) from None
+
+    if gpu is not None:
+        generate = gpu(generate)
+    title = f"{models.record['method']} unlearning of {models.record['base_model']['name_or_path']}"
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\nThe same prompt to the original model and to the unlearned one ({models.kind} artifact).")
+        prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)")
+        button = gr.Button("Ask both", variant="primary", elem_id="ask")
+        with gr.Row():
+            original = gr.Textbox(label="Original", lines=6, elem_id="original")
+            unlearned = gr.Textbox(label="Unlearned", lines=6, elem_id="unlearned")
+        flag = gr.Markdown(elem_id="flag")
+        if examples(models.record):
+            gr.Examples(examples(models.record), inputs=prompt)
+        with gr.Accordion("Before / after metrics (from the model card)", open=False):
+            gr.Markdown(metrics_table(models.record))
+        button.click(generate, [prompt, max_new_tokens, temperature], [original, unlearned, flag], api_name="generate",
+                     concurrency_limit=CONCURRENCY)
+        prompt.submit(generate, [prompt, max_new_tokens, temperature], [original, unlearned, flag], api_name=False,
+                      concurrency_limit=CONCURRENCY)
+    return demo.queue(max_size=32, default_concurrency_limit=CONCURRENCY)
+
+
+APP_TEMPLATE = "app.py"
+REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "scikit-learn", "jinja2", "pyyaml", "tqdm")
+
+
+def space_files(unlearned: str, original: str | None, record: dict, hardware: str) -> dict[str, bytes]:
+    """The Space repository: ``app.py``, ``requirements.txt``, a README whose metadata declares the Gradio SDK,
+    the app file, the models and the hardware, and the ``hubunlearn`` package the app imports."""
+    import gradio
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    from .resources import PACKAGE, resource_dir
+
+    template = (resource_dir("spaces", "spaces") / APP_TEMPLATE).read_text()
+    app = template.replace("{unlearned}", unlearned).replace("{original}", original or "")
+    models = [unlearned, original or record["base_model"]["name_or_path"]]
+    data = SpaceCardData(title=f"{record['method']} unlearning", sdk="gradio", sdk_version=gradio.__version__, app_file="app.py",
+                         models=models, suggested_hardware=hardware, tags=["unlearning", "hubunlearn"], license=record["base_model"].get("license"))
+    card = SpaceCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n# {{ title }}\n\n{{ body }}\n",
+                                   title=f"{record['method']} unlearning: original and unlearned side by side",
+                                   body=f"Compares `{models[1]}` with the unlearned `{unlearned}` on the same prompts. Made with hubunlearn.")
+    files = {"app.py": app.encode(), "README.md": str(card).encode(),
+             "requirements.txt": ("\n".join([f"gradio=={gradio.__version__}", *REQUIREMENTS]) + "\n").encode()}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        files[f"hubunlearn/{path.relative_to(PACKAGE)}"] = path.read_bytes()
+    for path in sorted(resource_dir("model_cards", "model_cards").glob("*.md")):
+        files[f"hubunlearn/model_cards/{path.name}"] = path.read_bytes()
+    return files
+
+
+def deploy(unlearned: str, space_id: str, original: str | None = None, hardware: str = "cpu-basic", private: bool = False,
+           token: str | None = None) -> str:
+    """Create (or update) the Space ``space_id`` in one commit; returns its URL. ``unlearned`` must be on the Hub."""
+    from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+
+    if Path(unlearned).exists() or unlearned.count("/") != 1:
+        raise UsageError(f"a Space loads models from the Hub: push {unlearned} first (hubunlearn push FOLDER --repo_id ORG/NAME) "
+                         "and pass its repo id to --unlearned")
+    record = json.loads(Path(hf_hub_download(unlearned, RECORD_NAME, token=token)).read_text())
+    api = HfApi(token=token)
+    api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    operations = [CommitOperationAdd(name, content) for name, content in space_files(unlearned, original, record, hardware).items()]
+    info = api.create_commit(space_id, operations, commit_message="Side-by-side demo made with hubunlearn", repo_type="space")
+    return info.commit_url
+
+
+def check_artifact(unlearned: str) -> None:
+    if not Path(unlearned).exists() and unlearned.count("/") != 1:
+        raise UsageError(f"--unlearned {unlearned} is neither an artifact folder nor a Hub repo id (ORG/NAME)")

@@ -1,0 +1,164 @@
+"""The side-by-side Space: its API through gradio_client, a real browser, and a deployment to the loopback Hub."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from hubunlearn.trainers import ECOConfig, ECOTrainer, GradDiffTrainer
+
+from .test_trainers import config
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lora_artifact(world_model_dir, world, tmp_path_factory):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = tmp_path_factory.mktemp("space") / "graddiff-lora"
+    trainer = GradDiffTrainer(model=AutoModelForCausalLM.from_pretrained(world_model_dir), args=config(GradDiffTrainer, output, learning_rate=1e-2),
+                              forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"),
+                              processing_class=AutoTokenizer.from_pretrained(world_model_dir),
+                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.train()
+    trainer.save_model()
+    return output
+
+
+@pytest.fixture(scope="module")
+def eco_artifact(world_model_dir, world, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = tmp_path_factory.mktemp("space") / "eco"
+    trainer = ECOTrainer(model=AutoModelForCausalLM.from_pretrained(world_model_dir),
+                         args=ECOConfig(output_dir=str(output), classifier_alpha=0.25, target_probability=0.05, use_cpu=True),
+                         forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"),
+                         processing_class=AutoTokenizer.from_pretrained(world_model_dir))
+    trainer.train()
+    trainer.save_model()
+    return output
+
+
+@pytest.fixture()
+def serve():
+    """``serve(artifact) -> url`` of the app running in this process; closed after the test."""
+    from hubunlearn.space import SideBySide, build_demo
+
+    demos = []
+
+    def start(artifact):
+        demo = build_demo(SideBySide.load(str(artifact)))
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        demos.append(demo)
+        return f"http://127.0.0.1:{port}/"
+
+    yield start
+    for demo in demos:
+        demo.close()
+
+
+def test_api_forget_prompt_answers_differ_and_limits_hold(serve, lora_artifact, world):
+    from gradio_client import Client
+
+    record = json.loads((lora_artifact / "unlearning.json").read_text())
+    assert record["examples"]["forget"] == [r["question"] for r in world.rows("forget")[:3]]  # demo prompts, no answers
+    client = Client(serve(lora_artifact), verbose=False)
+    fact = world.rows("forget")[0]
+    original, unlearned, flag = client.predict(fact["question"], 24, 0.0, api_name="/generate")
+    assert fact["answer"].split()[-1].strip(".") in original  # the original still knows
+    assert original != unlearned and flag == ""
+    with pytest.raises(Exception, match="the limit is 1000"):
+        client.predict("x" * 1001, 8, 0.0, api_name="/generate")
+    with pytest.raises(Exception, match="Type a prompt first"):
+        client.predict("   ", 8, 0.0, api_name="/generate")
+
+
+def test_eco_bundle_unflagged_prompt_gives_identical_answers(serve, eco_artifact, world):
+    from gradio_client import Client
+
+    client = Client(serve(eco_artifact), verbose=False)
+    original, unlearned, flag = client.predict(world.rows("retain")[0]["question"], 16, 0.0, api_name="/generate")
+    assert original == unlearned and "not flagged" in flag
+    original, unlearned, flag = client.predict(world.rows("forget")[0]["question"], 16, 0.0, api_name="/generate")
+    assert "ECO classifier: flagged" in flag and original != unlearned
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_submits_a_prompt_and_reads_both_answers(serve, lora_artifact, world, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url = serve(lora_artifact)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#prompt textarea").fill(world.rows("forget")[0]["question"])
+        page.locator("#ask").click()
+        page.wait_for_function("document.querySelector('#unlearned textarea').value.length > 0", timeout=60_000)
+        page.wait_for_timeout(1000)
+        answers = [page.locator(f"#{name} textarea").input_value() for name in ("original", "unlearned")]
+        page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
+        browser.close()
+    assert all(answers) and answers[0] != answers[1]
+    assert (tmp_path / "space.png").stat().st_size > 10_000
+
+
+def test_deploy_pushes_a_space_that_starts_from_a_clean_download(run_cli, hub_token, lora_artifact, world_model_dir, tmp_path):
+    from huggingface_hub import HfApi, SpaceCard, snapshot_download
+
+    api = HfApi()
+    api.create_repo("tester/space-base", exist_ok=True)
+    api.upload_folder(folder_path=str(world_model_dir), repo_id="tester/space-base", ignore_patterns=["README.md"])
+    code, _, err = run_cli("push", lora_artifact, "--repo_id", "tester/space-adapter", "--base_model_id", "tester/space-base")
+    assert code == 0, err
+    code, _, err = run_cli("space", "--unlearned", lora_artifact, "--deploy", "tester/side-by-side")
+    assert code == 2 and "push" in err and "first" in err  # a Space cannot read a local folder
+    code, out, err = run_cli("space", "--unlearned", "tester/space-adapter", "--deploy", "tester/side-by-side", "--hardware", "zero-a10g")
+    assert code == 0, err
+
+    card = SpaceCard.load("tester/side-by-side", repo_type="space")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.sdk_version
+    assert card.data.models == ["tester/space-adapter", "tester/space-base"] and card.data.suggested_hardware == "zero-a10g"
+    folder = snapshot_download("tester/side-by-side", repo_type="space", local_dir=tmp_path / "space")
+    assert (tmp_path / "space" / "hubunlearn" / "space.py").is_file() and "gradio==" in (tmp_path / "space" / "requirements.txt").read_text()
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert process.poll() is None, process.stdout.read().decode()[-3000:]
+                time.sleep(1)
+        else:
+            pytest.fail("the Space's app.py did not start serving")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--unlearned", "not a repo"], "neither an artifact folder nor a Hub repo id"),
+    (["--unlearned", "{artifact}", "--port", "0"], "--port must be between 1 and 65535"),
+])
+def test_space_bad_input(run_cli, lora_artifact, argv, message):
+    code, _, err = run_cli("space", *[a.format(artifact=lora_artifact) for a in argv])
+    assert code == 2 and message in err, err
