@@ -33,6 +33,7 @@ class SideBySide:
     unlearned: Any
     original: Any | None  # None: the unlearned model itself, with its adapter off or its ECO guard bypassed
     kind: str
+    plots: list[Path]
 
     @classmethod
     def load(cls, unlearned: str, original: str | None = None) -> "SideBySide":
@@ -43,7 +44,7 @@ class SideBySide:
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(unlearned, allow_patterns=[RECORD_NAME, "README.md"]))
+            folder = Path(snapshot_download(unlearned, allow_patterns=[RECORD_NAME, "README.md", "*.png"]))
         record = read_record(folder)
         kind = record["artifact"]
         model = load(unlearned)
@@ -52,7 +53,8 @@ class SideBySide:
         other = None
         if kind == "full" or original:
             other = load_model(base).eval()
-        return cls(record, tokenizer, model.eval(), other, kind)
+        plots = [folder / name for name in record.get("plots") or [] if (folder / name).is_file()]
+        return cls(record, tokenizer, model.eval(), other, kind, plots)
 
     def _original_context(self):
         if self.original is None and self.kind == "lora":
@@ -154,6 +156,8 @@ def build_demo(models: SideBySide, gpu=None):
             gr.Examples(examples(models.record), inputs=prompt)
         with gr.Accordion("Before / after metrics (from the model card)", open=False):
             gr.Markdown(metrics_table(models.record))
+            for plot in models.plots:
+                gr.Image(str(plot), show_label=False)
         button.click(generate, [prompt, max_new_tokens, temperature], [original, unlearned, flag], api_name="generate",
                      concurrency_limit=CONCURRENCY)
         prompt.submit(generate, [prompt, max_new_tokens, temperature], [original, unlearned, flag], api_name=False,
