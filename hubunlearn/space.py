@@ -76,7 +76,8 @@ class SideBySide:
 
         text = format_prompt(self.tokenizer, prompt)
         inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
-        settings = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad)
         if temperature > 0:
             settings["temperature"] = temperature
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -85,27 +85,24 @@ class ECOTrainer(UnlearnTrainer):
     def artifact_kind(self) -> str:
         return "eco"
 
-    def _questions(self, name: str) -> list[str]:
-        rows = self.data_sources[name][1]
-        key = self.args.question_key if self.args.question_key in rows.column_names else self.args.text_key
-        return [str(q) for q in rows[key]]
+    def _prompts(self, rows, source: str) -> list[str]:
+        """The prompts of ``rows``: the question column (or the text column of raw-text rows)."""
+        for key in (self.args.question_key, self.args.text_key):
+            if key in rows.column_names:
+                return [str(q) for q in rows[key]]
+        raise UsageError(f"{source} has no '{self.args.question_key}' or '{self.args.text_key}' column")
 
-    def _general_questions(self) -> list[str]:
+    def _general_prompts(self) -> list[str]:
         from ..data import load_rows
 
-        questions = []
-        for spec in filter(None, (part.strip() for part in (self.args.general_prompts or "").split(","))):
-            rows = load_rows(spec)
-            key = self.args.question_key if self.args.question_key in rows.column_names else self.args.text_key
-            if key not in rows.column_names:
-                raise UsageError(f"--general_prompts {spec} has no '{self.args.question_key}' or '{self.args.text_key}' column")
-            questions += [str(q) for q in rows[key]]
-        return questions
+        specs = [part.strip() for part in (self.args.general_prompts or "").split(",") if part.strip()]
+        return [prompt for spec in specs for prompt in self._prompts(load_rows(spec), f"--general_prompts {spec}")]
 
     def train(self, *args, **kwargs):
         """Fit and calibrate the classifier, then tune σ; no weight changes."""
         config = self.args
-        forget, retain = self._questions("forget"), self._questions("retain") + self._general_questions()
+        forget = self._prompts(self.data_sources["forget"][1], "the forget set")
+        retain = self._prompts(self.data_sources["retain"][1], "the retain set") + self._general_prompts()
         step = max(2, round(1 / config.holdout_fraction))
         classifier = PromptClassifier().fit([q for i, q in enumerate(forget) if i % step], [q for i, q in enumerate(retain) if i % step], config.seed)
         try:
@@ -117,7 +114,8 @@ class ECOTrainer(UnlearnTrainer):
         spec = CorruptionSpec(config.corruption, config.initial_strength, dims, config.token_selection, config.seed)
         self.eco_model = ECOModel(model, self.processing_class, classifier, spec, config.embedding_module,
                                   base_model_record(model, self.base_model_id, (self.base_model_facts or {}).get("revision")))
-        flags = {"forget": classifier.flags(forget), "retain": classifier.flags(retain)}
+        flags = {"forget": classifier.flags(forget), "retain": classifier.flags(retain),
+                 "held_out_forget": classifier.flags(forget[::step]), "held_out_negatives": classifier.flags(retain[::step])}
         tuning = [self.pairs.forget[i] for i in range(0, len(self.pairs.forget), max(1, len(self.pairs.forget) // config.tuning_examples))]
         target = self._reference_target(tuning) if config.eco_reference else config.target_probability
         original = self._forget_probability(tuning, strength=None)
@@ -129,7 +127,9 @@ class ECOTrainer(UnlearnTrainer):
         achieved = self._forget_probability(tuning, spec.strength)
         self.record_extras["eco"] = {
             "classifier": {"kind": "char-ngram-logistic", "threshold": classifier.threshold, "alpha": config.classifier_alpha,
-                           "forget_recall": float(flags["forget"].mean()), "retain_false_positive_rate": float(flags["retain"].mean())},
+                           "forget_recall": float(flags["forget"].mean()), "retain_false_positive_rate": float(flags["retain"].mean()),
+                           "held_out_forget_recall": float(flags["held_out_forget"].mean()),
+                           "held_out_false_positive_rate": float(flags["held_out_negatives"].mean())},
             "corruption": {"name": spec.name, "strength": spec.strength, "dims": spec.dims, "tokens": spec.tokens},
             "strength_search": {"target_forget_probability": target, "target_from": config.eco_reference or "surrogate",
                                 "forget_probability_before": original, "forget_probability_after": achieved, "trajectory": trajectory},
