@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS = {
     "full": ("model.safetensors", "model.safetensors.index.json"),
     "lora": ("adapter_model.safetensors",),
-    "eco": ("classifier.safetensors",),
+    "eco": ("classifier.safetensors", "classifier/model.safetensors"),
 }
 # Where an artifact names its base model: (file, read, write).
 BASE_REFERENCES = {

@@ -201,3 +201,29 @@ def test_eco_bad_input(run_cli, world_model_dir, world, tmp_path, extra, message
     code, _, err = run_cli("unlearn", *args)
     assert code == 2 and message in err.strip().splitlines()[-1], err
     assert not (tmp_path / "never").exists()
+
+
+def test_classifier_model_fine_tunes_a_sequence_classifier_into_the_bundle(world_model_dir, world, tmp_path):
+    """`--classifier_model`: any AutoModelForSequenceClassification (here the tiny world Llama with a new head)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hubunlearn.trainers import ECOConfig, ECOTrainer
+
+    output = tmp_path / "eco-transformer"
+    trainer = ECOTrainer(model=AutoModelForCausalLM.from_pretrained(world_model_dir),
+                         args=ECOConfig(output_dir=str(output), classifier_model=str(world_model_dir), classifier_alpha=0.25,
+                                        target_probability=0.05, use_cpu=True),
+                         forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"),
+                         processing_class=AutoTokenizer.from_pretrained(world_model_dir))
+    trainer.train()
+    trainer.save_model()
+    assert (output / "classifier" / "model.safetensors").is_file() and not list(output.rglob("*.bin"))
+    loaded = ECOModel.from_pretrained(output)
+    forget = [r["question"] for r in world.rows("forget")]
+    retain = [r["question"] for r in world.rows("retain")]
+    assert loaded.flags(forget).float().mean() >= 0.8 and loaded.flags(retain).float().mean() <= 0.1
+    assert torch.equal(loaded.flags(forget + retain), trainer.eco_model.flags(forget + retain))
+    with pytest.raises(UsageError, match="--classifier_model /no/such/model could not be loaded"):
+        from hubunlearn.eco.transformer_classifier import TransformerPromptClassifier
+
+        TransformerPromptClassifier.from_model("/no/such/model")

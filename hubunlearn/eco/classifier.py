@@ -50,7 +50,43 @@ def augment(prompts: Sequence[str], seed: int = 0) -> list[str]:
     return [v for p in prompts for v in variants(p, rng)]
 
 
-class PromptClassifier:
+class ThresholdClassifier:
+    """What every prompt classifier shares: ``scores`` (p(forget)) compared with a calibrated ``threshold``."""
+
+    threshold: float = 0.5
+
+    def scores(self, prompts: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def flags(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.scores(prompts) >= self.threshold
+
+    def calibrate(self, forget_prompts: Sequence[str], alpha: float, negative_prompts: Sequence[str] = (), max_fpr: float = 0.01,
+                  seed: int = 0) -> float:
+        """The threshold, from held-out prompts and their variants (casing, typos).
+
+        Split conformal on ``forget_prompts`` gives a threshold with recall ``>= 1 - α`` on prompts exchangeable
+        with them (needs ``n >= 1/α - 1``). With held-out ``negative_prompts`` the threshold goes further down, as
+        far as keeping their false-positive rate ``<= max_fpr``: lower only flags more, so the recall guarantee
+        stands, and prompts unlike the held-out forget ones (rephrasings) are caught more often.
+        """
+        if not 0 < alpha < 1:
+            raise UsageError(f"the classifier's miss rate alpha must be in (0, 1); got {alpha}")
+        nonconformity = np.sort(1 - self.scores(augment(forget_prompts, seed + 2)))
+        n = len(nonconformity)
+        rank = math.ceil((n + 1) * (1 - alpha))
+        if rank > n:
+            raise UsageError(f"{len(forget_prompts)} held-out forget prompts are too few for recall >= {1 - alpha:g}: "
+                             f"give more, or a larger alpha")
+        self.threshold = float(1 - nonconformity[rank - 1])
+        if len(negative_prompts):
+            negatives = np.sort(self.scores(augment(negative_prompts, seed + 3)))[::-1]
+            allowed = math.floor(max_fpr * len(negatives))  # this many negatives may score at or above the threshold
+            self.threshold = min(self.threshold, float(np.nextafter(negatives[allowed], 1)) if allowed < len(negatives) else 0.0)
+        return self.threshold
+
+
+class PromptClassifier(ThresholdClassifier):
     """``p(forget | prompt)`` from hashed character n-grams; ``flags`` compares it with the calibrated threshold."""
 
     def __init__(self, settings: ClassifierSettings | None = None, coef: np.ndarray | None = None, intercept: float = 0.0,
@@ -96,33 +132,6 @@ class PromptClassifier:
             start += len(ws)
         return out
 
-    def flags(self, prompts: Sequence[str]) -> np.ndarray:
-        return self.scores(prompts) >= self.threshold
-
-    def calibrate(self, forget_prompts: Sequence[str], alpha: float, negative_prompts: Sequence[str] = (), max_fpr: float = 0.01,
-                  seed: int = 0) -> float:
-        """The threshold, from held-out prompts and their variants (casing, typos).
-
-        Split conformal on ``forget_prompts`` gives a threshold with recall ``>= 1 - α`` on prompts exchangeable
-        with them (needs ``n >= 1/α - 1``). With held-out ``negative_prompts`` the threshold goes further down, as
-        far as keeping their false-positive rate ``<= max_fpr``: lower only flags more, so the recall guarantee
-        stands, and prompts unlike the held-out forget ones (rephrasings) are caught more often.
-        """
-        if not 0 < alpha < 1:
-            raise UsageError(f"the classifier's miss rate alpha must be in (0, 1); got {alpha}")
-        nonconformity = np.sort(1 - self.scores(augment(forget_prompts, seed + 2)))
-        n = len(nonconformity)
-        rank = math.ceil((n + 1) * (1 - alpha))
-        if rank > n:
-            raise UsageError(f"{len(forget_prompts)} held-out forget prompts are too few for recall >= {1 - alpha:g}: "
-                             f"give more, or a larger alpha")
-        self.threshold = float(1 - nonconformity[rank - 1])
-        if len(negative_prompts):
-            negatives = np.sort(self.scores(augment(negative_prompts, seed + 3)))[::-1]
-            allowed = math.floor(max_fpr * len(negatives))  # this many negatives may score at or above the threshold
-            self.threshold = min(self.threshold, float(np.nextafter(negatives[allowed], 1)) if allowed < len(negatives) else 0.0)
-        return self.threshold
-
     def save(self, folder: str | Path) -> None:
         import torch
         from safetensors.torch import save_file
@@ -140,3 +149,13 @@ class PromptClassifier:
         config = json.loads((folder / CONFIG_NAME).read_text())
         return cls(ClassifierSettings(**config["settings"]), load_file(str(folder / WEIGHTS_NAME))["coef"],
                    config["intercept"], config["threshold"])
+
+
+def load_classifier(folder: str | Path) -> ThresholdClassifier:
+    """The classifier saved in ``folder``, of whichever kind its ``classifier.json`` names."""
+    kind = json.loads((Path(folder) / CONFIG_NAME).read_text()).get("kind")
+    if kind == "transformer":
+        from .transformer_classifier import TransformerPromptClassifier
+
+        return TransformerPromptClassifier.load(folder)
+    return PromptClassifier.load(folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .classifier import PromptClassifier
+from .classifier import ThresholdClassifier, load_classifier
 from .corruption import get_corruption
 
 BUNDLE_NAME = "eco.json"
@@ -64,7 +64,7 @@ def selected_positions(attention_mask: torch.Tensor, flags: torch.Tensor, rule: 
 class ECOModel(torch.nn.Module):
     """Wraps ``model``; ``forward``/``generate`` take the prompts' text (or explicit ``flags``) to decide per row."""
 
-    def __init__(self, model, tokenizer, classifier: PromptClassifier, corruption: CorruptionSpec,
+    def __init__(self, model, tokenizer, classifier: ThresholdClassifier, corruption: CorruptionSpec,
                  embedding_module: str | None = None, base_model: dict | None = None):
         super().__init__()
         self.model, self.tokenizer, self.classifier, self.corruption = model, tokenizer, classifier, corruption
@@ -150,7 +150,7 @@ class ECOModel(torch.nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.classifier.save(folder)
         (folder / BUNDLE_NAME).write_text(json.dumps({"corruption": asdict(self.corruption), "embedding_module": self.embedding_module_path,
-                                                      "base_model": self.base_model, "classifier": "char-ngram-logistic"}, indent=2) + "\n")
+                                                      "base_model": self.base_model}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, base_model=None, tokenizer=None, revision: str | None = None) -> "ECOModel":
@@ -173,7 +173,7 @@ class ECOModel(torch.nn.Module):
             base_model = load_model(name, recorded.get("revision") if base_model is None else None)
         _check_base(base_model, recorded)
         tokenizer = tokenizer or load_tokenizer(base_model.config._name_or_path)
-        return cls(base_model, tokenizer, PromptClassifier.load(folder), CorruptionSpec(**bundle["corruption"]),
+        return cls(base_model, tokenizer, load_classifier(folder), CorruptionSpec(**bundle["corruption"]),
                    bundle.get("embedding_module"), recorded)
 
 

@@ -39,6 +39,9 @@ class ECOConfig(UnlearnConfig):
     embedding_module: str | None = field(default=None, metadata={"help": "Path of the token-embedding module (default: the model's input embeddings)."})
     classifier_alpha: float = field(default=0.05, metadata={"help": "Allowed miss rate on forget prompts (split-conformal recall >= 1 - alpha)."})
     classifier_max_fpr: float = field(default=0.01, metadata={"help": "False-positive rate allowed on held-out retain prompts."})
+    classifier_model: str | None = field(default=None, metadata={
+        "help": "Fine-tune this Hub (or local) sequence-classification model as the prompt classifier instead of the "
+                "default character n-gram logistic regression."})
     general_prompts: str | None = field(default=None, metadata={
         "help": "Comma-separated data specs of general prompts the classifier must not flag (extra negatives, e.g. other QA sets)."})
     holdout_fraction: float = field(default=0.25, metadata={"help": "Share of forget (and retain) prompts held out to calibrate the classifier."})
@@ -104,7 +107,13 @@ class ECOTrainer(UnlearnTrainer):
         forget = self._prompts(self.data_sources["forget"][1], "the forget set")
         retain = self._prompts(self.data_sources["retain"][1], "the retain set") + self._general_prompts()
         step = max(2, round(1 / config.holdout_fraction))
-        classifier = PromptClassifier().fit([q for i, q in enumerate(forget) if i % step], [q for i, q in enumerate(retain) if i % step], config.seed)
+        if config.classifier_model:
+            from ..eco.transformer_classifier import TransformerPromptClassifier
+
+            classifier = TransformerPromptClassifier.from_model(config.classifier_model)
+        else:
+            classifier = PromptClassifier()
+        classifier.fit([q for i, q in enumerate(forget) if i % step], [q for i, q in enumerate(retain) if i % step], config.seed)
         try:
             classifier.calibrate(forget[::step], config.classifier_alpha, retain[::step], config.classifier_max_fpr, config.seed)
         except UsageError as error:
@@ -126,7 +135,7 @@ class ECOTrainer(UnlearnTrainer):
                 config.zo_learning_rate, config.min_strength, config.zo_steps, tolerance=0.01)
         achieved = self._forget_probability(tuning, spec.strength)
         self.record_extras["eco"] = {
-            "classifier": {"kind": "char-ngram-logistic", "threshold": classifier.threshold, "alpha": config.classifier_alpha,
+            "classifier": {"kind": config.classifier_model or "char-ngram-logistic", "threshold": classifier.threshold, "alpha": config.classifier_alpha,
                            "forget_recall": float(flags["forget"].mean()), "retain_false_positive_rate": float(flags["retain"].mean()),
                            "held_out_forget_recall": float(flags["held_out_forget"].mean()),
                            "held_out_false_positive_rate": float(flags["held_out_negatives"].mean())},
