@@ -117,7 +117,10 @@ def examples(record: dict) -> list[str]:
 def build_demo(models: SideBySide, gpu=None):
     """The Blocks app: prompt, two streamed answers, settings, the ECO flag, and the card's metrics table.
     ``gpu``: a decorator for the generation function (``spaces.GPU`` on ZeroGPU hardware)."""
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError as error:
+        raise UsageError("the Space needs Gradio: pip install 'hubunlearn[space]'") from error
 
     from .cards import metrics_table
 
