@@ -97,6 +97,11 @@ def load_rows(spec: "str | DataSpec") -> datasets.Dataset:
 
 
 @functools.lru_cache(maxsize=16)
+def looks_like_repo_id(source: str) -> bool:
+    """Whether ``source`` reads as a Hub repository id, ``ORG/NAME`` (not a relative or absolute path)."""
+    return source.count("/") == 1 and not source.startswith(("/", "."))
+
+
 def _load_rows(spec: DataSpec) -> datasets.Dataset:
     if spec.is_local:
         files = [f for f in _local_data_files(spec) if f.stat().st_size > 0]
@@ -109,7 +114,7 @@ def _load_rows(spec: DataSpec) -> datasets.Dataset:
             return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
         except Exception as error:  # datasets raises many kinds for unreadable files
             raise UsageError(f"cannot read {spec}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
-    if spec.source.count("/") != 1 or spec.source.startswith(("/", ".")):
+    if not looks_like_repo_id(spec.source):
         raise UsageError(f"data '{spec.source}' is neither an existing file or folder nor a Hub dataset id (ORG/NAME)")
     try:
         return datasets.load_dataset(spec.source, spec.config, split=spec.split)

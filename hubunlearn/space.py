@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .artifacts import RECORD_NAME, read_record
+from .data import looks_like_repo_id
 from .errors import UsageError
 
 MAX_PROMPT_CHARS = 1000
@@ -203,7 +204,7 @@ def deploy(unlearned: str, space_id: str, original: str | None = None, hardware:
     """Create (or update) the Space ``space_id`` in one commit; returns its URL. ``unlearned`` must be on the Hub."""
     from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
-    if Path(unlearned).exists() or unlearned.count("/") != 1:
+    if Path(unlearned).exists() or not looks_like_repo_id(unlearned):
         raise UsageError(f"a Space loads models from the Hub: push {unlearned} first (hubunlearn push FOLDER --repo_id ORG/NAME) "
                          "and pass its repo id to --unlearned")
     record = json.loads(Path(hf_hub_download(unlearned, RECORD_NAME, token=token)).read_text())
@@ -215,5 +216,5 @@ def deploy(unlearned: str, space_id: str, original: str | None = None, hardware:
 
 
 def check_artifact(unlearned: str) -> None:
-    if not Path(unlearned).exists() and unlearned.count("/") != 1:
+    if not Path(unlearned).exists() and not looks_like_repo_id(unlearned):
         raise UsageError(f"--unlearned {unlearned} is neither an artifact folder nor a Hub repo id (ORG/NAME)")

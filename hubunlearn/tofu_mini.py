@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import staging_dir
-from .data import DATA_FILE_BUILDERS, DataFormat, encode_qa, load_rows, tokenize_rows
+from .data import DATA_FILE_BUILDERS, DataFormat, encode_qa, load_rows, looks_like_repo_id, tokenize_rows
 from .errors import UsageError
 
 TOFU_MINI_VERSION = 1
@@ -98,7 +98,7 @@ def tofu_data_folder(source: str | Path, forget_split: str = "forget10") -> Path
     (e.g. ``locuslab/TOFU``), of which only the configs TOFU-mini needs are downloaded."""
     if Path(source).is_dir():
         return Path(source)
-    if Path(source).exists() or str(source).count("/") != 1 or str(source).startswith((".", "/")):
+    if Path(source).exists() or not looks_like_repo_id(str(source)):
         raise UsageError(f"TOFU data {source} is neither a folder nor a Hub dataset id (ORG/NAME): give the folder of "
                          "locuslab/TOFU's files (full.json, forget10.json, ...) or the dataset id")
     from huggingface_hub import snapshot_download

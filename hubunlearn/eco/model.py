@@ -120,13 +120,11 @@ class ECOModel(torch.nn.Module):
         first ``classify_lengths`` tokens when scoring prompt + answer, so that it sees only the prompt, as in the
         paper); ``prompt_length`` (an int, or one per row, right padding) keeps the corruption on the prompt."""
         attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags, classify_lengths)
-        if prompt_length is not None:
+        corruptible = attention_mask
+        if prompt_length is not None:  # the prompt's positions only
             lengths = torch.as_tensor(prompt_length, device=attention_mask.device).reshape(-1, 1)
-            attention_mask_prompt = attention_mask * (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)
-            selection = selected_positions(attention_mask_prompt, flags, self.corruption.tokens)
-        else:
-            selection = selected_positions(attention_mask, flags, self.corruption.tokens)
-        self._selection = selection
+            corruptible = attention_mask * (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)
+        self._selection = selected_positions(corruptible, flags, self.corruption.tokens)
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
