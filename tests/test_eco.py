@@ -5,7 +5,8 @@ import torch
 
 from hubunlearn.eco.classifier import PromptClassifier
 from hubunlearn.eco.corruption import CORRUPTIONS, get_corruption
-from hubunlearn.eco.model import CorruptionSpec, ECOModel, base_model_record, selected_positions
+from hubunlearn.eco.model import CorruptionSpec, ECOModel, base_model_record
+from hubunlearn.eco.selection import name_spans, name_token_mask, selected_positions
 from hubunlearn.eco.search import zeroth_order_search
 from hubunlearn.errors import UsageError
 
@@ -42,6 +43,22 @@ def test_selection_keeps_the_last_real_token_clean_on_either_padding_side():
     assert selected_positions(right, flags, "all_but_last").tolist() == [[True, True, False, False], [False] * 4]
     assert selected_positions(left, flags, "all_but_last").tolist() == [[False, True, True, False], [False] * 4]
     assert selected_positions(left, flags, "all").tolist() == [[False, True, True, True], [False] * 4]
+
+
+def test_name_spans_skip_sentence_openers():
+    text = "Question: What Nobel Prize did Ann Lee win in Paris? Who knows.\nAnswer:"
+    assert [text[s:e] for s, e in name_spans(text)] == ["Nobel", "Prize", "Ann", "Lee", "Paris"]
+
+
+def test_names_rule_corrupts_only_name_tokens_and_falls_back_without_one(tokenizer):
+    prompts = ["Question: where was Jon Hale born?\nAnswer:", "Question: where was he born?\nAnswer:"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    names = name_token_mask(tokenizer, batch["input_ids"], batch["attention_mask"])
+    selected = selected_positions(batch["attention_mask"], torch.tensor([True, True]), "names", names)
+    chosen = tokenizer.decode(batch["input_ids"][0][selected[0]])
+    assert chosen.split() == ["Jon", "Hale"]
+    fallback = selected_positions(batch["attention_mask"], torch.tensor([True, True]), "all_but_last")
+    assert torch.equal(selected[1], fallback[1]) and not names[1].any()
 
 
 def test_zeroth_order_search_moves_sigma_toward_the_target():
@@ -227,3 +244,13 @@ def test_classifier_model_fine_tunes_a_sequence_classifier_into_the_bundle(world
         from hubunlearn.eco.transformer_classifier import TransformerPromptClassifier
 
         TransformerPromptClassifier.from_model("/no/such/model")
+
+
+def test_holdout_split_is_random_not_a_stride():
+    from hubunlearn.trainers.eco import holdout_split
+
+    prompts = [f"author {i // 4} question {i % 4}" for i in range(40)]  # each author's questions in the same order
+    fit, held = holdout_split(prompts, 0.25, seed=0)
+    assert len(held) == 10 and sorted(fit + held) == sorted(prompts)
+    assert len({p.split()[-1] for p in held}) > 1  # a stride of 4 would hold out only "question 0"
+    assert holdout_split(prompts, 0.25, seed=0) == (fit, held)

@@ -19,9 +19,9 @@ import torch
 from ..errors import UsageError
 from .classifier import ThresholdClassifier, load_classifier
 from .corruption import get_corruption
+from .selection import TOKEN_RULES, name_token_mask, selected_positions
 
 BUNDLE_NAME = "eco.json"
-TOKEN_RULES = ("all_but_last", "all")
 
 
 @dataclass
@@ -48,17 +48,6 @@ def find_embedding_module(model, path: str | None) -> torch.nn.Module:
     except AttributeError as error:
         raise UsageError(f"embedding module '{path}' not found in {type(model).__name__}: set --embedding_module to the "
                          "path of its token embedding (e.g. model.embed_tokens)") from error
-
-
-def selected_positions(attention_mask: torch.Tensor, flags: torch.Tensor, rule: str) -> torch.Tensor:
-    """``[B, T]`` bool: the prompt tokens of flagged rows to corrupt; ``all_but_last`` keeps each row's last real
-    token clean (where the next token is read off), whatever the padding side."""
-    selected = attention_mask.bool() & flags.to(attention_mask.device)[:, None]
-    if rule == "all_but_last":
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (positions * attention_mask.bool()).argmax(dim=1)
-        selected[torch.arange(len(last)), last] = False
-    return selected
 
 
 class ECOModel(torch.nn.Module):
@@ -114,6 +103,10 @@ class ECOModel(torch.nn.Module):
             flags = self.flags(prompts)
         return attention_mask, torch.as_tensor(flags, dtype=torch.bool)
 
+    def _select(self, input_ids, mask, flags) -> torch.Tensor:
+        names = name_token_mask(self.tokenizer, input_ids, mask) if self.corruption.tokens == "names" and flags.any() else None
+        return selected_positions(mask, flags, self.corruption.tokens, names)
+
     def forward(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, prompt_length=None,
                 classify_lengths: Sequence[int] | None = None, **kwargs):
         """Logits with flagged rows corrupted. The classifier reads ``prompts``, or else the decoded rows (their
@@ -124,7 +117,7 @@ class ECOModel(torch.nn.Module):
         if prompt_length is not None:  # the prompt's positions only
             lengths = torch.as_tensor(prompt_length, device=attention_mask.device).reshape(-1, 1)
             corruptible = attention_mask * (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)
-        self._selection = selected_positions(corruptible, flags, self.corruption.tokens)
+        self._selection = self._select(input_ids, corruptible, flags)
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
@@ -134,7 +127,7 @@ class ECOModel(torch.nn.Module):
     def generate(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, **kwargs):
         """Generation with only the prefill corrupted (the KV cache is kept on, so decoding steps are clean)."""
         attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags)
-        self._selection = selected_positions(attention_mask, flags, self.corruption.tokens)
+        self._selection = self._select(input_ids, attention_mask, flags)
         try:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
         finally:

@@ -13,8 +13,9 @@ from .gradient import (
 )
 from .eco import ECOConfig, ECOTrainer
 from .npo import NPOConfig, NPOTrainer, SimNPOConfig, SimNPOTrainer
+from .representation import KUDAConfig, KUDATrainer, RMUConfig, RMUTrainer
 
-# The gradient methods: each trains the model's weights (or an adapter) on a forget loss.
+# The gradient methods: each trains the model's weights (or an adapter; KUDA and RMU a few FFN layers) on a forget loss.
 METHODS: dict[str, type[UnlearnTrainer]] = {
     "ga": GradAscentTrainer,
     "graddiff": GradDiffTrainer,
@@ -22,6 +23,8 @@ METHODS: dict[str, type[UnlearnTrainer]] = {
     "npo": NPOTrainer,
     "simnpo": SimNPOTrainer,
     "ihl": IHLTrainer,
+    "kuda": KUDATrainer,
+    "rmu": RMUTrainer,
 }
 
 # Every method `hubunlearn unlearn --method` knows: the gradient methods above, and ECO, which trains no weights.

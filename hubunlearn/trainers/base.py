@@ -18,7 +18,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import torch
@@ -52,6 +52,8 @@ LORA_EXPORTS = ("adapter", "merged")
 @dataclass
 class UnlearnConfig(TrainingArguments):
     """Arguments shared by every unlearning method; each method adds its own fields."""
+
+    retain_losses: ClassVar[tuple[str, ...]] = RETAIN_LOSSES  # what --retain_loss accepts for this method
 
     retain_loss: str = field(
         default="nll",
@@ -91,8 +93,8 @@ class UnlearnConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.retain_loss not in RETAIN_LOSSES:
-            raise UsageError(f"unknown --retain_loss '{self.retain_loss}'; choose one of: {', '.join(RETAIN_LOSSES)}")
+        if self.retain_loss not in self.retain_losses:
+            raise UsageError(f"unknown --retain_loss '{self.retain_loss}'; choose one of: {', '.join(self.retain_losses)}")
         for name, choices in (("lora_init", LORA_INITS), ("lora_export", LORA_EXPORTS), ("utility_metric", UTILITY_METRICS)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown --{name} '{getattr(self, name)}'; choose one of: {', '.join(choices)}")

@@ -12,12 +12,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data import pad_examples
 from ..eco.classifier import PromptClassifier
 from ..eco.corruption import CORRUPTIONS, USES_STRENGTH
-from ..eco.model import TOKEN_RULES, CorruptionSpec, ECOModel, base_model_record, find_embedding_module
+from ..eco.model import CorruptionSpec, ECOModel, base_model_record, find_embedding_module
+from ..eco.selection import TOKEN_RULES
 from ..eco.search import zeroth_order_search
 from ..errors import UsageError
 from . import losses
@@ -63,6 +65,14 @@ class ECOConfig(UnlearnConfig):
             raise UsageError("--holdout_fraction and --target_probability must be in (0, 1)")
 
 
+def holdout_split(prompts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(fit, held out): a seeded random ``fraction`` held out. Random, not every k-th row: datasets like TOFU list
+    each author's questions in the same order, so a stride would hold out one kind of question entirely."""
+    held = np.zeros(len(prompts), dtype=bool)
+    held[np.random.default_rng(seed).permutation(len(prompts))[: max(1, round(fraction * len(prompts)))]] = True
+    return [p for p, h in zip(prompts, held) if not h], [p for p, h in zip(prompts, held) if h]
+
+
 class ECOTrainer(UnlearnTrainer):
     """ECO, embedding-corrupted prompts (Liu et al., "Large Language Model Unlearning via Embedding-Corrupted Prompts",
     NeurIPS 2024, arXiv 2406.07933): a prompt classifier flags forget-scope prompts, whose token embeddings are
@@ -106,16 +116,17 @@ class ECOTrainer(UnlearnTrainer):
         config = self.args
         forget = self._prompts(self.data_sources["forget"][1], "the forget set")
         retain = self._prompts(self.data_sources["retain"][1], "the retain set") + self._general_prompts()
-        step = max(2, round(1 / config.holdout_fraction))
+        forget_fit, forget_held = holdout_split(forget, config.holdout_fraction, config.seed)
+        retain_fit, retain_held = holdout_split(retain, config.holdout_fraction, config.seed + 1)
         if config.classifier_model:
             from ..eco.transformer_classifier import TransformerPromptClassifier
 
             classifier = TransformerPromptClassifier.from_model(config.classifier_model)
         else:
             classifier = PromptClassifier()
-        classifier.fit([q for i, q in enumerate(forget) if i % step], [q for i, q in enumerate(retain) if i % step], config.seed)
+        classifier.fit(forget_fit, retain_fit, config.seed)
         try:
-            classifier.calibrate(forget[::step], config.classifier_alpha, retain[::step], config.classifier_max_fpr, config.seed)
+            classifier.calibrate(forget_held, config.classifier_alpha, retain_held, config.classifier_max_fpr, config.seed)
         except UsageError as error:
             raise UsageError(f"{error} (ECO holds out {config.holdout_fraction:.0%} of the forget set for calibration)") from None
         model = self.accelerator.unwrap_model(self.model).eval()
@@ -124,7 +135,7 @@ class ECOTrainer(UnlearnTrainer):
         self.eco_model = ECOModel(model, self.processing_class, classifier, spec, config.embedding_module,
                                   base_model_record(model, self.base_model_id, (self.base_model_facts or {}).get("revision")))
         flags = {"forget": classifier.flags(forget), "retain": classifier.flags(retain),
-                 "held_out_forget": classifier.flags(forget[::step]), "held_out_negatives": classifier.flags(retain[::step])}
+                 "held_out_forget": classifier.flags(forget_held), "held_out_negatives": classifier.flags(retain_held)}
         tuning = [self.pairs.forget[i] for i in range(0, len(self.pairs.forget), max(1, len(self.pairs.forget) // config.tuning_examples))]
         target = self._reference_target(tuning) if config.eco_reference else config.target_probability
         original = self._forget_probability(tuning, strength=None)

@@ -91,3 +91,30 @@ def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, labels
     per_token = F.kl_div(logits.float().log_softmax(-1), reference_log_probs, log_target=True, reduction="none").sum(-1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the positions whose next token is labelled (where the answer is read off)."""
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return positions
+
+
+def representation_deviation_loss(hidden: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, inverse_temperature: float) -> torch.Tensor:
+    """KUDA's deviation objective (Fang et al., arXiv 2602.19275): ``(1/β)·softplus(β·s)``, mean over the masked
+    tokens, with ``s = ⟨h, h⁰⟩ / ‖h⁰‖² = cos(h, h⁰)·‖h‖/‖h⁰‖`` the alignment of each representation with the frozen
+    original's. Minimising it turns representations away from the original's; the push (``sigmoid(β·s)``) fades
+    once they no longer point along it, so they are deviated, not blown up. The paper names a cosine-based loss
+    with an inverse temperature β; the cosine alone has zero gradient at ``h = h⁰`` (where training starts), hence
+    ``s``, which equals the cosine while the norms match. This form is our choice."""
+    hidden, original = hidden.float(), original.float()
+    alignment = (hidden * original).sum(-1) / original.pow(2).sum(-1).clamp(min=1e-12)
+    per_token = F.softplus(inverse_temperature * alignment) / inverse_temperature
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def representation_mse_loss(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked tokens of the mean squared difference to ``target`` (broadcast): the frozen original's
+    representations (retain terms), or RMU's control vector ``c·u`` (Li et al., arXiv 2403.03218)."""
+    per_token = (hidden.float() - target.float()).pow(2).mean(-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)

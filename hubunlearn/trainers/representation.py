@@ -1,0 +1,237 @@
+"""Representation methods: KUDA and RMU edit a few FFN layers so that the forget set's internal representations
+move, while the retain set's stay where they were (frozen-original targets, or retain NLL)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..data import pad_examples
+from ..errors import UsageError
+from ..kuda.layers import FFNLayers
+from ..kuda.projection import NullSpaceProjection, collect_keys, null_space_projector, relative_output_change
+from ..kuda.tracing import plot_trace, trace
+from . import losses
+from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
+
+logger = logging.getLogger(__name__)
+REPRESENTATION_RETAIN_LOSSES = ("representation", *RETAIN_LOSSES)
+TRACE_PLOT = "causal_trace.png"
+
+
+@dataclass
+class RepresentationConfig(UnlearnConfig):
+    """Where the FFN layers are, and the retain term (the frozen original's representations by default)."""
+
+    retain_losses: ClassVar[tuple[str, ...]] = REPRESENTATION_RETAIN_LOSSES
+    retain_loss: str = field(default="representation", metadata={
+        "help": "Retain term: 'representation' (keep the frozen original's activations on retain tokens), 'nll', 'kl' or 'none'.",
+        "choices": list(REPRESENTATION_RETAIN_LOSSES)})
+    layers_module: str | None = field(default=None, metadata={"help": "Path of the decoder layers' ModuleList (default: found by length)."})
+    mlp_module: str = field(default="mlp", metadata={"help": "Name of the FFN block inside a decoder layer."})
+    down_module: str = field(default="down_proj", metadata={"help": "Name of the FFN's output projection inside the FFN block."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Initial AdamW learning rate (only a few layers train)."})
+
+
+class RepresentationTrainer(UnlearnTrainer):
+    """Shared by KUDA and RMU: freezes all but ``trainable_parameters``, reads activations through hooks."""
+
+    uses_reference = True  # the frozen original's activations are the targets
+
+    def __init__(self, *args, peft_config=None, **kwargs):
+        if peft_config is not None:
+            raise UsageError(f"{self._name} trains chosen FFN weights directly: drop --use_lora")
+        super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        self.ffn = FFNLayers(model, self.args.layers_module, self.args.mlp_module, self.args.down_module)
+        self.reference_ffn = FFNLayers(self.accelerator.unwrap_model(self.ref_model), self.args.layers_module,
+                                       self.args.mlp_module, self.args.down_module)
+
+    def freeze_all_but(self, parameters: list[torch.nn.Parameter]) -> None:
+        self.accelerator.unwrap_model(self.model).requires_grad_(False)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+    def activations(self, model, modules: list[torch.nn.Module], batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        with FFNLayers.capture(modules) as captured:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return [captured[i] for i in range(len(modules))]
+
+    def watched(self, ffn: FFNLayers) -> list[torch.nn.Module]:
+        """The modules whose outputs the losses compare."""
+        raise NotImplementedError
+
+    def retain_term(self, model, retain: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.args.retain_loss != "representation":
+            return super().retain_term(model, retain)
+        current = self.activations(model, self.watched(self.ffn), retain)
+        with torch.no_grad():
+            original = self.activations(self.ref_model, self.watched(self.reference_ffn), retain)
+        mask = retain["attention_mask"].bool()
+        return sum(losses.representation_mse_loss(h, h0, mask) for h, h0 in zip(current, original)) / len(current)
+
+
+@dataclass
+class KUDAConfig(RepresentationConfig):
+    """Causal tracing, deviation objective and null-space projection settings of KUDA."""
+
+    layers: str | None = field(default=None, metadata={"help": "Comma-separated FFN layers to edit; skips causal tracing."})
+    window: int = field(default=1, metadata={"help": "Contiguous layers causal tracing picks (the window with the largest summed effect)."})
+    trace_examples: int = field(default=32, metadata={"help": "Forget examples causal tracing averages over."})
+    noise_scale: float = field(default=3.0, metadata={"help": "Causal tracing's prompt noise, in standard deviations of the embeddings."})
+    trace_samples: int = field(default=3, metadata={"help": "Noise draws per example in causal tracing."})
+    inverse_temperature: float = field(default=5.0, metadata={"help": "β of the deviation loss (1/β)·softplus(β·cos)."})
+    null_space: bool = field(default=True, metadata={"help": "Project updates onto the retain keys' relaxed null space (--no_null_space: ablation)."})
+    null_space_threshold: float = field(default=1e-2, metadata={"help": "Keep eigen-directions of the retain keys with eigenvalue <= this × the largest."})
+    retain_keys: int = field(default=4096, metadata={"help": "Retain tokens sampled per layer for the projection."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window < 1 or self.trace_examples < 1 or self.trace_samples < 1 or self.retain_keys < 1:
+            raise UsageError("--window, --trace_examples, --trace_samples and --retain_keys must be at least 1")
+        if self.inverse_temperature <= 0 or self.noise_scale <= 0 or not 0 < self.null_space_threshold < 1:
+            raise UsageError("--inverse_temperature and --noise_scale must be positive, --null_space_threshold in (0, 1)")
+
+    def chosen_layers(self) -> list[int] | None:
+        if self.layers is None:
+            return None
+        try:
+            return [int(part) for part in str(self.layers).split(",") if part.strip()]
+        except ValueError:
+            raise UsageError(f"--layers '{self.layers}' is not a comma-separated list of layer numbers") from None
+
+
+class KUDATrainer(RepresentationTrainer):
+    """KUDA, knowledge unlearning by deviating representation (Fang et al., arXiv 2602.19275): causal tracing picks
+    the FFN layers that carry the forget set, training turns those layers' outputs on forget tokens away from the
+    frozen original's, and every update is projected onto the retain keys' relaxed null space, so that retained
+    knowledge's outputs barely move. Only the chosen layers' FFN output projections train."""
+
+    _name = "KUDA"
+    _paper = {"id": "2602.19275", "title": "Knowledge Unlearning by Deviating Representation for Large Language Models",
+              "authors": "Ce Fang and Zhikun Zhang and Min Chen and Qing Liu and Lu Zhou and Zhe Liu and Yunjun Gao", "year": 2026}
+    config_class = KUDAConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config, model = self.args, self.accelerator.unwrap_model(self.model)
+        self.trace_result = None
+        layers = config.chosen_layers()
+        if layers is None:
+            examples = [self.pairs.forget[i] for i in range(min(config.trace_examples, len(self.pairs.forget)))]
+            self.trace_result = trace(model, self.ffn, examples, self.processing_class.pad_token_id, config.window,
+                                      batch_size=config.per_device_train_batch_size, noise_scale=config.noise_scale,
+                                      samples=config.trace_samples, seed=config.seed)
+            layers = self.trace_result.window
+        self.layers = self.ffn.check_window(layers)
+        self.freeze_all_but([self.ffn.downs[i].weight for i in self.layers])
+        model.train()
+        record = {"layers": self.layers, "chosen_by": "causal tracing" if self.trace_result else "--layers"}
+        if self.trace_result is not None:
+            record["trace"] = self.trace_result.as_record()
+            self.record_extras["plots"] = [TRACE_PLOT]
+        self.projection = None
+        if config.null_space:
+            if self._probe_examples is None:
+                raise UsageError("KUDA's null-space projection needs retain keys: pass --retain SPEC (or --no_null_space)")
+            keys = collect_keys(model, [self.ffn.downs[i] for i in self.layers], self._retain_batches(), config.retain_keys, config.seed)
+            self.projection = NullSpaceProjection([self.ffn.downs[i].weight for i in self.layers],
+                                                  [null_space_projector(k, config.null_space_threshold) for k in keys])
+            self.add_callback(self.projection)
+            record["projection"] = {"threshold": config.null_space_threshold, "retain_keys": [len(k) for k in keys],
+                                    "kept_dimensions": self.projection.kept_dimensions,
+                                    "input_dimensions": [k.shape[1] for k in keys]}
+        self.record_extras["kuda"] = record
+        logger.info("KUDA: editing FFN layers %s (%s)", self.layers, record["chosen_by"])
+
+    def _retain_batches(self):
+        size = self.args.per_device_train_batch_size
+        examples = self._probe_examples
+        for start in range(0, len(examples), size):
+            yield pad_examples([examples[i] for i in range(start, min(start + size, len(examples)))], self.processing_class.pad_token_id)
+
+    def watched(self, ffn: FFNLayers) -> list[torch.nn.Module]:
+        return [ffn.mlps[i] for i in self.layers]
+
+    def forget_loss(self, model, forget):
+        current = self.activations(model, self.watched(self.ffn), forget)
+        with torch.no_grad():
+            original = self.activations(self.ref_model, self.watched(self.reference_ffn), forget)
+        mask = losses.answer_positions(forget["labels"])
+        return sum(losses.representation_deviation_loss(h, h0, mask, self.args.inverse_temperature)
+                   for h, h0 in zip(current, original)) / len(current)
+
+    def retain_output_change(self, keys: list[torch.Tensor]) -> list[float]:
+        """``‖ΔW·k‖ / ‖W₀·k‖`` of each edited layer on ``keys`` (e.g. held-out retain keys), against the original."""
+        reference = self.accelerator.unwrap_model(self.ref_model)
+        reference_downs = FFNLayers(reference, self.args.layers_module, self.args.mlp_module, self.args.down_module).downs
+        return [relative_output_change(reference_downs[i].weight, self.ffn.downs[i].weight, k) for i, k in zip(self.layers, keys)]
+
+    def save_weights(self, folder: str) -> None:
+        super().save_weights(folder)
+        if self.trace_result is not None and self.args.should_save:
+            plot_trace(self.trace_result, f"{folder}/{TRACE_PLOT}", f"Causal tracing of {self.base_model_id}'s FFN layers")
+
+
+@dataclass
+class RMUConfig(RepresentationConfig):
+    """Steered layer, trained layers and coefficients of RMU."""
+
+    layer: int | None = field(default=None, metadata={"help": "Layer whose output is steered (default: a third of the way up)."})
+    trainable_layers: str | None = field(default=None, metadata={"help": "Comma-separated layers whose FFN weights train (default: the steered layer and the two below)."})
+    steering_coefficient: float = field(default=0.0, metadata={
+        "help": "Norm c of the control vector c·u; 0: 4 × the original's mean activation norm at the layer on forget tokens."})
+    retain_weight: float = field(default=10.0, metadata={"help": "Weight α of the retain term."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steering_coefficient < 0:
+            raise UsageError("--steering_coefficient must be positive (or 0 for the automatic value)")
+
+
+class RMUTrainer(RepresentationTrainer):
+    """RMU, Representation Misdirection for Unlearning (Li et al., "The WMDP Benchmark", arXiv 2403.03218): one
+    layer's activations on forget tokens are steered to a fixed random direction scaled by a coefficient, while its
+    activations on retain tokens are kept at the frozen original's; only a few layers' FFN weights train."""
+
+    _name = "RMU"
+    _paper = {"id": "2403.03218", "title": "The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning",
+              "authors": "Nathaniel Li and Alexander Pan and Anjali Gopal and others", "year": 2024}
+    config_class = RMUConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config, model = self.args, self.accelerator.unwrap_model(self.model)
+        self.layer = config.layer if config.layer is not None else len(self.ffn) // 3
+        trainable = ([int(p) for p in config.trainable_layers.split(",") if p.strip()] if config.trainable_layers
+                     else list(range(max(0, self.layer - 2), self.layer + 1)))
+        self.ffn.check_window([self.layer])
+        self.trainable_layers = self.ffn.check_window(trainable)
+        if max(self.trainable_layers) > self.layer:
+            raise UsageError(f"--trainable_layers {self.trainable_layers} must not lie above the steered --layer {self.layer}: "
+                             "later layers cannot change its activations")
+        self.freeze_all_but([p for i in self.trainable_layers for p in self.ffn.mlps[i].parameters()])
+        model.train()
+        generator = torch.Generator().manual_seed(config.seed)
+        direction = torch.rand(model.config.hidden_size, generator=generator)
+        coefficient = config.steering_coefficient or 4.0 * self._mean_forget_norm()
+        self.control = (coefficient * direction / direction.norm()).to(self.args.device)
+        self.record_extras["rmu"] = {"layer": self.layer, "trainable_layers": self.trainable_layers,
+                                     "steering_coefficient": coefficient}
+
+    @torch.no_grad()
+    def _mean_forget_norm(self) -> float:
+        examples = [self.pairs.forget[i] for i in range(min(32, len(self.pairs.forget)))]
+        batch = {k: v.to(self.args.device) for k, v in pad_examples(examples, self.processing_class.pad_token_id).items()}
+        hidden = self.activations(self.ref_model, self.watched(self.reference_ffn), batch)[0]
+        return float(hidden.norm(dim=-1)[batch["attention_mask"].bool()].mean())
+
+    def watched(self, ffn: FFNLayers) -> list[torch.nn.Module]:
+        return [ffn.layers[self.layer]]
+
+    def forget_loss(self, model, forget):
+        hidden = self.activations(model, self.watched(self.ffn), forget)[0]
+        return losses.representation_mse_loss(hidden, self.control, forget["attention_mask"].bool())
