@@ -105,6 +105,16 @@ def training_summary(record: dict) -> str:
     if record.get("fila"):
         text += (" The adapter was initialised with FILA (Fisher-weighted LoRA initialisation, Cha et al., arXiv 2408.06621) and "
                  f"exported as a {record['fila']['exported']}.")
+    kuda, rmu = record.get("kuda"), record.get("rmu")
+    if kuda:
+        text += f" KUDA edited the FFN layers {kuda['layers']} (chosen by {kuda['chosen_by']})"
+        projection = kuda.get("projection")
+        text += (f", with updates projected onto the retain keys' relaxed null space (eigenvalues ≤ {projection['threshold']:g} × "
+                 f"the largest: {projection['kept_dimensions']} of {projection['input_dimensions']} input dimensions kept)."
+                 if projection else ", without the null-space projection.")
+    if rmu:
+        text += (f" RMU steered layer {rmu['layer']}'s activations on forget tokens to a random direction of norm "
+                 f"{rmu['steering_coefficient']:.3g}, training the FFNs of layers {rmu['trainable_layers']}.")
     calibration = record.get("calibration")
     if calibration:
         text += (f"\n\nCalibrated with Unlearning with Control (Wang et al., arXiv 2406.09179): these weights are the original "

@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": "Measure what a model forgot and what it cost: TOFU metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
     "bench": "Benchmarks: `bench build-tofu` trains TOFU-mini, a tiny TOFU target model and its retain-only reference.",
+    "trace": "Causal tracing (KUDA's first step): which FFN layers carry a forget set; per-layer table and heat map.",
     "space": "Show the original and the unlearned model side by side in a Gradio app, locally or as a Hub Space.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
 }
@@ -139,6 +140,50 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _trace(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .data import DataFormat, load_rows, tokenize_rows
+    from .kuda.layers import FFNLayers
+    from .kuda.tracing import plot_trace, trace
+    from .modeling import load_model, load_tokenizer
+
+    parser = _Parser(prog="hubunlearn trace", description=COMMANDS["trace"])
+    parser.add_argument("--model", required=True, help="Hub id or folder of the model to trace.")
+    parser.add_argument("--forget", required=True, help="Forget set (question-answer rows): ORG/NAME[:CONFIG][@SPLIT], a file, or FOLDER:CONFIG.")
+    parser.add_argument("--window", type=int, default=1, help="Contiguous layers to choose (largest summed effect).")
+    parser.add_argument("--examples", type=int, default=32, help="Forget examples to average over.")
+    parser.add_argument("--noise_scale", type=float, default=3.0, help="Prompt noise in standard deviations of the embeddings.")
+    parser.add_argument("--samples", type=int, default=3, help="Noise draws per example.")
+    parser.add_argument("--output", default="causal_trace.png", help="Where the heat map goes (PNG).")
+    parser.add_argument("--layers_module", help="Path of the decoder layers' ModuleList (default: found by length).")
+    parser.add_argument("--mlp_module", default="mlp", help="Name of the FFN block inside a decoder layer.")
+    parser.add_argument("--down_module", default="down_proj", help="Name of the FFN's output projection.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--trust_remote_code", action="store_true", help="Run the model repository's own code.")
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    if output.suffix.lower() != ".png" or not output.parent.is_dir():
+        raise UsageError(f"--output {output} must be a .png file in an existing folder")
+    if args.examples < 1 or args.samples < 1 or args.noise_scale <= 0 or args.batch_size < 1:
+        raise UsageError("--examples, --samples and --batch_size must be at least 1, --noise_scale positive")
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    ffn = FFNLayers(model, args.layers_module, args.mlp_module, args.down_module)
+    rows = load_rows(args.forget)
+    examples = list(tokenize_rows(rows.select(range(min(args.examples, len(rows)))), tokenizer, DataFormat(), "forget"))
+    result = trace(model, ffn, examples, tokenizer.pad_token_id, args.window, args.batch_size, noise_scale=args.noise_scale,
+                   samples=args.samples)
+    print(f"answer score: clean {float(result.clean.mean()):.4f}, prompt corrupted {float(result.corrupted.mean()):.4f} "
+          f"({len(examples)} examples, noise σ = {result.noise_std:.4g})")
+    print("| layer | mean indirect effect | chosen |\n|---|---|---|")
+    for layer, effect in enumerate(result.mean_effects):
+        print(f"| {layer} | {effect:+.4f} | {'✓' if layer in result.window else ''} |")
+    plot_trace(result, output, f"Causal tracing of {args.model}")
+    print(f"hubunlearn: layers {result.window} carry the forget set most; heat map saved to {output}")
+    return 0
+
+
 def _space(argv: list[str]) -> int:
     from .space import check_artifact
 
@@ -200,7 +245,7 @@ def _show_warnings() -> None:
         logger.setLevel(logging.INFO)
 
 
-HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "space": _space, "quickstart": _quickstart}
+HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "trace": _trace, "space": _space, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ def null_space_projector(keys: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def relative_output_change(original: torch.Tensor, updated: torch.Tensor, keys: torch.Tensor) -> float:
     """``‖(W − W₀)·K‖ / ‖W₀·K‖`` over keys: how much the layer's outputs on them moved."""
-    original, updated, keys = original.float().cpu(), updated.float().cpu(), keys.float().cpu()
+    original, updated, keys = (t.detach().float().cpu() for t in (original, updated, keys))
     return float(((updated - original) @ keys.T).norm() / (original @ keys.T).norm().clamp(min=1e-12))
 
 

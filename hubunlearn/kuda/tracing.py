@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..trainers.losses import IGNORE_INDEX, sequence_log_prob
+from ..data import IGNORE_INDEX
 from .layers import FFNLayers
 
 
@@ -44,6 +44,8 @@ class TraceResult:
 
 
 def _answer_score(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from ..trainers.losses import sequence_log_prob  # not at the top: the trainers import this module
+
     log_prob, count = sequence_log_prob(logits, labels)
     return (log_prob / count.clamp(min=1)).exp()
 
