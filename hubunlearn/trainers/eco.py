@@ -37,7 +37,9 @@ class ECOConfig(UnlearnConfig):
 
     corruption: str = field(default="rand_noise_first_n", metadata={"help": f"Corruption function: one of {', '.join(CORRUPTIONS)}."})
     corruption_dims: int = field(default=0, metadata={"help": "n (first n) or k (top k) embedding coordinates; 0: all of them."})
-    token_selection: str = field(default="all_but_last", metadata={"help": "Prompt tokens to corrupt.", "choices": list(TOKEN_RULES)})
+    token_selection: str = field(default="all_but_last", metadata={
+        "help": "Prompt tokens to corrupt: all_but_last, all, or names (name-like spans; all_but_last where a prompt has none).",
+        "choices": list(TOKEN_RULES)})
     embedding_module: str | None = field(default=None, metadata={"help": "Path of the token-embedding module (default: the model's input embeddings)."})
     classifier_alpha: float = field(default=0.05, metadata={"help": "Allowed miss rate on forget prompts (split-conformal recall >= 1 - alpha)."})
     classifier_max_fpr: float = field(default=0.01, metadata={"help": "False-positive rate allowed on held-out retain prompts."})

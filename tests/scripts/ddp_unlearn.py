@@ -1,4 +1,4 @@
-"""Run by `accelerate launch` in tests: GradDiff on the built-in world, recording which examples each rank drew."""
+"""Run by `accelerate launch` in tests: GradDiff (or KUDA) on the built-in world, recording what each rank did."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from peft import LoraConfig
 
-from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer
+from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer, KUDAConfig, KUDATrainer
 from hubunlearn.world import World
 
 
@@ -19,8 +19,17 @@ class RecordingGradDiff(GradDiffTrainer):
 
 
 def main(model_dir: str, output_dir: str, record_dir: str, mode: str = "full") -> None:
-    """``mode`` "full": plain GradDiff; "fila": through a FILA-initialised LoRA adapter with a utility budget."""
+    """``mode`` "full": plain GradDiff; "fila": through a FILA-initialised LoRA adapter with a utility budget;
+    "kuda": KUDA (causal tracing and the projection on every rank)."""
     world = World.make(num_forget=4)  # 20 forget rows: 2 ranks x 5 per step divide them evenly (no padding repeats)
+    if mode == "kuda":
+        args = KUDAConfig(output_dir=output_dir, num_train_epochs=6, per_device_train_batch_size=5, seed=1, disable_tqdm=True)
+        trainer = KUDATrainer(model=model_dir, args=args, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"))
+        trainer.train()
+        trainer.save_model()
+        Path(record_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(
+            {"world_size": trainer.accelerator.num_processes, "layers": trainer.layers, "kept": trainer.projection.kept_dimensions}))
+        return
     extra = {"lora_init": "fila", "utility_budget": 0.9, "utility_metric": "probability", "budget_check_steps": 2} if mode == "fila" else {}
     args = GradDiffConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=3, per_device_train_batch_size=5,
                           lr_scheduler_type="constant", logging_steps=1, seed=1, disable_tqdm=True, **extra)
