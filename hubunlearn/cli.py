@@ -12,7 +12,7 @@ COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
     "eval": "Measure what a model forgot and what it cost: TOFU metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
-    "bench": "Benchmarks: `bench build-tofu` trains TOFU-mini, a tiny TOFU target model and its retain-only reference.",
+    "bench": "Benchmarks: `bench run` compares every method on TOFU-mini; `bench build-tofu` trains TOFU-mini itself.",
     "trace": "Causal tracing (KUDA's first step): which FFN layers carry a forget set; per-layer table and heat map.",
     "space": "Show the original and the unlearned model side by side in a Gradio app, locally or as a Hub Space.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
@@ -121,7 +121,24 @@ def _bench(argv: list[str]) -> int:
     build.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     build.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
     build.add_argument("--cache_dir", help="Parent folder of the build (default: the hubunlearn cache).")
+    run = actions.add_parser("run", help="Every method on TOFU-mini: quality, time, memory, scaling; JSON, Pareto plot, README table.")
+    run.add_argument("--methods", type=_csv, default=(), help="Comma-separated methods (default: all of them).")
+    run.add_argument("--split", default="forget10", help=f"Forget split of the TOFU-mini build: {', '.join(FORGET_SPLITS)}.")
+    run.add_argument("--steps", type=int, default=50, help="Optimiser steps per method (default 50).")
+    run.add_argument("--batch_size", type=int, default=8)
+    run.add_argument("--tau", type=float, default=0.9, help="Utility budget of the calibrated runs (0: none).")
+    run.add_argument("--data", default="locuslab/TOFU", help="Folder of TOFU's files, or the Hub dataset id.")
+    run.add_argument("--results_dir", default="benchmarks/results", help="Where the JSON and the plot go.")
+    run.add_argument("--readme", help="A README whose table (between the bench markers) is rewritten from the JSON.")
+    run.add_argument("--authors", type=int, help="TOFU-mini retain authors (default 20).")
+    run.add_argument("--hidden_size", type=int, help="TOFU-mini hidden size (default 256 on CPU, 768 on a GPU).")
+    run.add_argument("--num_layers", type=int, help="TOFU-mini layers (default 4 on CPU, 8 on a GPU).")
+    run.add_argument("--epochs", type=int, help="TOFU-mini training epochs.")
+    run.add_argument("--max_eval_examples", type=int, help="Evaluate the first N rows of each set (quick runs).")
+    run.add_argument("--no_scaling", action="store_true", help="Skip the forget-size and model-size scaling runs.")
     args = parser.parse_args(argv)
+    if args.action == "run":
+        return _bench_run(args)
     if args.forget_split not in FORGET_SPLITS:
         raise UsageError(f"unknown forget split '{args.forget_split}': choose one of {', '.join(FORGET_SPLITS)}")
     for name in ("hidden_size", "num_layers", "epochs", "learning_rate"):
@@ -181,6 +198,29 @@ def _trace(argv: list[str]) -> int:
         print(f"| {layer} | {effect:+.4f} | {'✓' if layer in result.window else ''} |")
     plot_trace(result, output, f"Causal tracing of {args.model}")
     print(f"hubunlearn: layers {result.window} carry the forget set most; heat map saved to {output}")
+    return 0
+
+
+def _bench_run(args) -> int:
+    from pathlib import Path
+
+    from .bench import BENCH_BEGIN, BENCH_END, BenchConfig, run_benchmark, table
+    from .benchmarking import replace_between
+
+    readme = Path(args.readme) if args.readme else None
+    if readme is not None and BENCH_BEGIN not in (readme.read_text() if readme.is_file() else ""):
+        raise UsageError(f"--readme {readme} has no benchmark table markers ({BENCH_BEGIN} ... {BENCH_END})")
+    build = {key: value for key, value in (("num_authors", args.authors), ("hidden_size", args.hidden_size),
+                                           ("num_layers", args.num_layers), ("epochs", args.epochs)) if value is not None}
+    config = BenchConfig(methods=args.methods, split=args.split, steps=args.steps, batch_size=args.batch_size,
+                         tau=args.tau or None, data=args.data, results_dir=args.results_dir, build=build,
+                         max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling)
+    results = run_benchmark(config)
+    print(table(results))
+    if readme is not None:
+        replace_between(readme, BENCH_BEGIN, BENCH_END, table(results))
+        print(f"hubunlearn: rewrote the benchmark table in {readme}")
+    print(f"hubunlearn: results in {args.results_dir}")
     return 0
 
 

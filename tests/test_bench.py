@@ -1,0 +1,78 @@
+"""`hubunlearn bench run`: the runner on a tiny two-method configuration, its bad input, and the README table."""
+
+import json
+import logging
+import math
+
+import pytest
+
+from hubunlearn.bench import BENCH_BEGIN, BENCH_END, SCHEMA, BenchConfig, growth, results_path, table
+from hubunlearn.errors import UsageError
+
+from .conftest import REPO, TOFU
+
+TINY = {"num_authors": 2, "hidden_size": 64, "num_layers": 1, "epochs": 2}
+
+
+def test_runner_writes_valid_json_and_the_plot_and_never_mixes_schemas(run_cli, tmp_path, caplog):
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    stale = results_path(results_dir, "cpu")
+    stale.write_text(json.dumps({"schema": SCHEMA - 1, "runs": [{"method": "ga", "tau": None}]}))
+    common = ["--split", "forget01", "--authors", "2", "--hidden_size", "64", "--num_layers", "1", "--epochs", "2",
+              "--steps", "3", "--max_eval_examples", "6", "--no_scaling", "--data", TOFU, "--results_dir", results_dir]
+    with caplog.at_level(logging.WARNING, logger="hubunlearn"):
+        code, out, err = run_cli("bench", "run", "--methods", "graddiff,kuda", "--tau", "0.9", *common)
+    assert code == 0, err
+    assert "older benchmark (schema" in caplog.text and "rebuilding it from scratch" in caplog.text
+    results = json.loads(stale.read_text())
+    assert results["schema"] == SCHEMA and results["machine"]["device"] == "cpu" and results["machine"]["cores"] >= 1
+    runs = {(r["method"], r["tau"]) for r in results["runs"]}
+    assert runs == {("graddiff", None), ("graddiff", 0.9), ("kuda", None), ("kuda", 0.9)}  # the stale "ga" run is gone
+    for run in results["runs"]:
+        assert 0 <= run["forget_quality"] <= 1 and 0 <= run["model_utility"] <= 1
+        assert run["steps"] == 3 and run["step_seconds"] > 0 and run["peak_memory_bytes"] > 0 and run["artifact_bytes"] > 1000
+        assert 0 <= run["forget_extraction_strength"] <= 1 and 0 <= run["retain_extraction_strength"] <= 1
+    assert results["evaluation"]["seconds_per_100"] > 0
+    assert (results_dir / "pareto_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table(results) in out
+
+    # the same settings: a later run adds its methods to the file instead of starting over
+    code, _, err = run_cli("bench", "run", "--methods", "eco", "--tau", "0.9", *common)
+    assert code == 0, err
+    merged = json.loads(stale.read_text())
+    assert [(r["method"], r["tau"]) for r in merged["runs"]] == [("graddiff", None), ("graddiff", 0.9), ("kuda", None),
+                                                                  ("kuda", 0.9), ("eco", None)]
+    eco = merged["runs"][-1]
+    assert eco["step_seconds"] is None and eco["prefill_overhead"]["flagged"] > 0 and "no steps (made in" in table(merged)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "graddiff,forgetall"], "unknown method forgetall: choose from ga, graddiff"),
+    (["--split", "forget20"], "unknown forget split 'forget20'"),
+    (["--steps", "0"], "--steps and --batch_size must be at least 1"),
+    (["--tau", "1.5"], "--tau must be in (0, 1]"),
+    (["--results_dir", "/no/such/folder"], "results folder /no/such/folder does not exist"),
+    (["--readme", "/no/such/README.md"], "has no benchmark table markers"),
+])
+def test_bench_run_bad_input(run_cli, argv, message):
+    code, _, err = run_cli("bench", "run", "--data", TOFU, *argv)
+    assert code == 2 and message in err.strip().splitlines()[-1], err
+
+
+def test_growth_reads_slopes():
+    assert growth([1, 2, 4], [3, 6, 12]) == {"slope": 1.0, "reading": "about linear"}
+    assert growth([1, 2, 4], [5, 5, 5])["reading"] == "about constant"
+    assert growth([1, 10, 100], [1, 1000, 1e6])["reading"] == "superlinear"
+    assert math.isnan(growth([1], [1])["slope"])
+    with pytest.raises(UsageError, match="unknown method"):
+        BenchConfig(methods=("nope",))
+
+
+def test_readme_table_is_generated_from_the_committed_json():
+    path = results_path(REPO / "benchmarks" / "results", "cpu")
+    results = json.loads(path.read_text())
+    assert results["schema"] == SCHEMA
+    readme = (REPO / "README.md").read_text()
+    assert f"{BENCH_BEGIN}\n{table(results)}\n{BENCH_END}" in readme
+    assert (REPO / "benchmarks" / "results" / "pareto_cpu.png").is_file()
