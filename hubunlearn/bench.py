@@ -169,7 +169,7 @@ def _train(method: str, model, tokenizer, forget, retain, steps: int, batch_size
     trainer_class = UNLEARNING_METHODS[method]
     settings = {"learning_rate": LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE), **overrides}
     if method == "eco":
-        settings = {}
+        settings = overrides
     elif tau is not None:
         settings.update(utility_budget=tau, utility_probe_size=32)
     cuda = torch.cuda.is_available()
@@ -197,8 +197,9 @@ def _method_run(job: dict) -> dict:
     forget, retain = json.loads(Path(job["rows"]).read_text()).values()
     with tempfile.TemporaryDirectory() as folder:
         output = str(Path(folder) / "artifact")
+        overrides = {"eco_reference": job["reference_model"]} if job["method"] == "eco" else {}  # σ tuned to the reference
         trainer, timer, peak, seconds = _train(job["method"], model, tokenizer, forget, retain, job["steps"], job["batch_size"], output,
-                                      job["threads"], job["tau"])
+                                               job["threads"], job["tau"], **overrides)
         trainer.save_model()
         size = _folder_bytes(Path(output))
         evaluated = trainer.eco_model if job["method"] == "eco" else trainer.model
@@ -333,7 +334,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         (scratch / "reference.json").write_text(json.dumps(reference))
         examples = sum(len(v) for v in sets.values())
 
-        job = {"target": str(mini.target_dir), "rows": str(rows), "sets": str(scratch / "sets.json"),
+        job = {"target": str(mini.target_dir), "reference_model": str(mini.reference_dir), "rows": str(rows), "sets": str(scratch / "sets.json"),
                "reference": str(scratch / "reference.json"), "steps": config.steps, "batch_size": config.batch_size,
                "threads": threads}
         wanted = [(m, None) for m in config.methods] + [(m, config.tau) for m in config.methods if config.tau and m != "eco"]
