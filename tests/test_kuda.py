@@ -153,7 +153,9 @@ def test_trace_command_prints_the_table_and_saves_the_heat_map(run_cli, world_mo
     ("kuda", ["--retain", "EMPTY"], "the retain set is empty"),
     ("kuda", ["--retain_loss", "none", "--retain", None], "needs retain keys: pass --retain SPEC (or --no_null_space)"),
     ("kuda", ["--use_lora"], "KUDA trains chosen FFN weights directly: drop --use_lora"),
+    ("kuda", ["--layers", "1,x"], "--layers '1,x' is not a comma-separated list of layer numbers"),
     ("rmu", ["--layer", "1", "--trainable_layers", "1,2"], "must not lie above the steered --layer 1"),
+    ("rmu", ["--trainable_layers", "0,7"], "layers [0, 7] are not within the model's 4 layers (0..3): fix --trainable_layers"),
     ("rmu", ["--retain_loss", "cosine"], "invalid choice: 'cosine' (choose from 'representation', 'nll', 'kl', 'none')"),
 ])
 def test_representation_methods_bad_input(run_cli, world_model_dir, world, tmp_path, method, extra, message):

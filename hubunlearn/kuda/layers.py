@@ -50,10 +50,11 @@ class FFNLayers:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def check_window(self, layers: list[int]) -> list[int]:
+    def check_window(self, layers: list[int], option: str = "--layers") -> list[int]:
+        """``layers`` sorted, once each, after checking that the model has them (``option`` names the flag to fix)."""
         bad = [i for i in layers if not 0 <= i < len(self)]
         if bad or not layers:
-            raise UsageError(f"layers {layers} are not within the model's {len(self)} layers (0..{len(self) - 1}): fix --layers")
+            raise UsageError(f"layers {layers} are not within the model's {len(self)} layers (0..{len(self) - 1}): fix {option}")
         return sorted(set(layers))
 
     @staticmethod

@@ -36,6 +36,16 @@ class RepresentationConfig(UnlearnConfig):
     learning_rate: float = field(default=1e-2, metadata={"help": "Initial AdamW learning rate (only a few layers train)."})
 
 
+def parse_layers(text: str | None, option: str) -> list[int] | None:
+    """``"1,2"`` as ``[1, 2]`` (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"{option} '{text}' is not a comma-separated list of layer numbers") from None
+
+
 class RepresentationTrainer(UnlearnTrainer):
     """Shared by KUDA and RMU: freezes all but ``trainable_parameters``, reads activations through hooks."""
 
@@ -95,13 +105,6 @@ class KUDAConfig(RepresentationConfig):
         if self.inverse_temperature <= 0 or self.noise_scale <= 0 or not 0 < self.null_space_threshold < 1:
             raise UsageError("--inverse_temperature and --noise_scale must be positive, --null_space_threshold in (0, 1)")
 
-    def chosen_layers(self) -> list[int] | None:
-        if self.layers is None:
-            return None
-        try:
-            return [int(part) for part in str(self.layers).split(",") if part.strip()]
-        except ValueError:
-            raise UsageError(f"--layers '{self.layers}' is not a comma-separated list of layer numbers") from None
 
 
 class KUDATrainer(RepresentationTrainer):
@@ -111,7 +114,7 @@ class KUDATrainer(RepresentationTrainer):
     knowledge's outputs barely move. Only the chosen layers' FFN output projections train."""
 
     _name = "KUDA"
-    _paper = {"id": "2602.19275", "title": "Knowledge Unlearning by Deviating Representation for Large Language Models",
+    _paper = {"id": "2602.19275", "title": "Knowledge Unlearning by Deviating representAtion (KUDA) for LLMs",
               "authors": "Ce Fang and Zhikun Zhang and Min Chen and Qing Liu and Lu Zhou and Zhe Liu and Yunjun Gao", "year": 2026}
     config_class = KUDAConfig
 
@@ -119,7 +122,7 @@ class KUDATrainer(RepresentationTrainer):
         super().__init__(*args, **kwargs)
         config, model = self.args, self.accelerator.unwrap_model(self.model)
         self.trace_result = None
-        layers = config.chosen_layers()
+        layers = parse_layers(config.layers, "--layers")
         if layers is None:
             examples = [self.pairs.forget[i] for i in range(min(config.trace_examples, len(self.pairs.forget)))]
             self.trace_result = trace(model, self.ffn, examples, self.processing_class.pad_token_id, config.window,
@@ -206,10 +209,9 @@ class RMUTrainer(RepresentationTrainer):
         super().__init__(*args, **kwargs)
         config, model = self.args, self.accelerator.unwrap_model(self.model)
         self.layer = config.layer if config.layer is not None else len(self.ffn) // 3
-        trainable = ([int(p) for p in config.trainable_layers.split(",") if p.strip()] if config.trainable_layers
-                     else list(range(max(0, self.layer - 2), self.layer + 1)))
-        self.ffn.check_window([self.layer])
-        self.trainable_layers = self.ffn.check_window(trainable)
+        trainable = parse_layers(config.trainable_layers, "--trainable_layers") or list(range(max(0, self.layer - 2), self.layer + 1))
+        self.ffn.check_window([self.layer], "--layer")
+        self.trainable_layers = self.ffn.check_window(trainable, "--trainable_layers")
         if max(self.trainable_layers) > self.layer:
             raise UsageError(f"--trainable_layers {self.trainable_layers} must not lie above the steered --layer {self.layer}: "
                              "later layers cannot change its activations")
