@@ -39,6 +39,10 @@ RUNS = [
     ("kuda", "projection, threshold 1e-2", {"null_space_threshold": 1e-2}),
     ("kuda", "projection, threshold 1e-3", {"null_space_threshold": 1e-3}),
     ("kuda", "no projection (ablation)", {"null_space": False}),
+    ("kuda", "layers 1-3, lr 3e-2, retain weight 0.3, threshold 1e-3", {"layers": "1,2,3", "learning_rate": 3e-2,
+                                                                       "retain_weight": 0.3, "null_space_threshold": 1e-3}),
+    ("kuda", "layers 1-3, lr 3e-2, no retain term, threshold 1e-3", {"layers": "1,2,3", "learning_rate": 3e-2,
+                                                                     "retain_loss": "none", "null_space_threshold": 1e-3}),
     ("rmu", "defaults", {}),
 ]
 

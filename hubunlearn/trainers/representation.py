@@ -117,6 +117,7 @@ class KUDATrainer(RepresentationTrainer):
     _paper = {"id": "2602.19275", "title": "Knowledge Unlearning by Deviating representAtion (KUDA) for LLMs",
               "authors": "Ce Fang and Zhikun Zhang and Min Chen and Qing Liu and Lu Zhou and Zhe Liu and Yunjun Gao", "year": 2026}
     config_class = KUDAConfig
+    keeps_retain_rows = True  # the retain rows give the projection its keys, whatever retain_loss says
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
