@@ -171,3 +171,14 @@ def test_representation_methods_bad_input(run_cli, world_model_dir, world, tmp_p
     code, _, err = run_cli("unlearn", *args)
     assert code == 2 and message in err.strip().splitlines()[-1], err
     assert not (tmp_path / "never").exists()
+
+
+def test_kuda_without_a_retain_loss_still_projects_onto_the_retain_keys(model, tokenizer, forget_rows, retain_rows, tmp_path):
+    from hubunlearn.trainers import KUDAConfig, KUDATrainer
+
+    args = KUDAConfig(output_dir=str(tmp_path / "out"), retain_loss="none", layers="1", use_cpu=True, report_to="none")
+    trainer = KUDATrainer(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows, processing_class=tokenizer)
+    assert trainer.layers == [1] and trainer.trace_result is None and trainer.projection is not None
+    assert 0 < trainer.projection.kept_dimensions[0] < model.config.intermediate_size
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable == ["model.layers.1.mlp.down_proj.weight"]
