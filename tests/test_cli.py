@@ -86,22 +86,24 @@ def test_fila_with_a_utility_budget_from_the_command_line(run_cli, world_model_d
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[r.stem for r in RECIPE_FILES])
 def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path, recipe):
     output = tmp_path / "out"
+    reference = ["--eco_reference", world_model_dir] if recipe.stem.startswith("eco") else []  # the recipe names a Hub model
     code, _, err = run_cli("unlearn", "--config", recipe, "--model_name_or_path", world_model_dir,
                            "--forget", f"{TOFU}:forget01", "--retain", f"{TOFU}:retain99", "--output_dir", output,
-                           "--max_steps", "1", "--gradient_accumulation_steps", "1", "--disable_tqdm", "true")
+                           "--max_steps", "1", "--gradient_accumulation_steps", "1", "--disable_tqdm", "true", *reference)
     assert code == 0, err
     record = json.loads((output / "unlearning.json").read_text())
     settings = parse_unlearn_args(["--config", str(recipe)])[0]
     assert record["method"].lower().replace("gradascent", "ga") == settings.method
-    assert record["artifact"] == ("lora" if settings.use_lora else "full")
+    assert record["artifact"] == ("eco" if settings.method == "eco" else "lora" if settings.use_lora else "full")
     assert record["data"]["forget"]["config"] == "forget01" and record["data"]["forget"]["num_rows"] == 40
-    assert record["hyperparameters"]["weight_decay"] == 0.01  # from the recipe
+    if settings.method != "eco":  # ECO trains no weights
+        assert record["hyperparameters"]["weight_decay"] == 0.01  # from the recipe
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl, eco"),
+        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl, kuda, rmu, eco"),
         ({"--model_name_or_path": "nobody/no-such-model"}, "model 'nobody/no-such-model' not found"),
         ({"--model_name_or_path": "/no/such/folder"}, "model '/no/such/folder' not found"),
         ({"--forget": "{data}/empty.jsonl"}, "forget set is empty"),
