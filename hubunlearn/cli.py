@@ -282,7 +282,7 @@ def _show_warnings() -> None:
         handler = _StderrHandler()
         handler.setFormatter(_Formatter())
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO)  # every run, even if the caller's logging setup changed it since
 
 
 HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "trace": _trace, "space": _space, "quickstart": _quickstart}
