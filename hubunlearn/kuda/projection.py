@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import UsageError
+from .layers import FFNLayers
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 def collect_keys(model, modules: list[torch.nn.Module], batches, max_tokens: int = 4096, seed: int = 0) -> list[torch.Tensor]:
     """Inputs of ``modules`` on the real tokens of ``batches`` (dicts with ``input_ids`` and ``attention_mask``),
     a random sample of at most ``max_tokens`` per module ("random ratio sampling"); each ``[tokens, in_features]``."""
-    from .layers import FFNLayers
-
     keys: list[list[torch.Tensor]] = [[] for _ in modules]
     device = next(model.parameters()).device
     with FFNLayers.capture(modules, inputs=True) as captured:
