@@ -392,24 +392,27 @@ def _all_methods() -> list[str]:
 # ---- outputs ----------------------------------------------------------------------------------------------------
 
 def pareto_plot(results: dict, path: Path) -> Path:
-    """Forget quality (log scale) against model utility, one point per run; the upper right is better."""
+    """Forget quality (log scale) against model utility, one point per run (a colour per method; squares: the
+    utility budget); the upper right is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 5))
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    methods = list(dict.fromkeys(run["method"] for run in results["runs"]))
+    colours = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
     for run in results["runs"]:
         calibrated = run["tau"] is not None
-        axes.scatter(run["model_utility"], max(run["forget_quality"], 1e-300), marker="s" if calibrated else "o",
-                     color="tab:orange" if calibrated else "tab:blue")
-        axes.annotate(run["method"] + (f" τ={run['tau']}" if calibrated else ""), (run["model_utility"], max(run["forget_quality"], 1e-300)),
-                      fontsize=8, xytext=(4, 2), textcoords="offset points")
+        axes.scatter(run["model_utility"], max(run["forget_quality"], 1e-300), marker="s" if calibrated else "o", s=45,
+                     color=colours[run["method"]], edgecolors="black" if calibrated else "none",
+                     label=None if calibrated else run["method"])
+    axes.scatter([], [], marker="s", color="white", edgecolors="black", label=f"τ = {results['settings']['tau']} (squares)")
     axes.set_yscale("log")
     axes.set_xlabel("model utility →")
     axes.set_ylabel("forget quality (KS p-value vs the reference) →")
-    axes.set_title(f"TOFU-mini {results['tofu_mini']['settings']['forget_split']}: every method "
-                   f"({results['settings']['steps']} steps; squares: utility budget)")
+    axes.set_title(f"TOFU-mini {results['tofu_mini']['settings']['forget_split']}: every method, {results['settings']['steps']} steps")
+    axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return path
