@@ -276,19 +276,19 @@ def _scaling_run(job: dict) -> dict:
 
 # ---- the runner -------------------------------------------------------------------------------------------------
 
-def _load_previous(path: Path, settings: dict) -> list[dict]:
-    """The runs of an earlier results file to keep (same schema and settings), else none, saying why."""
+def _load_previous(path: Path, settings: dict) -> dict:
+    """An earlier results file to build on (same schema and settings), else an empty one, saying why."""
     if not path.is_file():
-        return []
+        return {}
     previous = json.loads(path.read_text())
     if previous.get("schema") != SCHEMA:
         logger.warning("%s was written by an older benchmark (schema %s, now %s): rebuilding it from scratch, not mixing",
                        path, previous.get("schema"), SCHEMA)
-        return []
+        return {}
     if previous.get("settings") != settings:
         logger.warning("%s was measured with other settings: rebuilding it from scratch, not mixing", path)
-        return []
-    return previous.get("runs", [])
+        return {}
+    return previous
 
 
 def growth(xs: list[float], ys: list[float]) -> dict:
@@ -342,7 +342,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
                "reference": str(scratch / "reference.json"), "steps": config.steps, "batch_size": config.batch_size,
                "threads": threads}
         wanted = [(m, None) for m in config.methods] + [(m, config.tau) for m in config.methods if config.tau and m != "eco"]
-        runs = [r for r in previous if (r["method"], r["tau"]) not in set(wanted)]
+        runs = [r for r in previous.get("runs", []) if (r["method"], r["tau"]) not in set(wanted)]
         for index, (method, tau) in enumerate(wanted, 1):
             say(f"[{index}/{len(wanted)}] {method}{f' at τ = {tau}' if tau else ''}")
             runs.append(_in_child(_method_run, {**job, "method": method, "tau": tau}))
@@ -374,8 +374,8 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         "settings": mini.info["settings"], "parameter_count": mini.info["parameter_count"]},
         "evaluation": {"examples": examples, "seconds": round(eval_seconds, 2), "seconds_per_100": round(100 * eval_seconds / examples, 2)},
         "runs": runs, "scaling": scaling}
-    if scaling is None and previous and path.is_file():
-        results["scaling"] = json.loads(path.read_text()).get("scaling")
+    if scaling is None:
+        results["scaling"] = previous.get("scaling")
     staged = path.with_suffix(".json.partial")
     staged.write_text(json.dumps(results, indent=2) + "\n")
     staged.replace(path)

@@ -13,15 +13,11 @@ step, ``W ← W₀ + (W − W₀)·P``: with Adam the step is not the gradient, 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from transformers import TrainerCallback
 
 from ..errors import UsageError
 from .layers import FFNLayers
-
-logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()

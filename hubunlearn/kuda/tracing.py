@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import IGNORE_INDEX, pad_examples
 from ..errors import UsageError
-from ..data import IGNORE_INDEX
 from .layers import FFNLayers
 
 
@@ -107,7 +107,7 @@ def causal_trace(model, ffn: FFNLayers, batch: dict[str, torch.Tensor], noise_sc
 
 
 def plot_trace(result: TraceResult, path: str | Path, title: str = "Causal tracing of FFN layers") -> Path:
-    """Heat map of the indirect effect (examples × layers) under a bar chart of its mean, the chosen window shaded."""
+    """Heat map of the indirect effect (examples × layers) under a bar chart of its mean, the chosen window in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,8 +134,6 @@ def plot_trace(result: TraceResult, path: str | Path, title: str = "Causal traci
 def trace(model, ffn: FFNLayers, examples: list[dict], pad_token_id: int, window: int, batch_size: int = 8,
           **options) -> TraceResult:
     """``causal_trace`` over tokenized ``examples`` in batches, with the best ``window`` of layers chosen."""
-    from ..data import pad_examples
-
     if not examples:
         raise UsageError("causal tracing needs forget examples: the forget set is empty")
     best_window([0.0] * len(ffn), window)  # a bad window fails before the expensive part

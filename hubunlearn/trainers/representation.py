@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -47,7 +47,7 @@ def parse_layers(text: str | None, option: str) -> list[int] | None:
 
 
 class RepresentationTrainer(UnlearnTrainer):
-    """Shared by KUDA and RMU: freezes all but ``trainable_parameters``, reads activations through hooks."""
+    """Shared by KUDA and RMU: freezes all but the parameters a method trains, reads activations through hooks."""
 
     uses_reference = True  # the frozen original's activations are the targets
 
@@ -74,12 +74,17 @@ class RepresentationTrainer(UnlearnTrainer):
         """The modules whose outputs the losses compare."""
         raise NotImplementedError
 
+    def paired_activations(self, model, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The watched modules' outputs on ``batch``: the model's, and the frozen original's (no gradient)."""
+        current = self.activations(model, self.watched(self.ffn), batch)
+        with torch.no_grad():
+            original = self.activations(self.ref_model, self.watched(self.reference_ffn), batch)
+        return current, original
+
     def retain_term(self, model, retain: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.args.retain_loss != "representation":
             return super().retain_term(model, retain)
-        current = self.activations(model, self.watched(self.ffn), retain)
-        with torch.no_grad():
-            original = self.activations(self.ref_model, self.watched(self.reference_ffn), retain)
+        current, original = self.paired_activations(model, retain)
         mask = retain["attention_mask"].bool()
         return sum(losses.representation_mse_loss(h, h0, mask) for h, h0 in zip(current, original)) / len(current)
 
@@ -93,7 +98,7 @@ class KUDAConfig(RepresentationConfig):
     trace_examples: int = field(default=32, metadata={"help": "Forget examples causal tracing averages over."})
     noise_scale: float = field(default=3.0, metadata={"help": "Causal tracing's prompt noise, in standard deviations of the embeddings."})
     trace_samples: int = field(default=3, metadata={"help": "Noise draws per example in causal tracing."})
-    inverse_temperature: float = field(default=5.0, metadata={"help": "β of the deviation loss (1/β)·softplus(β·cos)."})
+    inverse_temperature: float = field(default=5.0, metadata={"help": "β of the deviation loss (1/β)·softplus(β·⟨h, h⁰⟩/‖h⁰‖²)."})
     null_space: bool = field(default=True, metadata={"help": "Project updates onto the retain keys' relaxed null space (--no_null_space: ablation)."})
     null_space_threshold: float = field(default=1e-2, metadata={"help": "Keep eigen-directions of the retain keys with eigenvalue <= this × the largest."})
     retain_keys: int = field(default=4096, metadata={"help": "Retain tokens sampled per layer for the projection."})
@@ -161,18 +166,14 @@ class KUDATrainer(RepresentationTrainer):
         return [ffn.mlps[i] for i in self.layers]
 
     def forget_loss(self, model, forget):
-        current = self.activations(model, self.watched(self.ffn), forget)
-        with torch.no_grad():
-            original = self.activations(self.ref_model, self.watched(self.reference_ffn), forget)
+        current, original = self.paired_activations(model, forget)
         mask = losses.answer_positions(forget["labels"])
         return sum(losses.representation_deviation_loss(h, h0, mask, self.args.inverse_temperature)
                    for h, h0 in zip(current, original)) / len(current)
 
     def retain_output_change(self, keys: list[torch.Tensor]) -> list[float]:
         """``‖ΔW·k‖ / ‖W₀·k‖`` of each edited layer on ``keys`` (e.g. held-out retain keys), against the original."""
-        reference = self.accelerator.unwrap_model(self.ref_model)
-        reference_downs = FFNLayers(reference, self.args.layers_module, self.args.mlp_module, self.args.down_module).downs
-        return [relative_output_change(reference_downs[i].weight, self.ffn.downs[i].weight, k) for i, k in zip(self.layers, keys)]
+        return [relative_output_change(self.reference_ffn.downs[i].weight, self.ffn.downs[i].weight, k) for i, k in zip(self.layers, keys)]
 
     def save_weights(self, folder: str) -> None:
         super().save_weights(folder)
