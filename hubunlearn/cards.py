@@ -107,11 +107,18 @@ def training_summary(record: dict) -> str:
                  f"exported as a {record['fila']['exported']}.")
     kuda, rmu = record.get("kuda"), record.get("rmu")
     if kuda:
-        text += f" KUDA edited the FFN layers {kuda['layers']} (chosen by {kuda['chosen_by']})"
+        text += (f" KUDA edited the FFN layers {kuda['layers']} (chosen by {kuda['chosen_by']}), turning their outputs on the "
+                 f"forget set's {kuda.get('deviation_tokens', 'answer')} tokens away from the original's")
         projection = kuda.get("projection")
-        text += (f", with updates projected onto the retain keys' relaxed null space (eigenvalues ≤ {projection['threshold']:g} × "
-                 f"the largest: {projection['kept_dimensions']} of {projection['input_dimensions']} input dimensions kept)."
-                 if projection else ", without the null-space projection.")
+        if projection:
+            text += (f", with updates projected onto the retain keys' relaxed null space (eigenvalues ≤ {projection['threshold']:g} × "
+                     f"the largest: {projection['kept_dimensions']} of {projection['input_dimensions']} input dimensions kept")
+            if "forget_energy_kept" in projection:
+                text += (", where forget keys keep " + ", ".join(f"{v:.1%}" for v in projection["forget_energy_kept"]) +
+                         " of their energy and held-out retain keys " + ", ".join(f"{v:.1%}" for v in projection["held_out_retain_energy_kept"]))
+            text += ")."
+        else:
+            text += ", without the null-space projection."
     if rmu:
         text += (f" RMU steered layer {rmu['layer']}'s activations on forget tokens to a random direction of norm "
                  f"{rmu['steering_coefficient']:.3g}, training the FFNs of layers {rmu['trainable_layers']}.")

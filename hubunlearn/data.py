@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import datasets
+import numpy as np
 import torch
 
 from .errors import UsageError
@@ -277,6 +278,14 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
             retain_index = self.retain_index(index)
             item.update(retain=self.retain[retain_index], retain_index=retain_index)
         return item
+
+
+def holdout_split(items: Sequence[Any], fraction: float, seed: int) -> tuple[list, list]:
+    """(fit, held out): a seeded random ``fraction`` held out. Random, not every k-th row: datasets like TOFU list
+    each author's questions in the same order, so a stride would hold out one kind of question entirely."""
+    held = np.zeros(len(items), dtype=bool)
+    held[np.random.default_rng(seed).permutation(len(items))[: max(1, round(fraction * len(items)))]] = True
+    return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
 def pad_examples(examples: Sequence[dict[str, Any]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

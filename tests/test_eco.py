@@ -248,7 +248,7 @@ def test_classifier_model_fine_tunes_a_sequence_classifier_into_the_bundle(world
 
 
 def test_holdout_split_is_random_not_a_stride():
-    from hubunlearn.trainers.eco import holdout_split
+    from hubunlearn.data import holdout_split
 
     prompts = [f"author {i // 4} question {i % 4}" for i in range(40)]  # each author's questions in the same order
     fit, held = holdout_split(prompts, 0.25, seed=0)

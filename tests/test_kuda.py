@@ -8,7 +8,7 @@ import torch
 from hubunlearn.data import DataFormat, pad_examples, tokenize_rows
 from hubunlearn.errors import UsageError
 from hubunlearn.kuda.layers import FFNLayers
-from hubunlearn.kuda.projection import NullSpaceProjection, null_space_projector, relative_output_change
+from hubunlearn.kuda.projection import NullSpaceProjection, null_space_projector, relative_output_change, subspace_energy
 from hubunlearn.kuda.tracing import best_window, trace
 from hubunlearn.trainers import losses
 
@@ -61,6 +61,8 @@ def test_null_space_projection_makes_updates_vanish_on_retain_keys():
     held_out = torch.randn(100, 6, generator=generator) @ basis
     assert relative_output_change(projection.originals[0], weight, held_out) < 1e-4  # ΔW·k ≈ 0
     assert (weight - projection.originals[0]).norm() > 1  # the update survived outside the subspace
+    assert subspace_energy(held_out, projector) < 1e-6  # retain keys have no energy where updates may go
+    assert subspace_energy(torch.randn(2000, 32, generator=generator), projector) == pytest.approx(26 / 32, abs=0.05)
     with pytest.raises(UsageError, match="--null_space_threshold"):
         null_space_projector(torch.randn(100, 4, generator=generator), threshold=1e-9)
 
@@ -77,6 +79,19 @@ def test_representation_losses_by_hand():
     assert opposite.item() < 0.1 * same.item()
     assert losses.representation_mse_loss(torch.tensor([[[3.0, 0.0], [9.0, 9.0]]]), original, mask).item() == pytest.approx(2.0)
     assert losses.answer_positions(torch.tensor([[-100, -100, 5, 6, -100]])).tolist() == [[False, True, True, False, False]]
+
+
+def test_deviation_positions_answer_prompt_and_subject_tokens(tokenizer):
+    from hubunlearn.trainers.representation import deviation_positions
+
+    rows = [{"question": "where was Jon Hale born?", "answer": "in Oslo"}, {"question": "where was he born?", "answer": "in Oslo"}]
+    batch = pad_examples(list(tokenize_rows(rows, tokenizer, DataFormat(max_length=64))), tokenizer.pad_token_id)
+    prompt = (batch["labels"] == -100) & batch["attention_mask"].bool()
+    assert torch.equal(deviation_positions(batch, "prompt", tokenizer), prompt)
+    assert torch.equal(deviation_positions(batch, "answer", tokenizer), losses.answer_positions(batch["labels"]))
+    subject = deviation_positions(batch, "subject", tokenizer)
+    assert tokenizer.decode(batch["input_ids"][0][subject[0]]).split() == ["Jon", "Hale"]
+    assert torch.equal(subject[1], prompt[1])  # no name in the question: all of it
 
 
 def _data(world, folder):
@@ -154,6 +169,7 @@ def test_trace_command_prints_the_table_and_saves_the_heat_map(run_cli, world_mo
     ("kuda", ["--retain_loss", "none", "--retain", None], "needs retain keys: pass --retain SPEC (or --no_null_space)"),
     ("kuda", ["--use_lora"], "KUDA trains chosen FFN weights directly: drop --use_lora"),
     ("kuda", ["--layers", "1,x"], "--layers '1,x' is not a comma-separated list of layer numbers"),
+    ("kuda", ["--deviation_tokens", "names"], "invalid choice: 'names' (choose from 'answer', 'subject', 'prompt')"),
     ("rmu", ["--layer", "1", "--trainable_layers", "1,2"], "must not lie above the steered --layer 1"),
     ("rmu", ["--trainable_layers", "0,7"], "layers [0, 7] are not within the model's 4 layers (0..3): fix --trainable_layers"),
     ("rmu", ["--retain_loss", "cosine"], "invalid choice: 'cosine' (choose from 'representation', 'nll', 'kl', 'none')"),
@@ -182,3 +198,25 @@ def test_kuda_without_a_retain_loss_still_projects_onto_the_retain_keys(model, t
     assert 0 < trainer.projection.kept_dimensions[0] < model.config.intermediate_size
     trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_kuda_reports_how_much_of_the_forget_keys_the_projection_can_move(model, tokenizer, forget_rows, retain_rows, caplog, tmp_path):
+    """The record has each layer's energy shares: the world's forget subjects keep several times the held-out retain
+    keys' share; "forgetting" the retain set's own answers leaves the projection nothing to forget with, and says so."""
+    from hubunlearn.trainers import KUDAConfig, KUDATrainer
+
+    def projection_record(forget, tokens):
+        args = KUDAConfig(output_dir=str(tmp_path), layers="1,2", deviation_tokens=tokens, use_cpu=True, report_to="none")
+        trainer = KUDATrainer(model=model, args=args, forget_dataset=forget, retain_dataset=retain_rows, processing_class=tokenizer)
+        return trainer.record_extras["kuda"]["projection"]
+
+    with caplog.at_level("WARNING", logger="hubunlearn"):
+        distinct = projection_record(forget_rows, "subject")
+    assert len(distinct["forget_energy_kept"]) == len(distinct["held_out_retain_energy_kept"]) == 2
+    assert all(0 <= v <= 1 for v in distinct["forget_energy_kept"] + distinct["held_out_retain_energy_kept"])
+    assert min(f / r for f, r in zip(distinct["forget_energy_kept"], distinct["held_out_retain_energy_kept"])) > 2, distinct
+    assert "about as much" not in caplog.text
+    with caplog.at_level("WARNING", logger="hubunlearn"):
+        same = projection_record(retain_rows, "answer")
+    assert max(same["forget_energy_kept"]) < 2 * max(same["held_out_retain_energy_kept"])
+    assert "will move retained outputs about as much as forgotten ones" in caplog.text

@@ -22,14 +22,16 @@ from .layers import FFNLayers
 
 @torch.no_grad()
 def collect_keys(model, modules: list[torch.nn.Module], batches, max_tokens: int = 4096, seed: int = 0) -> list[torch.Tensor]:
-    """Inputs of ``modules`` on the real tokens of ``batches`` (dicts with ``input_ids`` and ``attention_mask``),
-    a random sample of at most ``max_tokens`` per module ("random ratio sampling"); each ``[tokens, in_features]``."""
+    """Inputs of ``modules`` on the real tokens of ``batches`` (dicts with ``input_ids``, ``attention_mask`` and
+    optionally ``positions``, a bool mask of the tokens to keep), a random sample of at most ``max_tokens`` per module
+    ("random ratio sampling"); each ``[tokens, in_features]``."""
     keys: list[list[torch.Tensor]] = [[] for _ in modules]
     device = next(model.parameters()).device
     with FFNLayers.capture(modules, inputs=True) as captured:
         for batch in batches:
-            mask = batch["attention_mask"].bool().to(device)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+            attention_mask = batch["attention_mask"].to(device)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=attention_mask)
+            mask = batch.get("positions", attention_mask).bool().to(device)
             for i in range(len(modules)):
                 keys[i].append(captured[i][mask].float().cpu())
     if not keys or not keys[0]:
@@ -53,6 +55,13 @@ def null_space_projector(keys: torch.Tensor, threshold: float) -> torch.Tensor:
     if kept.shape[1] == 0:
         raise UsageError(f"no direction has an eigenvalue below --null_space_threshold {threshold:g} × the largest: raise it")
     return (kept @ kept.T).float()
+
+
+def subspace_energy(keys: torch.Tensor, projector: torch.Tensor) -> float:
+    """Share ``‖K·P‖² / ‖K‖²`` of the keys' energy inside the projector's subspace: what an update confined there can
+    reach. Forget keys that keep no more of it than retain keys do leave the projection nothing to forget with."""
+    keys = keys.float().cpu()
+    return float((keys @ projector.float().cpu()).pow(2).sum() / keys.pow(2).sum().clamp(min=1e-12))
 
 
 def relative_output_change(original: torch.Tensor, updated: torch.Tensor, keys: torch.Tensor) -> float:

@@ -12,10 +12,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..data import pad_examples
+from ..data import holdout_split, pad_examples
 from ..eco.classifier import PromptClassifier
 from ..eco.corruption import CORRUPTIONS, USES_STRENGTH
 from ..eco.model import CorruptionSpec, ECOModel, base_model_record, find_embedding_module
@@ -65,14 +64,6 @@ class ECOConfig(UnlearnConfig):
             raise UsageError(f"unknown corruption '{self.corruption}': choose one of {', '.join(CORRUPTIONS)}")
         if not 0 < self.holdout_fraction < 1 or not 0 < self.target_probability < 1:
             raise UsageError("--holdout_fraction and --target_probability must be in (0, 1)")
-
-
-def holdout_split(prompts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(fit, held out): a seeded random ``fraction`` held out. Random, not every k-th row: datasets like TOFU list
-    each author's questions in the same order, so a stride would hold out one kind of question entirely."""
-    held = np.zeros(len(prompts), dtype=bool)
-    held[np.random.default_rng(seed).permutation(len(prompts))[: max(1, round(fraction * len(prompts)))]] = True
-    return [p for p, h in zip(prompts, held) if not h], [p for p, h in zip(prompts, held) if h]
 
 
 class ECOTrainer(UnlearnTrainer):

@@ -9,16 +9,18 @@ from typing import ClassVar
 
 import torch
 
-from ..data import pad_examples
+from ..data import IGNORE_INDEX, holdout_split, pad_examples
 from ..errors import UsageError
 from ..kuda.layers import FFNLayers
-from ..kuda.projection import NullSpaceProjection, collect_keys, null_space_projector, relative_output_change
+from ..kuda.projection import NullSpaceProjection, collect_keys, null_space_projector, relative_output_change, subspace_energy
 from ..kuda.tracing import plot_trace, trace
 from . import losses
 from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
 
 logger = logging.getLogger(__name__)
 REPRESENTATION_RETAIN_LOSSES = ("representation", *RETAIN_LOSSES)
+DEVIATION_TOKENS = ("answer", "subject", "prompt")
+HELD_OUT_FRACTION = 0.2  # of the retain rows, kept out of the projection to measure what it protects
 TRACE_PLOT = "causal_trace.png"
 
 
@@ -44,6 +46,22 @@ def parse_layers(text: str | None, option: str) -> list[int] | None:
         return [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
         raise UsageError(f"{option} '{text}' is not a comma-separated list of layer numbers") from None
+
+
+def deviation_positions(batch: dict[str, torch.Tensor], rule: str, tokenizer) -> torch.Tensor:
+    """``[B, T]`` bool: the forget tokens whose FFN outputs KUDA turns away. ``answer``: the positions the answer is
+    read off; ``prompt``: the question's tokens; ``subject``: the question's name-like tokens (capitalised words not
+    opening a sentence, as ECO's ``names`` rule), where ROME-style recall looks the subject up; a question without
+    any falls back to all its tokens."""
+    if rule == "answer":
+        return losses.answer_positions(batch["labels"])
+    prompt = (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
+    if rule == "prompt":
+        return prompt
+    from ..eco.selection import name_token_mask
+
+    names = name_token_mask(tokenizer, batch["input_ids"].cpu(), batch["attention_mask"].cpu()).to(prompt.device) & prompt
+    return names | (prompt & ~names.any(-1, keepdim=True))
 
 
 class RepresentationTrainer(UnlearnTrainer):
@@ -99,6 +117,9 @@ class KUDAConfig(RepresentationConfig):
     noise_scale: float = field(default=3.0, metadata={"help": "Causal tracing's prompt noise, in standard deviations of the embeddings."})
     trace_samples: int = field(default=3, metadata={"help": "Noise draws per example in causal tracing."})
     inverse_temperature: float = field(default=5.0, metadata={"help": "β of the deviation loss (1/β)·softplus(β·⟨h, h⁰⟩/‖h⁰‖²)."})
+    deviation_tokens: str = field(default="answer", metadata={
+        "help": "Forget tokens whose FFN outputs are deviated: 'answer' (where the answer is read off), 'subject' "
+                "(the question's name-like tokens) or 'prompt' (all the question's tokens).", "choices": list(DEVIATION_TOKENS)})
     null_space: bool = field(default=True, metadata={"help": "Project updates onto the retain keys' relaxed null space (--no_null_space: ablation)."})
     null_space_threshold: float = field(default=1e-2, metadata={"help": "Keep eigen-directions of the retain keys with eigenvalue <= this × the largest."})
     retain_keys: int = field(default=4096, metadata={"help": "Retain tokens sampled per layer for the projection."})
@@ -109,6 +130,8 @@ class KUDAConfig(RepresentationConfig):
             raise UsageError("--window, --trace_examples, --trace_samples and --retain_keys must be at least 1")
         if self.inverse_temperature <= 0 or self.noise_scale <= 0 or not 0 < self.null_space_threshold < 1:
             raise UsageError("--inverse_temperature and --noise_scale must be positive, --null_space_threshold in (0, 1)")
+        if self.deviation_tokens not in DEVIATION_TOKENS:
+            raise UsageError(f"unknown --deviation_tokens '{self.deviation_tokens}'; choose one of: {', '.join(DEVIATION_TOKENS)}")
 
 
 
@@ -138,7 +161,8 @@ class KUDATrainer(RepresentationTrainer):
         self.layers = self.ffn.check_window(layers)
         self.freeze_all_but([self.ffn.downs[i].weight for i in self.layers])
         model.train()
-        record = {"layers": self.layers, "chosen_by": "causal tracing" if self.trace_result else "--layers"}
+        record = {"layers": self.layers, "chosen_by": "causal tracing" if self.trace_result else "--layers",
+                  "deviation_tokens": config.deviation_tokens}
         if self.trace_result is not None:
             record["trace"] = self.trace_result.as_record()
             self.record_extras["plots"] = [TRACE_PLOT]
@@ -146,28 +170,54 @@ class KUDATrainer(RepresentationTrainer):
         if config.null_space:
             if self._probe_examples is None:
                 raise UsageError("KUDA's null-space projection needs retain keys: pass --retain SPEC (or --no_null_space)")
-            keys = collect_keys(model, [self.ffn.downs[i] for i in self.layers], self._retain_batches(), config.retain_keys, config.seed)
-            self.projection = NullSpaceProjection([self.ffn.downs[i].weight for i in self.layers],
-                                                  [null_space_projector(k, config.null_space_threshold) for k in keys])
+            downs = [self.ffn.downs[i] for i in self.layers]
+            retain = [self._probe_examples[i] for i in range(len(self._probe_examples))]
+            fit, held_out = holdout_split(retain, HELD_OUT_FRACTION, config.seed) if len(retain) >= 5 else (retain, [])
+            keys = collect_keys(model, downs, self._batches(fit), config.retain_keys, config.seed)
+            projectors = [null_space_projector(k, config.null_space_threshold) for k in keys]
+            self.projection = NullSpaceProjection([d.weight for d in downs], projectors)
             self.add_callback(self.projection)
             record["projection"] = {"threshold": config.null_space_threshold, "retain_keys": [len(k) for k in keys],
                                     "kept_dimensions": self.projection.kept_dimensions,
                                     "input_dimensions": [k.shape[1] for k in keys]}
+            if held_out:
+                record["projection"].update(self._energy_kept(model, downs, projectors, held_out))
         self.record_extras["kuda"] = record
         logger.info("KUDA: editing FFN layers %s (%s)", self.layers, record["chosen_by"])
 
-    def _retain_batches(self):
+    def _batches(self, examples, positions: bool = False):
+        """Padded batches of ``examples``; with ``positions``, each carries the deviated tokens' mask."""
         size = self.args.per_device_train_batch_size
-        examples = self._probe_examples
         for start in range(0, len(examples), size):
-            yield pad_examples([examples[i] for i in range(start, min(start + size, len(examples)))], self.processing_class.pad_token_id)
+            batch = pad_examples([examples[i] for i in range(start, min(start + size, len(examples)))], self.processing_class.pad_token_id)
+            if positions:
+                batch["positions"] = deviation_positions(batch, self.args.deviation_tokens, self.processing_class)
+            yield batch
+
+    def _energy_kept(self, model, downs, projectors, held_out: list) -> dict[str, list[float]]:
+        """How much of the forget keys' (at the deviated tokens) and of held-out retain keys' energy lies in the null
+        space, i.e. what projected updates can move. Forget keys with no more of it than retain keys cannot be moved
+        without moving retained outputs as much: that gets a warning."""
+        size, seed = self.args.retain_keys, self.args.seed
+        forget = collect_keys(model, downs, self._batches(self.pairs.forget, positions=True), size, seed)
+        retain = collect_keys(model, downs, self._batches(held_out), size, seed)
+        energy = {"forget_energy_kept": [subspace_energy(k, p) for k, p in zip(forget, projectors)],
+                  "held_out_retain_energy_kept": [subspace_energy(k, p) for k, p in zip(retain, projectors)]}
+        for layer, f, r in zip(self.layers, *energy.values()):
+            logger.info("KUDA layer %d: forget keys keep %.2f%% of their energy in the null space, held-out retain keys %.2f%%",
+                        layer, 100 * f, 100 * r)
+        if all(f < 2 * r for f, r in zip(*energy.values())):
+            logger.warning("forget keys keep less than twice the held-out retain keys' share of energy in the null space: the "
+                           "projection will move retained outputs about as much as forgotten ones; check the retain set, "
+                           "try --deviation_tokens subject, or --no_null_space")
+        return energy
 
     def watched(self, ffn: FFNLayers) -> list[torch.nn.Module]:
         return [ffn.mlps[i] for i in self.layers]
 
     def forget_loss(self, model, forget):
         current, original = self.paired_activations(model, forget)
-        mask = losses.answer_positions(forget["labels"])
+        mask = deviation_positions(forget, self.args.deviation_tokens, self.processing_class)
         return sum(losses.representation_deviation_loss(h, h0, mask, self.args.inverse_temperature)
                    for h, h0 in zip(current, original)) / len(current)
 
