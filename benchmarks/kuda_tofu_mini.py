@@ -2,12 +2,14 @@
 
 Every method trains the TOFU-mini target for the same number of steps on forget10 (retain: the retain set, minus
 a held-out quarter); GradDiff at two learning rates (1e-5 and 3e-5 do not move forget quality in 100 steps), of which its best
-forget quality is the bar. KUDA traces the
-FFN layers once (the trace is recorded), then runs with the projection at two thresholds and without it. For every
-run: forget quality (KS test against the reference) and model utility of the full TOFU evaluation, and, for KUDA,
-the relative change ``‖ΔW·k‖ / ‖W₀·k‖`` of the edited layers' outputs on held-out retain keys (the held-out
-quarter of the retain set). Writes ``benchmarks/results/kuda_tofu_mini.json``, the trace's heat map
-``benchmarks/results/kuda_causal_trace.png`` and the README table between its markers.
+forget quality is the bar. KUDA runs at its defaults (traced layer, answer tokens; the trace is recorded) with the
+projection at two thresholds and without it, then deviating the subject tokens of layers 0-1 harder, with and
+without the projection and without a retain term. For every run: forget quality (KS test against the reference)
+and model utility of the full TOFU evaluation, and, for KUDA, the relative change ``‖ΔW·k‖ / ‖W₀·k‖`` of the
+edited layers' outputs on held-out retain keys (the held-out quarter of the retain set). Before training, the
+key overlap: per layer and threshold, the share of the energy of held-out retain keys and of forget keys (answer
+and subject tokens) inside the training retain keys' null space. Writes ``benchmarks/results/kuda_tofu_mini.json``,
+the trace's heat map ``benchmarks/results/kuda_causal_trace.png`` and the README table between its markers.
 
     python benchmarks/kuda_tofu_mini.py            # run (builds TOFU-mini on first use) and rewrite the table
     python benchmarks/kuda_tofu_mini.py --table    # only rewrite the table from the committed JSON
@@ -143,7 +145,7 @@ def table(results: dict) -> str:
     trace = results["trace"]
     lines = [
         f"KUDA and RMU against GradDiff on TOFU-mini forget10 ({results['steps']} steps of batch {results['batch_size']}, full "
-        f"fine-tuning for GradDiff, defaults otherwise). Causal tracing chose FFN layer(s) {trace['layers']} (mean indirect "
+        f"fine-tuning for GradDiff, KUDA and RMU at lr 1e-2 unless the setting says otherwise). Causal tracing chose FFN layer(s) {trace['layers']} (mean indirect "
         f"effect per layer {', '.join(f'{v:.3f}' for v in trace['mean_indirect_effect'])}; heat map "
         f"`benchmarks/results/kuda_causal_trace.png`). Retain output change: ‖ΔW·k‖ / ‖W₀·k‖ of the edited layers on "
         f"{results['held_out_retain_rows']} held-out retain questions' keys. GradDiff's best forget quality: "

@@ -121,7 +121,9 @@ def test_unlearn_method_kuda_edits_only_the_traced_layers_and_keeps_retain_outpu
     assert record["kuda"]["trace"]["clean_score"] > record["kuda"]["trace"]["corrupted_score"]
     assert (runs["projected"] / "causal_trace.png").stat().st_size > 1000 and record["plots"] == ["causal_trace.png"]
     card = (runs["projected"] / "README.md").read_text()
-    assert "causal_trace.png" in card and f"FFN layers {layers}" in card
+    assert "causal_trace.png" in card and f"FFN layers {layers}" in card and "forget set's answer tokens" in card
+    forget_share = record["kuda"]["projection"]["forget_energy_kept"][0]
+    assert f"forget keys keep {forget_share:.1%} of their energy" in card
 
     original = load_file(str(world_model_dir / "model.safetensors"))
     edited = load_file(str(runs["projected"] / "model.safetensors"))
