@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hubunlearn.benchmarking import benchmark_main, machine, replace_between
+from hubunlearn.benchmarking import benchmark_main, machine
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,12 +213,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_table(results: dict, readme: Path = README) -> None:
-    replace_between(readme, BEGIN, END, table(results))
-
-
 def main() -> None:
-    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), write_table, after_run=plot, default_data=TOFU)
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), table, (BEGIN, END), README, after_run=plot, default_data=TOFU)
 
 if __name__ == "__main__":
     main()

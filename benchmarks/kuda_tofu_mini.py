@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hubunlearn.benchmarking import benchmark_main, machine, replace_between
+from hubunlearn.benchmarking import benchmark_main, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "kuda_tofu_mini.json"
@@ -173,12 +173,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_table(results: dict, readme: Path = README) -> None:
-    replace_between(readme, BEGIN, END, table(results))
-
-
 def main() -> None:
-    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), write_table, default_data=TOFU)
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), table, (BEGIN, END), README, default_data=TOFU)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hubunlearn.benchmarking import benchmark_main, machine, replace_between
+from hubunlearn.benchmarking import benchmark_main, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "methods_world.json"
@@ -108,12 +108,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_table(results: dict, readme: Path = README) -> None:
-    replace_between(readme, BEGIN, END, table(results))
-
-
 def main() -> None:
-    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(), write_table)
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(), table, (BEGIN, END), README)
 
 if __name__ == "__main__":
     main()

@@ -28,11 +28,11 @@ def replace_between(readme: Path, begin: str, end: str, text: str) -> None:
 
 
 def benchmark_main(description: str, results_path: Path, schema: int, run: Callable[[argparse.Namespace], dict],
-                   write_table: Callable[[dict], None], after_run: Callable[[dict], None] | None = None,
-                   default_data: Path | None = None) -> None:
-    """``script.py`` runs the benchmark, saves the JSON and rewrites the README table; ``--table`` only rewrites
-    the table from the committed JSON (refusing one of another schema). Torch uses ``$OMP_NUM_THREADS`` threads
-    (default: 2 at most)."""
+                   table: Callable[[dict], str], markers: tuple[str, str], readme: Path,
+                   after_run: Callable[[dict], None] | None = None, default_data: Path | None = None) -> None:
+    """``script.py`` runs the benchmark, saves the JSON and rewrites the README table (``table(results)`` between
+    the ``markers`` of ``readme``); ``--table`` only rewrites the table from the committed JSON (refusing one of
+    another schema). Torch uses ``$OMP_NUM_THREADS`` threads (default: 2 at most)."""
     import torch
 
     parser = argparse.ArgumentParser(description=description)
@@ -50,4 +50,4 @@ def benchmark_main(description: str, results_path: Path, schema: int, run: Calla
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         if after_run:
             after_run(results)
-    write_table(results)
+    replace_between(readme, *markers, table(results))

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from hubunlearn.benchmarking import replace_between
+
 from .conftest import REPO
 
 
@@ -25,7 +27,7 @@ def test_readme_table_matches_the_committed_results(name, tmp_path):
     assert generated in readme
     copy = tmp_path / "README.md"
     copy.write_text(readme.replace(generated, f"{bench.BEGIN}\nstale\n{bench.END}"))
-    bench.write_table(results, copy)
+    replace_between(copy, bench.BEGIN, bench.END, bench.table(results))
     assert copy.read_text() == readme
 
 
