@@ -56,14 +56,14 @@ def key_overlap(model, tokenizer, retain: list[dict], held_out: list[dict], forg
     from hubunlearn.data import DataFormat, pad_examples, tokenize_rows
     from hubunlearn.kuda.layers import FFNLayers
     from hubunlearn.kuda.projection import collect_keys, null_space_projector, subspace_energy
-    from hubunlearn.trainers.representation import deviation_positions
+    from hubunlearn.kuda.positions import token_positions
 
     def batches(rows, rule=None):
         examples = list(tokenize_rows(rows, tokenizer, DataFormat(max_length=256)))
         for i in range(0, len(examples), 32):
             batch = pad_examples(examples[i : i + 32], tokenizer.pad_token_id)
             if rule:
-                batch["positions"] = deviation_positions(batch, rule, tokenizer)
+                batch["positions"] = token_positions(batch, rule, tokenizer)
             yield batch
 
     downs = FFNLayers(model).downs

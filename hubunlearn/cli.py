@@ -172,6 +172,8 @@ def _trace(argv: list[str]) -> int:
     parser.add_argument("--examples", type=int, default=32, help="Forget examples to average over.")
     parser.add_argument("--noise_scale", type=float, default=3.0, help="Prompt noise in standard deviations of the embeddings.")
     parser.add_argument("--samples", type=int, default=3, help="Noise draws per example.")
+    parser.add_argument("--tokens", choices=("prompt", "subject"), default="prompt",
+                        help="Noise the whole prompt and restore everywhere, or noise the subject (name-like tokens) and restore its last token (ROME).")
     parser.add_argument("--output", default="causal_trace.png", help="Where the heat map goes (PNG).")
     parser.add_argument("--layers_module", help="Path of the decoder layers' ModuleList (default: found by length).")
     parser.add_argument("--mlp_module", default="mlp", help="Name of the FFN block inside a decoder layer.")
@@ -190,8 +192,8 @@ def _trace(argv: list[str]) -> int:
     rows = load_rows(args.forget)
     examples = list(tokenize_rows(rows.select(range(min(args.examples, len(rows)))), tokenizer, DataFormat(), "forget"))
     result = trace(model, ffn, examples, tokenizer.pad_token_id, args.window, args.batch_size, noise_scale=args.noise_scale,
-                   samples=args.samples)
-    print(f"answer score: clean {float(result.clean.mean()):.4f}, prompt corrupted {float(result.corrupted.mean()):.4f} "
+                   samples=args.samples, tokens=args.tokens, tokenizer=tokenizer)
+    print(f"answer score: clean {float(result.clean.mean()):.4f}, {args.tokens} corrupted {float(result.corrupted.mean()):.4f} "
           f"({len(examples)} examples, noise σ = {result.noise_std:.4g})")
     print("| layer | mean indirect effect | chosen |\n|---|---|---|")
     for layer, effect in enumerate(result.mean_effects):

@@ -13,8 +13,8 @@ from hubunlearn.kuda.tracing import best_window, trace
 from hubunlearn.trainers import losses
 
 
-@pytest.mark.parametrize("planted", [1, 2])
-def test_tracing_finds_the_layer_that_holds_a_planted_association(planted, tokenizer, forget_rows):
+@pytest.mark.parametrize("planted, tokens", [(1, "prompt"), (2, "prompt"), (1, "subject"), (2, "subject")])
+def test_tracing_finds_the_layer_that_holds_a_planted_association(planted, tokens, tokenizer, forget_rows):
     """A random 4-layer model where only layer ``planted``'s FFN (with the embeddings and the output head) learns the
     facts: every other FFN is random, so the association can only live in that one."""
     from hubunlearn.world import tiny_llama
@@ -32,7 +32,7 @@ def test_tracing_finds_the_layer_that_holds_a_planted_association(planted, token
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    result = trace(model, ffn, examples, tokenizer.pad_token_id, window=1)
+    result = trace(model, ffn, examples, tokenizer.pad_token_id, window=1, tokens=tokens, tokenizer=tokenizer)
     assert float(result.clean.mean()) > 0.9 > float(result.corrupted.mean())  # the noise hides the subject
     effects = result.mean_effects
     assert result.window == [planted]
@@ -81,17 +81,20 @@ def test_representation_losses_by_hand():
     assert losses.answer_positions(torch.tensor([[-100, -100, 5, 6, -100]])).tolist() == [[False, True, True, False, False]]
 
 
-def test_deviation_positions_answer_prompt_and_subject_tokens(tokenizer):
-    from hubunlearn.trainers.representation import deviation_positions
+def test_token_positions_answer_prompt_subject_and_its_last_token(tokenizer):
+    from hubunlearn.kuda.positions import span_ends, token_positions
 
     rows = [{"question": "where was Jon Hale born?", "answer": "in Oslo"}, {"question": "where was he born?", "answer": "in Oslo"}]
     batch = pad_examples(list(tokenize_rows(rows, tokenizer, DataFormat(max_length=64))), tokenizer.pad_token_id)
     prompt = (batch["labels"] == -100) & batch["attention_mask"].bool()
-    assert torch.equal(deviation_positions(batch, "prompt", tokenizer), prompt)
-    assert torch.equal(deviation_positions(batch, "answer", tokenizer), losses.answer_positions(batch["labels"]))
-    subject = deviation_positions(batch, "subject", tokenizer)
+    assert torch.equal(token_positions(batch, "prompt", tokenizer), prompt)
+    assert torch.equal(token_positions(batch, "answer", tokenizer), losses.answer_positions(batch["labels"]))
+    subject = token_positions(batch, "subject", tokenizer)
     assert tokenizer.decode(batch["input_ids"][0][subject[0]]).split() == ["Jon", "Hale"]
     assert torch.equal(subject[1], prompt[1])  # no name in the question: all of it
+    ends = span_ends(subject)
+    assert ends.sum(-1).tolist() == [1, 1]  # one run each: "Jon Hale", and the fallback's whole question
+    assert [i.nonzero().max().item() for i in ends] == [i.nonzero().max().item() for i in subject]
 
 
 def _data(world, folder):
@@ -157,6 +160,11 @@ def test_trace_command_prints_the_table_and_saves_the_heat_map(run_cli, world_mo
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 4 and sum("✓" in row for row in rows) == 2
     assert (tmp_path / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = run_cli("trace", "--model", world_model_dir, "--forget", forget, "--examples", "8", "--tokens", "subject",
+                             "--output", tmp_path / "subject.png")
+    assert code == 0 and "subject corrupted" in out and (tmp_path / "subject.png").exists(), err
+    code, _, err = run_cli("trace", "--model", world_model_dir, "--forget", forget, "--tokens", "names", "--output", tmp_path / "t3.png")
+    assert code == 2 and "invalid choice: 'names'" in err
     code, _, err = run_cli("trace", "--model", world_model_dir, "--forget", forget, "--window", "9", "--output", tmp_path / "t2.png")
     assert code == 2 and "--window 9 does not fit the model's 4 layers" in err and not (tmp_path / "t2.png").exists()
 
@@ -172,6 +180,7 @@ def test_trace_command_prints_the_table_and_saves_the_heat_map(run_cli, world_mo
     ("kuda", ["--use_lora"], "KUDA trains chosen FFN weights directly: drop --use_lora"),
     ("kuda", ["--layers", "1,x"], "--layers '1,x' is not a comma-separated list of layer numbers"),
     ("kuda", ["--deviation_tokens", "names"], "invalid choice: 'names' (choose from 'answer', 'subject', 'prompt')"),
+    ("kuda", ["--trace_tokens", "answer"], "invalid choice: 'answer' (choose from 'prompt', 'subject')"),
     ("rmu", ["--layer", "1", "--trainable_layers", "1,2"], "must not lie above the steered --layer 1"),
     ("rmu", ["--trainable_layers", "0,7"], "layers [0, 7] are not within the model's 4 layers (0..3): fix --trainable_layers"),
     ("rmu", ["--retain_loss", "cosine"], "invalid choice: 'cosine' (choose from 'representation', 'nll', 'kl', 'none')"),

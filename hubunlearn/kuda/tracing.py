@@ -2,12 +2,14 @@
 (Fang et al., arXiv 2602.19275, Section 3.1).
 
 For each forget example: a clean run; a corrupted run, with Gaussian noise of ``noise_scale`` × the embedding
-matrix's standard deviation added to the prompt's token embeddings (the subject lives in the prompt); then, per
-layer, the corrupted run again with that layer's FFN output restored to its clean value at every position. The
-indirect effect of the layer is the restored answer score minus the corrupted one, where the answer score is the
-geometric-mean probability of the answer tokens (teacher-forced). Choices of ours, the paper gives none: restoring
-at every position (so the effect counts wherever the layer recalls the fact), the geometric mean (answers have
-many tokens), ``samples`` noise draws averaged. A sliding window then picks the contiguous layers with the
+matrix's standard deviation added to some prompt token embeddings; then, per layer, the corrupted run again with
+that layer's FFN output restored to its clean value. The indirect effect of the layer is the restored answer score
+minus the corrupted one, where the answer score is the geometric-mean probability of the answer tokens
+(teacher-forced). Two token rules: ``prompt`` noises every prompt token and restores at every position (the
+effect counts wherever the layer recalls the fact; the first FFN then tends to win, as restoring it everywhere
+undoes much of the noise); ``subject`` noises the name-like tokens (of the question and of the answer, which
+often repeats the name) and restores at the last token of each name only, as ROME's MLP traces do. Choices of ours, the paper gives none: the rules, the geometric mean (answers
+have many tokens), ``samples`` noise draws averaged. A sliding window then picks the contiguous layers with the
 largest summed effect.
 """
 
@@ -21,6 +23,7 @@ import torch
 from ..data import IGNORE_INDEX, pad_examples
 from ..errors import UsageError
 from .layers import FFNLayers
+from .positions import span_ends, token_positions
 
 
 @dataclass
@@ -61,16 +64,18 @@ def best_window(effects: list[float], window: int) -> list[int]:
 
 @torch.no_grad()
 def causal_trace(model, ffn: FFNLayers, batch: dict[str, torch.Tensor], noise_scale: float = 3.0, samples: int = 3,
-                 seed: int = 0) -> TraceResult:
+                 seed: int = 0, noised: torch.Tensor | None = None, restored: torch.Tensor | None = None) -> TraceResult:
     """Indirect effect of each layer's FFN on the answers of ``batch`` (``input_ids``, ``attention_mask``,
-    ``labels`` with the prompt masked); see the module docstring."""
+    ``labels`` with the prompt masked); ``noised``: ``[B, T]`` tokens to corrupt (default: the prompt);
+    ``restored``: where the clean FFN output is put back (default: everywhere). See the module docstring."""
     model.eval()
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    prompt = (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
+    prompt = ((batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()) if noised is None else noised.to(device)
     if not prompt.any():
         raise UsageError("causal tracing needs prompts to corrupt: give question-answer rows")
+    keep = None if restored is None else restored.to(device)[..., None]
     embeddings = model.get_input_embeddings()
     noise_std = noise_scale * float(embeddings.weight.float().std())
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -85,7 +90,9 @@ def causal_trace(model, ffn: FFNLayers, batch: dict[str, torch.Tensor], noise_sc
 
     def restore(index):
         def hook(module, args, output):
-            return clean_outputs[index] if state["restore"] == index else None
+            if state["restore"] != index:
+                return None
+            return clean_outputs[index] if keep is None else torch.where(keep, clean_outputs[index], output)
         return hook
 
     handles = [embeddings.register_forward_hook(add_noise)] + [m.register_forward_hook(restore(i)) for i, m in enumerate(ffn.mlps)]
@@ -132,13 +139,19 @@ def plot_trace(result: TraceResult, path: str | Path, title: str = "Causal traci
 
 
 def trace(model, ffn: FFNLayers, examples: list[dict], pad_token_id: int, window: int, batch_size: int = 8,
-          **options) -> TraceResult:
-    """``causal_trace`` over tokenized ``examples`` in batches, with the best ``window`` of layers chosen."""
+          tokens: str = "prompt", tokenizer=None, **options) -> TraceResult:
+    """``causal_trace`` over tokenized ``examples`` in batches, with the best ``window`` of layers chosen; ``tokens``:
+    ``prompt`` or ``subject`` (needs the ``tokenizer``), see the module docstring."""
     if not examples:
         raise UsageError("causal tracing needs forget examples: the forget set is empty")
     best_window([0.0] * len(ffn), window)  # a bad window fails before the expensive part
-    parts = [causal_trace(model, ffn, pad_examples(examples[i : i + batch_size], pad_token_id), **options)
-             for i in range(0, len(examples), batch_size)]
+    parts = []
+    for i in range(0, len(examples), batch_size):
+        batch = pad_examples(examples[i : i + batch_size], pad_token_id)
+        if tokens == "subject":
+            subject = token_positions(batch, "subject", tokenizer, prompt_only=False)
+            options.update(noised=subject, restored=span_ends(subject))
+        parts.append(causal_trace(model, ffn, batch, **options))
     result = TraceResult(torch.cat([p.effects for p in parts]), torch.cat([p.clean for p in parts]),
                          torch.cat([p.corrupted for p in parts]), parts[0].noise_std)
     result.window = best_window(result.mean_effects, window)

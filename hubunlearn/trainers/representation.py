@@ -9,9 +9,10 @@ from typing import ClassVar
 
 import torch
 
-from ..data import IGNORE_INDEX, holdout_split, pad_examples
+from ..data import holdout_split, pad_examples
 from ..errors import UsageError
 from ..kuda.layers import FFNLayers
+from ..kuda.positions import TOKEN_RULES, token_positions
 from ..kuda.projection import NullSpaceProjection, collect_keys, null_space_projector, relative_output_change, subspace_energy
 from ..kuda.tracing import plot_trace, trace
 from . import losses
@@ -19,7 +20,8 @@ from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
 
 logger = logging.getLogger(__name__)
 REPRESENTATION_RETAIN_LOSSES = ("representation", *RETAIN_LOSSES)
-DEVIATION_TOKENS = ("answer", "subject", "prompt")
+DEVIATION_TOKENS = TOKEN_RULES
+TRACE_TOKENS = ("prompt", "subject")
 HELD_OUT_FRACTION = 0.2  # of the retain rows, kept out of the projection to measure what it protects
 TRACE_PLOT = "causal_trace.png"
 
@@ -46,22 +48,6 @@ def parse_layers(text: str | None, option: str) -> list[int] | None:
         return [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
         raise UsageError(f"{option} '{text}' is not a comma-separated list of layer numbers") from None
-
-
-def deviation_positions(batch: dict[str, torch.Tensor], rule: str, tokenizer) -> torch.Tensor:
-    """``[B, T]`` bool: the forget tokens whose FFN outputs KUDA turns away. ``answer``: the positions the answer is
-    read off; ``prompt``: the question's tokens; ``subject``: the question's name-like tokens (capitalised words not
-    opening a sentence, as ECO's ``names`` rule), where ROME-style recall looks the subject up; a question without
-    any falls back to all its tokens."""
-    if rule == "answer":
-        return losses.answer_positions(batch["labels"])
-    prompt = (batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()
-    if rule == "prompt":
-        return prompt
-    from ..eco.selection import name_token_mask
-
-    names = name_token_mask(tokenizer, batch["input_ids"].cpu(), batch["attention_mask"].cpu()).to(prompt.device) & prompt
-    return names | (prompt & ~names.any(-1, keepdim=True))
 
 
 class RepresentationTrainer(UnlearnTrainer):
@@ -116,6 +102,9 @@ class KUDAConfig(RepresentationConfig):
     trace_examples: int = field(default=32, metadata={"help": "Forget examples causal tracing averages over."})
     noise_scale: float = field(default=3.0, metadata={"help": "Causal tracing's prompt noise, in standard deviations of the embeddings."})
     trace_samples: int = field(default=3, metadata={"help": "Noise draws per example in causal tracing."})
+    trace_tokens: str = field(default="prompt", metadata={
+        "help": "Causal tracing noises the whole 'prompt' and restores FFN outputs everywhere, or noises the 'subject' "
+                "(name-like question tokens) and restores them at its last token, as ROME does.", "choices": list(TRACE_TOKENS)})
     inverse_temperature: float = field(default=5.0, metadata={"help": "β of the deviation loss (1/β)·softplus(β·⟨h, h⁰⟩/‖h⁰‖²)."})
     deviation_tokens: str = field(default="answer", metadata={
         "help": "Forget tokens whose FFN outputs are deviated: 'answer' (where the answer is read off), 'subject' "
@@ -130,8 +119,9 @@ class KUDAConfig(RepresentationConfig):
             raise UsageError("--window, --trace_examples, --trace_samples and --retain_keys must be at least 1")
         if self.inverse_temperature <= 0 or self.noise_scale <= 0 or not 0 < self.null_space_threshold < 1:
             raise UsageError("--inverse_temperature and --noise_scale must be positive, --null_space_threshold in (0, 1)")
-        if self.deviation_tokens not in DEVIATION_TOKENS:
-            raise UsageError(f"unknown --deviation_tokens '{self.deviation_tokens}'; choose one of: {', '.join(DEVIATION_TOKENS)}")
+        for name, choices in (("deviation_tokens", DEVIATION_TOKENS), ("trace_tokens", TRACE_TOKENS)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"unknown --{name} '{getattr(self, name)}'; choose one of: {', '.join(choices)}")
 
 
 
@@ -156,7 +146,8 @@ class KUDATrainer(RepresentationTrainer):
             examples = [self.pairs.forget[i] for i in range(min(config.trace_examples, len(self.pairs.forget)))]
             self.trace_result = trace(model, self.ffn, examples, self.processing_class.pad_token_id, config.window,
                                       batch_size=config.per_device_train_batch_size, noise_scale=config.noise_scale,
-                                      samples=config.trace_samples, seed=config.seed)
+                                      samples=config.trace_samples, seed=config.seed, tokens=config.trace_tokens,
+                                      tokenizer=self.processing_class)
             layers = self.trace_result.window
         self.layers = self.ffn.check_window(layers)
         self.freeze_all_but([self.ffn.downs[i].weight for i in self.layers])
@@ -191,7 +182,7 @@ class KUDATrainer(RepresentationTrainer):
         for start in range(0, len(examples), size):
             batch = pad_examples([examples[i] for i in range(start, min(start + size, len(examples)))], self.processing_class.pad_token_id)
             if positions:
-                batch["positions"] = deviation_positions(batch, self.args.deviation_tokens, self.processing_class)
+                batch["positions"] = token_positions(batch, self.args.deviation_tokens, self.processing_class)
             yield batch
 
     def _energy_kept(self, model, downs, projectors, held_out: list) -> dict[str, list[float]]:
@@ -217,7 +208,7 @@ class KUDATrainer(RepresentationTrainer):
 
     def forget_loss(self, model, forget):
         current, original = self.paired_activations(model, forget)
-        mask = deviation_positions(forget, self.args.deviation_tokens, self.processing_class)
+        mask = token_positions(forget, self.args.deviation_tokens, self.processing_class)
         return sum(losses.representation_deviation_loss(h, h0, mask, self.args.inverse_temperature)
                    for h, h0 in zip(current, original)) / len(current)
 
