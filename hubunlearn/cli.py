@@ -162,7 +162,7 @@ def _trace(argv: list[str]) -> int:
 
     from .data import DataFormat, load_rows, tokenize_rows
     from .kuda.layers import FFNLayers
-    from .kuda.tracing import plot_trace, trace
+    from .kuda.tracing import TRACE_RULES, plot_trace, trace
     from .modeling import load_model, load_tokenizer
 
     parser = _Parser(prog="hubunlearn trace", description=COMMANDS["trace"])
@@ -172,7 +172,7 @@ def _trace(argv: list[str]) -> int:
     parser.add_argument("--examples", type=int, default=32, help="Forget examples to average over.")
     parser.add_argument("--noise_scale", type=float, default=3.0, help="Prompt noise in standard deviations of the embeddings.")
     parser.add_argument("--samples", type=int, default=3, help="Noise draws per example.")
-    parser.add_argument("--tokens", choices=("prompt", "subject"), default="prompt",
+    parser.add_argument("--tokens", choices=TRACE_RULES, default="prompt",
                         help="Noise the whole prompt and restore everywhere, or noise the subject (name-like tokens) and restore its last token (ROME).")
     parser.add_argument("--output", default="causal_trace.png", help="Where the heat map goes (PNG).")
     parser.add_argument("--layers_module", help="Path of the decoder layers' ModuleList (default: found by length).")

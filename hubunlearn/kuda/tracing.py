@@ -8,9 +8,9 @@ minus the corrupted one, where the answer score is the geometric-mean probabilit
 (teacher-forced). Two token rules: ``prompt`` noises every prompt token and restores at every position (the
 effect counts wherever the layer recalls the fact; the first FFN then tends to win, as restoring it everywhere
 undoes much of the noise); ``subject`` noises the name-like tokens (of the question and of the answer, which
-often repeats the name) and restores at the last token of each name only, as ROME's MLP traces do. Choices of ours, the paper gives none: the rules, the geometric mean (answers
-have many tokens), ``samples`` noise draws averaged. A sliding window then picks the contiguous layers with the
-largest summed effect.
+often repeats the name) and restores at the last token of each name only, as ROME's MLP traces do. Choices of
+ours, the paper gives none: the rules, the geometric mean (answers have many tokens), ``samples`` noise draws
+averaged. A sliding window then picks the contiguous layers with the largest summed effect.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from ..data import IGNORE_INDEX, pad_examples
 from ..errors import UsageError
 from .layers import FFNLayers
 from .positions import span_ends, token_positions
+
+TRACE_RULES = ("prompt", "subject")
 
 
 @dataclass
@@ -72,8 +74,8 @@ def causal_trace(model, ffn: FFNLayers, batch: dict[str, torch.Tensor], noise_sc
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    prompt = ((batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()) if noised is None else noised.to(device)
-    if not prompt.any():
+    noised = ((batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()) if noised is None else noised.to(device)
+    if not noised.any():
         raise UsageError("causal tracing needs prompts to corrupt: give question-answer rows")
     keep = None if restored is None else restored.to(device)[..., None]
     embeddings = model.get_input_embeddings()
@@ -86,7 +88,7 @@ def causal_trace(model, ffn: FFNLayers, batch: dict[str, torch.Tensor], noise_sc
     state = {"noise": None, "restore": None}
 
     def add_noise(module, args, output):
-        return output + state["noise"] * prompt[..., None]
+        return output + state["noise"] * noised[..., None]
 
     def restore(index):
         def hook(module, args, output):

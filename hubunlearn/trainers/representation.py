@@ -14,14 +14,13 @@ from ..errors import UsageError
 from ..kuda.layers import FFNLayers
 from ..kuda.positions import TOKEN_RULES, token_positions
 from ..kuda.projection import NullSpaceProjection, collect_keys, null_space_projector, relative_output_change, subspace_energy
-from ..kuda.tracing import plot_trace, trace
+from ..kuda.tracing import TRACE_RULES, plot_trace, trace
 from . import losses
 from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
 
 logger = logging.getLogger(__name__)
 REPRESENTATION_RETAIN_LOSSES = ("representation", *RETAIN_LOSSES)
 DEVIATION_TOKENS = TOKEN_RULES
-TRACE_TOKENS = ("prompt", "subject")
 HELD_OUT_FRACTION = 0.2  # of the retain rows, kept out of the projection to measure what it protects
 TRACE_PLOT = "causal_trace.png"
 
@@ -104,7 +103,7 @@ class KUDAConfig(RepresentationConfig):
     trace_samples: int = field(default=3, metadata={"help": "Noise draws per example in causal tracing."})
     trace_tokens: str = field(default="prompt", metadata={
         "help": "Causal tracing noises the whole 'prompt' and restores FFN outputs everywhere, or noises the 'subject' "
-                "(name-like question tokens) and restores them at its last token, as ROME does.", "choices": list(TRACE_TOKENS)})
+                "(name-like tokens) and restores at the last token of each name, as ROME does.", "choices": list(TRACE_RULES)})
     inverse_temperature: float = field(default=5.0, metadata={"help": "β of the deviation loss (1/β)·softplus(β·⟨h, h⁰⟩/‖h⁰‖²)."})
     deviation_tokens: str = field(default="answer", metadata={
         "help": "Forget tokens whose FFN outputs are deviated: 'answer' (where the answer is read off), 'subject' "
@@ -119,7 +118,7 @@ class KUDAConfig(RepresentationConfig):
             raise UsageError("--window, --trace_examples, --trace_samples and --retain_keys must be at least 1")
         if self.inverse_temperature <= 0 or self.noise_scale <= 0 or not 0 < self.null_space_threshold < 1:
             raise UsageError("--inverse_temperature and --noise_scale must be positive, --null_space_threshold in (0, 1)")
-        for name, choices in (("deviation_tokens", DEVIATION_TOKENS), ("trace_tokens", TRACE_TOKENS)):
+        for name, choices in (("deviation_tokens", DEVIATION_TOKENS), ("trace_tokens", TRACE_RULES)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown --{name} '{getattr(self, name)}'; choose one of: {', '.join(choices)}")
 
