@@ -20,7 +20,6 @@ from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
 
 logger = logging.getLogger(__name__)
 REPRESENTATION_RETAIN_LOSSES = ("representation", *RETAIN_LOSSES)
-DEVIATION_TOKENS = TOKEN_RULES
 HELD_OUT_FRACTION = 0.2  # of the retain rows, kept out of the projection to measure what it protects
 TRACE_PLOT = "causal_trace.png"
 
@@ -107,7 +106,7 @@ class KUDAConfig(RepresentationConfig):
     inverse_temperature: float = field(default=5.0, metadata={"help": "β of the deviation loss (1/β)·softplus(β·⟨h, h⁰⟩/‖h⁰‖²)."})
     deviation_tokens: str = field(default="answer", metadata={
         "help": "Forget tokens whose FFN outputs are deviated: 'answer' (where the answer is read off), 'subject' "
-                "(the question's name-like tokens) or 'prompt' (all the question's tokens).", "choices": list(DEVIATION_TOKENS)})
+                "(the question's name-like tokens) or 'prompt' (all the question's tokens).", "choices": list(TOKEN_RULES)})
     null_space: bool = field(default=True, metadata={"help": "Project updates onto the retain keys' relaxed null space (--no_null_space: ablation)."})
     null_space_threshold: float = field(default=1e-2, metadata={"help": "Keep eigen-directions of the retain keys with eigenvalue <= this × the largest."})
     retain_keys: int = field(default=4096, metadata={"help": "Retain tokens sampled per layer for the projection."})
@@ -118,7 +117,7 @@ class KUDAConfig(RepresentationConfig):
             raise UsageError("--window, --trace_examples, --trace_samples and --retain_keys must be at least 1")
         if self.inverse_temperature <= 0 or self.noise_scale <= 0 or not 0 < self.null_space_threshold < 1:
             raise UsageError("--inverse_temperature and --noise_scale must be positive, --null_space_threshold in (0, 1)")
-        for name, choices in (("deviation_tokens", DEVIATION_TOKENS), ("trace_tokens", TRACE_RULES)):
+        for name, choices in (("deviation_tokens", TOKEN_RULES), ("trace_tokens", TRACE_RULES)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown --{name} '{getattr(self, name)}'; choose one of: {', '.join(choices)}")
 
