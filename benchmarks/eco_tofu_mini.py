@@ -33,16 +33,16 @@ LATENCY_ROUNDS = 5
 LATENCY_PROMPTS = 32
 
 
-def generation_seconds(model, tokenizer, prompts: list[str]) -> float:
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+def generation_seconds(model, tokenizer, questions: list[str]) -> float:
+    from hubunlearn.data import prompt_inputs
+
+    batch = prompt_inputs(tokenizer, questions, return_tensors="pt", padding=True, padding_side="left")
     start = time.perf_counter()
     model.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return time.perf_counter() - start
 
 
 def run(data: Path) -> dict:
-    from hubunlearn.data import format_prompt
     from hubunlearn.evaluate import EvalConfig, evaluate_sets, load_for_eval, load_sets, summarize
     from hubunlearn.tofu_mini import build_tofu_mini
     from hubunlearn.trainers import ECOConfig, ECOTrainer
@@ -72,7 +72,7 @@ def run(data: Path) -> dict:
         questions = {name: [r["question"] for r in rows] for name, rows in sets.items()}
         flagged = {name: float(eco.flags(q).float().mean()) for name, q in questions.items()}
         flagged.update({f"{name}_unseen": float(eco.flags(questions[name][1::2]).float().mean()) for name in ("real_authors", "world_facts")})
-        prompts = [format_prompt(tokenizer, q) for q in questions["retain"][:LATENCY_PROMPTS]]
+        prompts = questions["retain"][:LATENCY_PROMPTS]
         times = {"base": [], "eco": []}
         for _ in range(LATENCY_ROUNDS):
             for name, model in (("base", target), ("eco", eco)):

@@ -69,12 +69,9 @@ class BenchConfig:
 
     def __post_init__(self):
         from .tofu_mini import FORGET_SPLITS
-        from .trainers import UNLEARNING_METHODS
+        from .trainers import UNLEARNING_METHODS, canonical_method
 
-        self.methods = tuple(self.methods) or tuple(UNLEARNING_METHODS)
-        unknown = [m for m in self.methods if m not in UNLEARNING_METHODS]
-        if unknown:
-            raise UsageError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: choose from {', '.join(UNLEARNING_METHODS)}")
+        self.methods = tuple(canonical_method(m) for m in self.methods) or tuple(UNLEARNING_METHODS)
         if self.split not in FORGET_SPLITS:
             raise UsageError(f"unknown forget split '{self.split}': choose one of {', '.join(FORGET_SPLITS)}")
         if self.steps < 1 or self.batch_size < 1 or self.scaling_steps < 2:
@@ -229,11 +226,11 @@ def _prefill_overhead(eco, base, tokenizer, forget_questions: list[str], retain_
     pay the classifier and the corruption; unflagged (retain) ones the classifier only."""
     import torch
 
-    from .data import format_prompt
+    from .data import prompt_inputs
 
     ratios = {}
     for name, questions in (("flagged", forget_questions[:32]), ("unflagged", retain_questions[:32])):
-        batch = tokenizer([format_prompt(tokenizer, q) for q in questions], return_tensors="pt", padding=True, padding_side="left")
+        batch = prompt_inputs(tokenizer, questions, return_tensors="pt", padding=True, padding_side="left")
         times = {"base": [], "eco": []}
         with torch.no_grad():
             for _ in range(rounds):

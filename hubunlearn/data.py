@@ -159,10 +159,23 @@ class DataFormat:
 
 def format_prompt(tokenizer, question: str) -> str:
     """The prompt text for a question: the tokenizer's chat template if it has one, else the plain template."""
-    if getattr(tokenizer, "chat_template", None):
+    if uses_chat_template(tokenizer):
         messages = [{"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return PLAIN_PROMPT.format(question=question)
+
+
+def uses_chat_template(tokenizer) -> bool:
+    """Whether prompts are rendered by the tokenizer's chat template, which writes its own special tokens (BOS
+    included): text rendered by it is tokenised with ``add_special_tokens=False``, or BOS would appear twice."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_inputs(tokenizer, questions: Sequence[str], **kwargs):
+    """The rendered prompts of ``questions`` tokenised for ``generate`` or a forward pass: special tokens added once
+    (by the chat template, or by the tokenizer for the plain template). ``kwargs`` go to the tokenizer (e.g.
+    ``return_tensors="pt", padding=True, padding_side="left"``); returns its ``BatchEncoding``."""
+    return tokenizer([format_prompt(tokenizer, q) for q in questions], add_special_tokens=not uses_chat_template(tokenizer), **kwargs)
 
 
 def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict[str, list[int]] | None:
@@ -172,7 +185,7 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict[st
     first character, so a token that straddles the boundary counts as answer and no answer character is
     ever part of the prompt. Returns None when the prompt alone does not fit in ``max_length``.
     """
-    chat = bool(getattr(tokenizer, "chat_template", None))
+    chat = uses_chat_template(tokenizer)
     prompt = format_prompt(tokenizer, question)
     answer_text = (answer if chat else " " + answer.lstrip()) + (tokenizer.eos_token or "")
     if tokenizer.is_fast:

@@ -66,3 +66,27 @@ def hub_facts(name_or_path: str, revision: str | None = None) -> dict:
         return {"revision": revision, "license": None}
     license = (info.card_data or {}).get("license") if info.card_data is not None else None
     return {"revision": info.sha or revision, "license": license}
+
+
+def base_model_view(peft_model):
+    """The base model under a PEFT adapter as a plain ``transformers`` model with no adapter, sharing the adapter
+    model's base tensors (no copy: the extra memory is the module objects and the non-persistent buffers).
+
+    ``peft_model.disable_adapter()`` switches the adapter off for every caller at once; this view lets one thread
+    ask the original while another asks the adapted model. Raises ``ValueError`` for an adapter that replaces
+    base modules (anything other than LoRA-style layers over ``base_layer``).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    state = {}
+    for name, tensor in base.state_dict(keep_vars=True).items():
+        if ".modules_to_save." in name or "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    with init_empty_weights():  # parameters on the meta device, buffers (e.g. rotary inv_freq) real
+        view = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+    view.load_state_dict(state, strict=True, assign=True)
+    view.generation_config = base.generation_config
+    return view.to(base.device).eval()

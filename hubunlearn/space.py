@@ -1,15 +1,17 @@
 """The side-by-side demo: the same prompt to the original and the unlearned model (a Gradio Blocks app).
 
-One model in memory where possible: an adapter is switched off for the original's answer, an ECO bundle's base
-model answers unguarded for the original; only a full checkpoint needs two models. Prompt length, new tokens
-and concurrency are capped; errors reach the page as messages, never as stack traces.
+One set of weights in memory where possible: an adapter's original is a plain model sharing the adapter model's
+base tensors, an ECO bundle's base model answers unguarded for the original; only a full checkpoint needs two
+models. Nothing is switched globally: no adapter toggle, and ECO's corruption is selected per call (a context
+variable), so concurrent requests (the queue runs ``CONCURRENCY`` at once) each get exactly the answer their model
+gives alone. Prompt length, new tokens and concurrency are capped; errors reach the page as messages, never as
+stack traces.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,19 +29,19 @@ CONCURRENCY = 2
 
 @dataclass
 class SideBySide:
-    """What the app compares: the unlearned artifact and its original, loaded once."""
+    """What the app compares: the unlearned artifact and its original, loaded once. Safe to call from many threads."""
 
     record: dict
     tokenizer: Any
     unlearned: Any
-    original: Any | None  # None: the unlearned model itself, with its adapter off or its ECO guard bypassed
+    original: Any  # a model of its own, the adapter's base tensors without the adapter, or an ECO bundle's base
     kind: str
     plots: list[Path]
 
     @classmethod
     def load(cls, unlearned: str, original: str | None = None) -> "SideBySide":
         from .hub import load
-        from .modeling import load_model, load_tokenizer
+        from .modeling import base_model_view, load_model, load_tokenizer
 
         folder = Path(unlearned)
         if not folder.is_dir():
@@ -50,17 +52,14 @@ class SideBySide:
         kind = record["artifact"]
         model = load(unlearned)
         tokenizer = load_tokenizer(unlearned)  # every artifact folder carries its tokenizer
-        base = original or record["base_model"]["name_or_path"]
-        other = None
         if kind == "full" or original:
-            other = load_model(base).eval()
+            other = load_model(original or record["base_model"]["name_or_path"]).eval()
+        elif kind == "lora":
+            other = base_model_view(model)
+        else:  # an ECO bundle's base model: its hook corrupts only the calls made through the bundle
+            other = model.model
         plots = [folder / name for name in record.get("plots") or [] if (folder / name).is_file()]
         return cls(record, tokenizer, model.eval(), other, kind, plots)
-
-    def _original_context(self):
-        if self.original is None and self.kind == "lora":
-            return self.unlearned.disable_adapter()
-        return nullcontext()
 
     def flag(self, prompt: str) -> tuple[bool, float] | None:
         """For an ECO bundle: whether its classifier flags the prompt, and the score."""
@@ -73,27 +72,26 @@ class SideBySide:
         """Yield the growing answer of ``which`` ("original" or "unlearned")."""
         from transformers import TextIteratorStreamer
 
-        from .data import format_prompt
+        from .data import prompt_inputs
 
-        text = format_prompt(self.tokenizer, prompt)
-        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+        if which not in ("original", "unlearned"):
+            raise ValueError(f"which must be 'original' or 'unlearned', not {which!r}")
+        inputs = prompt_inputs(self.tokenizer, [prompt], return_tensors="pt")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         settings = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, pad_token_id=pad)
         if temperature > 0:
             settings["temperature"] = temperature
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         if which == "original":
-            model = self.original or (self.unlearned.model if self.kind == "eco" else self.unlearned)
-            context = self._original_context()
-            extra = {}
+            model, extra = self.original, {}
         else:
-            model, context = self.unlearned, nullcontext()
+            model = self.unlearned
             extra = {"prompts": [prompt]} if self.kind == "eco" else {}
         errors = []
 
         def run():
             try:
-                with context, torch.no_grad():
+                with torch.no_grad():
                     model.generate(**inputs, streamer=streamer, **settings, **extra)
             except Exception as error:  # shown on the page; the worker must not die silently
                 errors.append(error)

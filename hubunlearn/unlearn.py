@@ -15,7 +15,7 @@ from .data import load_rows
 from .errors import NonFiniteLossError, UsageError
 from .resources import resource_dir
 from .modeling import hub_facts, load_model, load_tokenizer
-from .trainers import UNLEARNING_METHODS, UnlearnConfig
+from .trainers import UNLEARNING_METHODS, UnlearnConfig, canonical_method
 
 RECIPES = resource_dir("recipes", "trainers")
 
@@ -75,8 +75,8 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
     wants_help = any(a in ("-h", "--help") for a in argv)
     if method is None and not wants_help:
         raise UsageError(f"--method is required: choose one of {', '.join(UNLEARNING_METHODS)}")
-    if method is not None and method not in UNLEARNING_METHODS:
-        raise UsageError(f"unknown method '{method}': choose one of {', '.join(UNLEARNING_METHODS)}")
+    if method is not None:
+        method = canonical_method(str(method))
     config_class = UNLEARNING_METHODS[method].config_class if method else UnlearnConfig
     parser = HfArgumentParser((UnlearnArguments, config_class), prog="hubunlearn unlearn")
     parser.error = _usage_error

@@ -121,6 +121,11 @@ def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path
         ({"--utility_budget": "1.5"}, "--utility_budget must be in (0, 1]"),
         ({"--utility_budget": "0"}, "--utility_budget must be in (0, 1]"),
         ({"--method": "ga", "--nll_cap": "-1"}, "--nll_cap must be a positive NLL"),
+        ({"--fp16": True}, "--fp16 needs a GPU: on the CPU use --bf16"),
+        ({"--bf16": True, "--fp16": True}, "--fp16 needs a GPU"),
+        ({"--lr_scheduler_type": "reduce_lr_on_plateau"}, "reduce_lr_on_plateau requires an eval strategy"),
+        ({"--warmup_steps": "-1"}, "warmup_steps >= 0"),
+        ({"--method": "Grad-Descent"}, "unknown method 'Grad-Descent'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_dir, data_files, tmp_path, change, message):
@@ -133,6 +138,24 @@ def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_
     assert code == 2
     assert_one_error_line(err, message)
     assert not output.exists() and not list(tmp_path.glob(".never*"))
+
+
+@pytest.mark.parametrize("spelling, method", [("grad_diff", "graddiff"), ("GradDiff", "graddiff"), ("GradAscent", "ga"),
+                                             ("grad_ascent", "ga"), ("NPO", "npo"), ("SimNPO", "simnpo"), ("RMU", "rmu"), ("ECO", "eco")])
+def test_the_fields_method_spellings_are_accepted_and_recorded_canonically(spelling, method, tmp_path):
+    arguments, config = parse_unlearn_args(["--method", spelling, "--model_name_or_path", "m", "--forget", "f", "--output_dir", str(tmp_path)])
+    assert arguments.method == method
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: {spelling}\nmodel_name_or_path: m\nforget: f\noutput_dir: {tmp_path}\n")
+    assert parse_unlearn_args(["--config", str(recipe)])[0].method == method
+
+
+def test_bf16_without_a_gpu_trains_in_bf16_on_the_cpu(run_cli, world_model_dir, data_files, tmp_path):
+    code, out, err = run_cli(*unlearn_args(world_model_dir, data_files, tmp_path / "bf16", "--method", "grad_diff", "--bf16"))
+    assert code == 0 and "Traceback" not in err, err
+    assert "training in bf16 on the CPU" in err
+    record = json.loads((tmp_path / "bf16" / "unlearning.json").read_text())
+    assert record["method"] == "GradDiff" and (tmp_path / "bf16" / "model.safetensors").is_file()
 
 
 def test_non_empty_output_folder_needs_overwrite_and_is_left_untouched(run_cli, world_model_dir, data_files, tmp_path):

@@ -15,6 +15,7 @@ from hubunlearn.data import (
     count_overlap,
     encode_qa,
     load_rows,
+    prompt_inputs,
     tokenize_rows,
 )
 from hubunlearn.errors import UsageError
@@ -105,6 +106,16 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tokenizer):
     assert chat.decode(example["input_ids"][:k]) == "<s>[user] Where was Kalo born?\n[assistant] "
     assert chat.decode(example["input_ids"][k:], skip_special_tokens=True) == "Kalo was born in Tamira."
     assert example["input_ids"].count(chat.bos_token_id) == 1  # no second bos from add_special_tokens
+
+
+def test_rendered_prompts_are_tokenised_with_one_bos_with_or_without_a_chat_template(tokenizer):
+    chat = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    chat.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    for tok in (tokenizer, chat):
+        batch = prompt_inputs(tok, ["Where was Kalo born?", "Who?"], padding=True, padding_side="left")
+        for ids in batch["input_ids"]:
+            assert ids.count(tok.bos_token_id) == 1, tok.decode(ids)  # a chat template renders its own bos
+    assert chat.decode(prompt_inputs(chat, ["Who?"])["input_ids"][0]).endswith("[user] Who?\n[assistant] ")
 
 
 def test_truncation_keeps_the_prompt_and_drops_prompts_that_do_not_fit(tokenizer):

@@ -2,11 +2,13 @@
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -34,6 +36,19 @@ def lora_artifact(world_model_dir, world, tmp_path_factory):
                               forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"),
                               processing_class=AutoTokenizer.from_pretrained(world_model_dir),
                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.train()
+    trainer.save_model()
+    return output
+
+
+@pytest.fixture(scope="module")
+def full_artifact(world_model_dir, world, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = tmp_path_factory.mktemp("space") / "graddiff-full"
+    trainer = GradDiffTrainer(model=AutoModelForCausalLM.from_pretrained(world_model_dir), args=config(GradDiffTrainer, output, learning_rate=1e-3),
+                              forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"),
+                              processing_class=AutoTokenizer.from_pretrained(world_model_dir))
     trainer.train()
     trainer.save_model()
     return output
@@ -70,6 +85,44 @@ def serve():
     yield start
     for demo in demos:
         demo.close()
+
+
+def final(stream) -> str:
+    answer = ""
+    for answer in stream:
+        pass
+    return answer
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "eco"])
+def test_overlapping_requests_each_get_the_answer_their_model_gives_alone(request, kind, world):
+    """Many requests of both kinds at once, on the same prompts (same shapes, the worst case for shared state):
+    every answer must equal that model's answer alone. A global adapter toggle or a shared ECO selection fails."""
+    from hubunlearn.space import SideBySide
+
+    models = SideBySide.load(str(request.getfixturevalue(f"{kind}_artifact")))
+    prompts = [r["question"] for r in world.rows("forget")[:2]] + [world.rows("retain")[0]["question"]]
+    jobs = [(which, prompt) for which in ("original", "unlearned") for prompt in prompts]
+    alone = {job: final(models.stream(*job, 24, 0.0)) for job in jobs}
+    assert all(alone[("original", p)] != alone[("unlearned", p)] for p in prompts[:2])  # forgotten: the two differ
+    overlapping = jobs * 6
+    random.Random(0).shuffle(overlapping)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda job: final(models.stream(*job, 24, 0.0)), overlapping))
+    wrong = [(job, answer) for job, answer in zip(overlapping, answers) if answer != alone[job]]
+    assert not wrong, f"{len(wrong)} of {len(overlapping)} overlapping answers differ from the model's own: {wrong[:2]}"
+
+
+def test_app_serves_overlapping_submits_with_each_models_own_answer(serve, lora_artifact, world):
+    from gradio_client import Client
+
+    client = Client(serve(lora_artifact), verbose=False)
+    prompts = [world.rows("forget")[0]["question"], world.rows("forget")[1]["question"]]
+    alone = {prompt: client.predict(prompt, 24, 0.0, api_name="/generate")[:2] for prompt in prompts}
+    for _ in range(4):  # two users at once, as the queue's concurrency limit allows
+        jobs = [(prompt, client.submit(prompt, 24, 0.0, api_name="/generate")) for prompt in prompts * 2]
+        for prompt, job in jobs:
+            assert tuple(job.result()[:2]) == tuple(alone[prompt])
 
 
 def test_api_forget_prompt_answers_differ_and_limits_hold(serve, lora_artifact, world):

@@ -5,12 +5,18 @@ The weights are never touched. A forward hook on the input-embedding module corr
 of flagged rows, only on calls that see more than one position (the prompt's prefill): with the KV cache,
 generated tokens pass through untouched. Unflagged prompts leave the hook inert, so their logits and
 generations are bit-identical to the base model's.
+
+Thread safety: the selection of a call lives in a context variable, so it is seen only by the thread (or task)
+that made the call. Concurrent calls on the same bundle, and calls on the unguarded base model (the Space's
+"original"), never see another call's selection.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from .corruption import get_corruption
 from .selection import TOKEN_RULES, name_token_mask, selected_positions
 
 BUNDLE_NAME = "eco.json"
+# (bundle, [B, T] bool selection) of the call running in this thread or task; None outside a call.
+_ACTIVE_SELECTION: ContextVar[tuple["ECOModel", torch.Tensor] | None] = ContextVar("eco_selection", default=None)
 
 
 @dataclass
@@ -60,7 +68,6 @@ class ECOModel(torch.nn.Module):
         self.embedding_module_path = embedding_module
         self.base_model = base_model or {"name_or_path": model.config._name_or_path}
         self._function = get_corruption(corruption.name)
-        self._selection: torch.Tensor | None = None
         find_embedding_module(model, embedding_module).register_forward_hook(self._corrupt)
 
     @property
@@ -78,9 +85,21 @@ class ECOModel(torch.nn.Module):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
+    @contextmanager
+    def _selecting(self, selection: torch.Tensor):
+        """Corrupt ``selection`` during this thread's (or task's) forward passes, and only there."""
+        token = _ACTIVE_SELECTION.set((self, selection))
+        try:
+            yield
+        finally:
+            _ACTIVE_SELECTION.reset(token)
+
     def _corrupt(self, module, inputs, output):
-        selection = self._selection
-        if selection is None or output.dim() != 3 or output.shape[1] <= 1 or not selection.any():
+        active = _ACTIVE_SELECTION.get()
+        if active is None or active[0] is not self:
+            return None
+        selection = active[1]
+        if output.dim() != 3 or output.shape[1] <= 1 or not selection.any():
             return None
         if selection.shape != output.shape[:2]:
             return None  # not this call's prompt (e.g. a cached continuation)
@@ -117,21 +136,15 @@ class ECOModel(torch.nn.Module):
         if prompt_length is not None:  # the prompt's positions only
             lengths = torch.as_tensor(prompt_length, device=attention_mask.device).reshape(-1, 1)
             corruptible = attention_mask * (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)
-        self._selection = self._select(input_ids, corruptible, flags)
-        try:
+        with self._selecting(self._select(input_ids, corruptible, flags)):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            self._selection = None
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, **kwargs):
         """Generation with only the prefill corrupted (the KV cache is kept on, so decoding steps are clean)."""
         attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags)
-        self._selection = self._select(input_ids, attention_mask, flags)
-        try:
+        with self._selecting(self._select(input_ids, attention_mask, flags)):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
-        finally:
-            self._selection = None
 
     # ---- the bundle -----------------------------------------------------------------------------------------
 

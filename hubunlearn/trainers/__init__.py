@@ -30,4 +30,22 @@ METHODS: dict[str, type[UnlearnTrainer]] = {
 # Every method `hubunlearn unlearn --method` knows: the gradient methods above, and ECO, which trains no weights.
 UNLEARNING_METHODS: dict[str, type[UnlearnTrainer]] = {**METHODS, "eco": ECOTrainer}
 
-__all__ = [name for name in dir() if name.endswith(("Config", "Trainer"))] + ["METHODS", "UNLEARNING_METHODS"]
+# Other spellings the field uses (TOFU's grad_diff, OpenUnlearning's GradAscent, ...), after lower-casing and
+# dropping '_', '-' and spaces; names that already match a method (NPO, SimNPO, RMU, ...) need no entry.
+METHOD_ALIASES = {"gradascent": "ga", "gradientascent": "ga", "gradientdifference": "graddiff", "gradkl": "kl"}
+
+
+def canonical_method(name: str) -> str:
+    """The method ``name`` stands for, case-insensitively and in the field's spellings (``GradDiff``, ``grad_diff``,
+    ``GradAscent``, ``grad_ascent``, ``NPO``, ``SimNPO``, ...); raises a one-line ``UsageError`` for an unknown one."""
+    from ..errors import UsageError
+
+    key = "".join(ch for ch in name.lower() if ch not in "_- ")
+    key = METHOD_ALIASES.get(key, key)
+    if key not in UNLEARNING_METHODS:
+        raise UsageError(f"unknown method '{name}': choose one of {', '.join(UNLEARNING_METHODS)} "
+                         "(any case; the field's spellings such as GradDiff, grad_ascent and SimNPO are accepted)")
+    return key
+
+
+__all__ = [name for name in dir() if name.endswith(("Config", "Trainer"))] + ["METHODS", "UNLEARNING_METHODS", "canonical_method"]

@@ -92,7 +92,11 @@ class UnlearnConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches carry forget and retain parts."})
 
     def __post_init__(self):
-        super().__post_init__()
+        self._fit_precision_to_machine()
+        try:
+            super().__post_init__()
+        except ValueError as error:  # TrainingArguments' own validation: one line, not a traceback
+            raise UsageError(f"{str(error).splitlines()[0]} (see hubunlearn unlearn --help)") from error
         if self.retain_loss not in self.retain_losses:
             raise UsageError(f"unknown --retain_loss '{self.retain_loss}'; choose one of: {', '.join(self.retain_losses)}")
         for name, choices in (("lora_init", LORA_INITS), ("lora_export", LORA_EXPORTS), ("utility_metric", UTILITY_METRICS)):
@@ -102,6 +106,16 @@ class UnlearnConfig(TrainingArguments):
             check_budget(self.utility_budget)
         if self.utility_probe_size < 1 or self.budget_check_steps < 0:
             raise UsageError("--utility_probe_size must be at least 1 and --budget_check_steps at least 0")
+
+    def _fit_precision_to_machine(self) -> None:
+        """``--bf16`` without an accelerator trains in bfloat16 on the CPU (autocast), as asked, instead of ending in
+        transformers' error; ``--fp16`` has no CPU autocast in accelerate, so it is refused with what to use instead."""
+        on_cpu = self.use_cpu or not torch.accelerator.is_available()
+        if on_cpu and (self.fp16 or self.fp16_full_eval):
+            raise UsageError("--fp16 needs a GPU: on the CPU use --bf16 (bfloat16 autocast) or neither")
+        if on_cpu and (self.bf16 or self.bf16_full_eval) and not self.use_cpu:
+            self.use_cpu = True
+            logger.info("no GPU found: training in bf16 on the CPU, as --bf16 asks")
 
     @property
     def data_format(self) -> DataFormat:
