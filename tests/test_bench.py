@@ -46,7 +46,7 @@ def test_runner_writes_valid_json_and_the_plot_and_never_mixes_schemas(run_cli, 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "graddiff,forgetall"], "unknown method forgetall: choose from ga, graddiff"),
+    (["--methods", "GradDiff,forgetall"], "unknown method 'forgetall': choose one of ga, graddiff"),
     (["--split", "forget20"], "unknown forget split 'forget20'"),
     (["--steps", "0"], "--steps and --batch_size must be at least 1"),
     (["--tau", "1.5"], "--tau must be in (0, 1]"),
