@@ -36,7 +36,6 @@ def staging_dir(destination: str | os.PathLike) -> Iterator[Path]:
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the artifact folder should not be
     try:
         yield staging
         publish(staging, destination)
@@ -44,11 +43,21 @@ def staging_dir(destination: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _user_file_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the user's normal modes (0644/0755 under umask 022): ``mkdtemp`` and
+    the safetensors writer make them private (0700/0600), so another user or a serving container could not read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def publish(staging: Path, destination: Path) -> None:
     """Move a finished folder into place: one rename when the destination is new or empty, else file by file
     with the record (``unlearning.json``) last, so its presence marks a complete artifact."""
     for name in NEVER_SHIPPED:
         (staging / name).unlink(missing_ok=True)
+    _user_file_modes(staging)
     if destination.is_dir() and not any(destination.iterdir()):
         destination.rmdir()
     if not destination.exists():

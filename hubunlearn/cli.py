@@ -31,10 +31,12 @@ def _unlearn(argv: list[str]) -> int:
 
     from accelerate import PartialState
 
+    from .artifacts import read_record
+
     arguments, config = parse_unlearn_args(argv)
     output_dir = run_unlearn(arguments, config)
     if PartialState().is_main_process:
-        kind = "bundle" if arguments.method == "eco" else "LoRA adapter" if arguments.use_lora else "checkpoint"
+        kind = {"eco": "bundle", "lora": "LoRA adapter", "full": "checkpoint"}[read_record(output_dir)["artifact"]]
         print(f"hubunlearn: saved the {arguments.method} {kind} and unlearning.json to {output_dir}")
     return 0
 
@@ -81,6 +83,8 @@ def _eval(argv: list[str]) -> int:
 
 
 def _push(argv: list[str]) -> int:
+    from huggingface_hub.utils import logging as hf_logging
+
     from .hub import push
 
     parser = _Parser(prog="hubunlearn push", description=COMMANDS["push"])
@@ -93,8 +97,15 @@ def _push(argv: list[str]) -> int:
     parser.add_argument("--base_model_id", help="Hub id of the base model, when the artifact was made from a local folder.")
     parser.add_argument("--dry_run", action="store_true", help="Check the folder and list what would be uploaded; upload nothing.")
     args = parser.parse_args(argv)
-    result = push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-                  commit_message=args.commit_message, base_model_id=args.base_model_id, dry_run=args.dry_run)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the client's own retry chatter: push says what happened, in one line
+    try:
+        result = push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+                      commit_message=args.commit_message, base_model_id=args.base_model_id, dry_run=args.dry_run)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if result is None:  # nothing changed: push said so, with the current commit
+        return 0
     if args.dry_run:
         print(f"hubunlearn: would upload to {args.repo_id} in one commit:")
         for name in result.files:

@@ -1,6 +1,7 @@
 """`hubunlearn unlearn` end to end, its recipes, and every bad input: one line, the right exit code, nothing left behind."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,18 @@ def test_unlearn_with_lora_writes_the_adapter_and_record(run_cli, world_model_di
     assert record["method"] == "IHL" and record["artifact"] == "lora" and record["hyperparameters"]["lora"]["r"] == 4
     assert record["data"]["forget"]["path"] == str(data_files / "forget.jsonl") and record["training"]["global_steps"] == 2
     assert (output / "adapter_model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [output, *output.rglob("*")]:  # readable by others (a serving container), as any file the user writes
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
+
+
+def test_a_merged_export_says_it_saved_a_checkpoint(run_cli, world_model_dir, data_files, tmp_path):
+    output = tmp_path / "merged"
+    code, out, err = run_cli(*unlearn_args(world_model_dir, data_files, output, "--method", "ihl", "--use_lora", "--lora_r", "4",
+                                           "--lora_export", "merged"))
+    assert code == 0, err
+    assert "saved the ihl checkpoint" in out and (output / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[r.stem for r in RECIPE_FILES])
@@ -79,6 +92,8 @@ def test_fila_with_a_utility_budget_from_the_command_line(run_cli, world_model_d
     record = json.loads((output / "unlearning.json").read_text())
     assert json.loads((output / "adapter_config.json").read_text())["r"] == 8  # converted for the unmodified base
     assert record["hyperparameters"]["lora_init"] == "fila" and record["calibration"]["tau"] == 0.9
+    retain_rows = len((data_files / "retain.jsonl").read_text().splitlines())
+    assert record["calibration"]["probe_size"] == min(32, retain_rows) > 3  # rows, not a slice's column count
     assert record["calibration"]["value"] >= 0.9 * record["calibration"]["original"]
 
 

@@ -273,9 +273,13 @@ class UnlearnTrainer(Trainer):
 
     # ---- controls (Unlearning with Control) and the end of training ----------------------------------------------
 
+    def _probe_size(self) -> int:
+        """Rows in the probe: ``len()`` of a ``Dataset`` counts rows, of a slice of one its columns, so never slice."""
+        return min(self.args.utility_probe_size, len(self._probe_examples))
+
     def probe(self) -> float:
         """The ``--utility_metric`` of the current model on the first ``--utility_probe_size`` retain examples."""
-        examples = [self._probe_examples[i] for i in range(min(self.args.utility_probe_size, len(self._probe_examples)))]
+        examples = [self._probe_examples[i] for i in range(self._probe_size())]
         return probe_metric(self.accelerator.unwrap_model(self.model), self.processing_class, examples, self.args.utility_metric)
 
     def train(self, *args, **kwargs):
@@ -320,7 +324,7 @@ class UnlearnTrainer(Trainer):
         self._original_state = None
         stopping = getattr(self, "_early_stopping", None)
         self.record_extras["calibration"] = {
-            "tau": self.args.utility_budget, "metric": f"retain {self.args.utility_metric}", "probe_size": len(self._probe_examples[: self.args.utility_probe_size]),
+            "tau": self.args.utility_budget, "metric": f"retain {self.args.utility_metric}", "probe_size": self._probe_size(),
             "original": self._probe_original, "alpha": alpha, "value": value,
             "curve": [{"alpha": a, "value": v} for a, v in curve],
             **({"early_stopping": {"every": self.args.budget_check_steps, "stopped_at_step": stopping.stopped_at,
