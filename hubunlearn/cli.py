@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .errors import HubUnlearnError, UsageError
+from .errors import HubUnlearnError, UsageError, did_you_mean
 
 COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
@@ -23,6 +23,8 @@ class _Parser(argparse.ArgumentParser):
     """Argument errors as one line that says where to look, exit code 2 (through UsageError)."""
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            message += did_you_mean(message.split()[2], self)
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
@@ -83,6 +85,9 @@ def _eval(argv: list[str]) -> int:
 
 
 def _push(argv: list[str]) -> int:
+    from contextlib import nullcontext
+
+    from huggingface_hub.utils import disable_progress_bars
     from huggingface_hub.utils import logging as hf_logging
 
     from .hub import push
@@ -100,8 +105,9 @@ def _push(argv: list[str]) -> int:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the client's own retry chatter: push says what happened, in one line
     try:
-        result = push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-                      commit_message=args.commit_message, base_model_id=args.base_model_id, dry_run=args.dry_run)
+        with nullcontext() if sys.stderr.isatty() else disable_progress_bars():  # upload progress on a terminal only
+            result = push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+                          commit_message=args.commit_message, base_model_id=args.base_model_id, dry_run=args.dry_run)
     finally:
         hf_logging.set_verbosity(verbosity)
     if result is None:  # nothing changed: push said so, with the current commit
@@ -254,10 +260,9 @@ def _space(argv: list[str]) -> int:
 
         print(f"hubunlearn: deployed the Space {args.deploy}: {deploy(args.unlearned, args.deploy, args.original, args.hardware, args.private)}")
         return 0
-    from .space import SideBySide, build_demo
+    from .space import SideBySide, build_demo, check_port
 
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be between 1 and 65535; got {args.port}")
+    check_port(args.port)
     build_demo(SideBySide.load(args.unlearned, args.original)).launch(server_port=args.port)
     return 0
 

@@ -25,3 +25,16 @@ class NonFiniteLossError(HubUnlearnError):
             f"the {what} became {value} at step {step}; training stopped and {kept}: "
             "lower --learning_rate (or --max_grad_norm) and run again"
         )
+
+
+def did_you_mean(argument: str, parser) -> str:
+    """``": did you mean --retain?"`` for a misspelled flag of an ``argparse`` parser, or nothing."""
+    import difflib
+
+    import argparse
+
+    subcommands = [a.choices.values() for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = [parser, *(sub for choices in subcommands for sub in choices)]  # a subcommand's own flags too (bench run)
+    flags = [option for p in parsers for action in p._actions for option in action.option_strings if option.startswith("--")]
+    match = difflib.get_close_matches(argument.split("=")[0], flags, n=1)
+    return f": did you mean {match[0]}?" if match else ""

@@ -46,8 +46,13 @@ class SideBySide:
         folder = Path(unlearned)
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import RepositoryNotFoundError
 
-            folder = Path(snapshot_download(unlearned, allow_patterns=[RECORD_NAME, "README.md", "*.png"]))
+            try:
+                folder = Path(snapshot_download(unlearned, allow_patterns=[RECORD_NAME, "README.md", "*.png"]))
+            except RepositoryNotFoundError as error:
+                raise UsageError(f"--unlearned {unlearned} is neither a local folder nor a Hub repository you can read "
+                                 "(check the path, the repo id, and HF_TOKEN for private repositories)") from error
         record = read_record(folder)
         kind = record["artifact"]
         model = load(unlearned)
@@ -169,7 +174,16 @@ def build_demo(models: SideBySide, gpu=None):
 
 
 APP_TEMPLATE = "app.py"
-REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "scikit-learn", "jinja2", "pyyaml", "tqdm")
+
+
+def space_requirements() -> list[str]:
+    """``requirements.txt`` of a deployed Space: Gradio at this version, and hubunlearn's own dependencies as its
+    package metadata declares them (so a dependency added to ``pyproject.toml`` is never missing from a Space)."""
+    import gradio
+    from importlib.metadata import requires
+
+    own = [r.split(";")[0].strip() for r in requires("hubunlearn") or [] if "extra ==" not in r]
+    return [f"gradio=={gradio.__version__}", *own]
 
 
 def space_files(unlearned: str, original: str | None, record: dict, hardware: str) -> dict[str, bytes]:
@@ -189,7 +203,7 @@ def space_files(unlearned: str, original: str | None, record: dict, hardware: st
                                    title=f"{record['method']} unlearning: original and unlearned side by side",
                                    body=f"Compares `{models[1]}` with the unlearned `{unlearned}` on the same prompts. Made with hubunlearn.")
     files = {"app.py": app.encode(), "README.md": str(card).encode(),
-             "requirements.txt": ("\n".join([f"gradio=={gradio.__version__}", *REQUIREMENTS]) + "\n").encode()}
+             "requirements.txt": ("\n".join(space_requirements()) + "\n").encode()}
     for path in sorted(PACKAGE.rglob("*.py")):
         files[f"hubunlearn/{path.relative_to(PACKAGE)}"] = path.read_bytes()
     for path in sorted(resource_dir("model_cards", "model_cards").glob("*.md")):
@@ -211,6 +225,19 @@ def deploy(unlearned: str, space_id: str, original: str | None = None, hardware:
     operations = [CommitOperationAdd(name, content) for name, content in space_files(unlearned, original, record, hardware).items()]
     info = api.create_commit(space_id, operations, commit_message="Side-by-side demo made with hubunlearn", repo_type="space")
     return info.commit_url
+
+
+def check_port(port: int) -> None:
+    """Refuse a port outside 1-65535 or one another program listens on, before any model is loaded."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535; got {port}")
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise UsageError(f"port {port} is taken ({error.strerror}): choose another --port") from error
 
 
 def check_artifact(unlearned: str) -> None:

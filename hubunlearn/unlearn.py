@@ -12,7 +12,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .data import load_rows
-from .errors import NonFiniteLossError, UsageError
+from .errors import NonFiniteLossError, UsageError, did_you_mean
 from .resources import resource_dir
 from .modeling import hub_facts, load_model, load_tokenizer
 from .trainers import UNLEARNING_METHODS, UnlearnConfig, canonical_method
@@ -85,7 +85,10 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
     if unknown:
         raise UsageError(f"recipe {known.config} has unknown keys: {', '.join(unknown)} (see hubunlearn unlearn --method {method} --help)")
     parser.set_defaults(**recipe)
-    arguments, config = parser.parse_args_into_dataclasses(argv)
+    arguments, config, unused = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unused:
+        raise UsageError(f"unrecognized argument {unused[0]}{did_you_mean(unused[0], parser)} (see hubunlearn unlearn --method "
+                         f"{method or 'METHOD'} --help)")
     arguments.method = method
     for name in ("model_name_or_path", "forget"):
         if getattr(arguments, name) is None:

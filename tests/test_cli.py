@@ -141,6 +141,7 @@ def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path
         ({"--lr_scheduler_type": "reduce_lr_on_plateau"}, "reduce_lr_on_plateau requires an eval strategy"),
         ({"--warmup_steps": "-1"}, "warmup_steps >= 0"),
         ({"--method": "Grad-Descent"}, "unknown method 'Grad-Descent'"),
+        ({"--retian": "x"}, "unrecognized argument --retian: did you mean --retain?"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_dir, data_files, tmp_path, change, message):
@@ -171,6 +172,21 @@ def test_bf16_without_a_gpu_trains_in_bf16_on_the_cpu(run_cli, world_model_dir, 
     assert "training in bf16 on the CPU" in err
     record = json.loads((tmp_path / "bf16" / "unlearning.json").read_text())
     assert record["method"] == "GradDiff" and (tmp_path / "bf16" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["unlearn", "--method", "ihl", "--model_name_or_path", "m", "--forget", "f", "--output_dir", "o", "--retian", "r"], "--retain"),
+    (["eval", "--model", "m", "--refrence", "r"], "--reference"),
+    (["push", "folder", "--repo_id", "a/b", "--privte"], "--private"),
+    (["bench", "run", "--stpes", "3"], "--steps"),
+    (["trace", "--model", "m", "--forget", "f", "--windw", "2"], "--window"),
+    (["space", "--unlearned", "a/b", "--prot", "7860"], "--port"),
+    (["quickstart", "--output_dri", "o"], "--output_dir"),
+])
+def test_a_misspelled_flag_is_one_line_with_the_closest_flag(run_cli, argv, suggestion):
+    code, _, err = run_cli(*argv)
+    assert code == 2
+    assert_one_error_line(err, f"did you mean {suggestion}?")
 
 
 def test_non_empty_output_folder_needs_overwrite_and_is_left_untouched(run_cli, world_model_dir, data_files, tmp_path):

@@ -208,10 +208,58 @@ def test_deploy_pushes_a_space_that_starts_from_a_clean_download(run_cli, hub_to
         process.wait(timeout=30)
 
 
+def _distribution_closure(requirements: list[str]) -> set[str]:
+    """Every distribution the requirement lines install, with what they require in turn (extras left out)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo, seen = [Requirement(line) for line in requirements], set()
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if name in seen or (requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            todo += [Requirement(line) for line in requires(name) or []]
+        except PackageNotFoundError:
+            continue
+    return seen
+
+
+def test_space_requirements_cover_every_package_the_app_imports(lora_artifact):
+    """What a fresh Space machine installs (requirements.txt and its dependencies) holds every package the app
+    imports while it starts and builds its page."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    from hubunlearn.space import space_requirements
+
+    script = ("import json, sys\nbefore = set(sys.modules)\nfrom hubunlearn.space import SideBySide, build_demo\n"
+              f"build_demo(SideBySide.load({str(lora_artifact)!r}))\n"
+              "print(json.dumps(sorted({name.split('.')[0] for name in set(sys.modules) - before})))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    distributions = packages_distributions()
+    imported = {canonicalize_name(d) for module in json.loads(result.stdout.splitlines()[-1]) for d in distributions.get(module, [])}
+    missing = imported - {"hubunlearn"} - _distribution_closure(space_requirements())
+    assert not missing, f"the Space imports {sorted(missing)}, which its requirements.txt does not install"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--unlearned", "not a repo"], "neither an artifact folder nor a Hub repo id"),
     (["--unlearned", "{artifact}", "--port", "0"], "--port must be between 1 and 65535"),
+    (["--unlearned", "{artifact}", "--port", "{taken}"], "is taken"),
+    (["--unlearned", "outputs/no-such-artifact"], "neither a local folder nor a Hub repository you can read"),
+    (["--unlearned", "{artifact}", "--prot", "7860"], "unrecognized arguments: --prot"),
 ])
 def test_space_bad_input(run_cli, lora_artifact, argv, message):
-    code, _, err = run_cli("space", *[a.format(artifact=lora_artifact) for a in argv])
-    assert code == 2 and message in err, err
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        code, _, err = run_cli("space", *[a.format(artifact=lora_artifact, taken=taken) for a in argv])
+    assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err, err
