@@ -313,9 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Make causal language models forget, measure it, and publish the result on the Hugging Face Hub.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n" + "\n".join(f"  {name:<12}{text}" for name, text in COMMANDS.items())
-        + "\n\nRun 'hubunlearn COMMAND --help' for a command's options.",
+        + "\n\nRun 'hubunlearn COMMAND --help' for a command's options, 'hubunlearn --version' for the version.",
     )
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    if argv[:1] == ["--version"]:
+        from . import __version__
+
+        print(f"hubunlearn {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

@@ -45,6 +45,9 @@ def test_help_lists_every_subcommand():
         assert f"  {command} " in result.stdout
     console = shutil.which("hubunlearn", path=str(REPO / ".venv" / "bin")) or shutil.which("hubunlearn")
     assert console and "unlearn" in subprocess.run([console, "unlearn", "--method", "ihl", "--help"], capture_output=True, text=True).stdout
+    from importlib.metadata import version
+
+    assert subprocess.run([console, "--version"], capture_output=True, text=True, check=True).stdout.strip() == f"hubunlearn {version('hubunlearn')}"
 
 
 def test_unlearn_with_lora_writes_the_adapter_and_record(run_cli, world_model_dir, data_files, tmp_path):
