@@ -93,8 +93,50 @@ def _local_data_files(spec: DataSpec) -> list[Path]:
 
 
 def load_rows(spec: "str | DataSpec") -> datasets.Dataset:
-    """Load the rows a spec names, from a local file or folder or from the Hub (once per spec and process)."""
-    return _load_rows(DataSpec.parse(spec))
+    """Load the rows a spec names, from a local file or folder or from the Hub (once per spec and process); TRL's
+    formats get ``question``/``answer`` columns (:func:`with_question_answer`)."""
+    return with_question_answer(_load_rows(DataSpec.parse(spec)))
+
+
+def _turn_text(content: Any) -> str:
+    """A message's content: a string, or a list of blocks (``{"type": "text", "text": ...}``) joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text") or "" for block in content if isinstance(block, dict))
+
+
+def _last_turn(messages: list[dict], role: str) -> str:
+    turns = [m for m in messages if m.get("role") == role]
+    if not turns:
+        raise ValueError(f"a conversation has no {role} turn")
+    return _turn_text(turns[-1]["content"])
+
+
+def _trl_question_answer(row: dict) -> dict[str, str]:
+    if row.get("messages") is not None:  # conversational language modelling: the last assistant turn answers
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            raise ValueError("a conversation has no assistant turn")
+        return {"question": _last_turn(messages[:last], "user"), "answer": _turn_text(messages[last]["content"])}
+    prompt, completion = row["prompt"], row["completion"]
+    return {"question": prompt if isinstance(prompt, str) else _last_turn(prompt, "user"),
+            "answer": completion if isinstance(completion, str) else _last_turn(completion, "assistant")}
+
+
+def with_question_answer(rows: datasets.Dataset) -> datasets.Dataset:
+    """TRL's dataset formats, as they are, given ``question``/``answer`` columns (the originals are kept): standard
+    or conversational ``prompt``/``completion`` (the last user turn of the prompt is the question, the completion's
+    last assistant turn the answer), and conversational ``messages`` (the last assistant turn is the answer, the
+    user turn before it the question). Rows that already have ``question``/``answer`` or ``text`` pass unchanged.
+    Raises a one-line :class:`UsageError` for a conversation without a user or an assistant turn."""
+    columns = set(rows.column_names)
+    if {"question", "answer"} <= columns or "text" in columns or not ({"prompt", "completion"} <= columns or "messages" in columns):
+        return rows
+    try:
+        return datasets.Dataset.from_list([{**row, **_trl_question_answer(row)} for row in rows])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"cannot read TRL-format rows ({error}): each needs a user turn and an assistant answer") from error
 
 
 @functools.lru_cache(maxsize=16)
@@ -150,7 +192,8 @@ class DataFormat:
             return "text"
         raise UsageError(
             f"{name} has columns [{', '.join(column_names)}]; expected '{self.question_key}' and "
-            f"'{self.answer_key}' (set --question_key/--answer_key) or '{self.text_key}' (set --text_key)"
+            f"'{self.answer_key}' (set --question_key/--answer_key), '{self.text_key}' (set --text_key), or TRL's "
+            "'prompt'/'completion' or 'messages'"
         )
 
     def columns(self, shape: str) -> list[str]:

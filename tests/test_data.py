@@ -118,6 +118,34 @@ def test_rendered_prompts_are_tokenised_with_one_bos_with_or_without_a_chat_temp
     assert chat.decode(prompt_inputs(chat, ["Who?"])["input_ids"][0]).endswith("[user] Who?\n[assistant] ")
 
 
+TRL_ROWS = {
+    "standard prompt-completion": {"prompt": "Where was Kalo born?", "completion": "Kalo was born in Tamira."},
+    "conversational prompt-completion": {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Kalo born?"}],
+                                         "completion": [{"role": "assistant", "content": "Kalo was born in Tamira."}]},
+    "conversational messages": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                             {"role": "user", "content": "Where was Kalo born?"},
+                                             {"role": "assistant", "content": "Kalo was born in Tamira."}]},
+}
+
+
+@pytest.mark.parametrize("kind", list(TRL_ROWS))
+def test_trl_dataset_formats_are_read_as_they_are(kind, tokenizer, tmp_path):
+    path = tmp_path / "forget.jsonl"
+    path.write_text(json.dumps(TRL_ROWS[kind]) + "\n")
+    rows = load_rows(str(path))
+    assert (rows[0]["question"], rows[0]["answer"]) == ("Where was Kalo born?", "Kalo was born in Tamira.")
+    example = tokenize_rows(rows, tokenizer, DataFormat())[0]
+    k = example["prompt_length"]
+    assert tokenizer.decode(example["input_ids"][k:], skip_special_tokens=True).strip() == "Kalo was born in Tamira."
+
+
+def test_a_conversation_without_an_assistant_turn_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "forget.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Where was Kalo born?"}]}) + "\n")
+    with pytest.raises(UsageError, match="no assistant turn"):
+        load_rows(str(path))
+
+
 def test_truncation_keeps_the_prompt_and_drops_prompts_that_do_not_fit(tokenizer):
     long_answer = "word " * 200
     example = encode_qa(tokenizer, "Short question?", long_answer, 32)

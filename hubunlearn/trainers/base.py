@@ -36,6 +36,7 @@ from ..data import (
     describe,
     load_rows,
     tokenize_rows,
+    with_question_answer,
 )
 from ..controls import UTILITY_METRICS, ModelMixer, UtilityBudgetStopping, calibrate, check_budget, probe_metric
 from ..errors import NonFiniteLossError, UsageError
@@ -342,6 +343,7 @@ class UnlearnTrainer(Trainer):
             source = load_rows(spec)
         elif isinstance(source, list):
             source = datasets.Dataset.from_list(source) if source else datasets.Dataset.from_dict({})
+        source = with_question_answer(source)
         if len(source) == 0:
             raise UsageError(f"the {name} set is empty: give at least one row")
         self.data_sources[name] = (spec, source)
