@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,42 +101,76 @@ def _token() -> str:
     return token
 
 
-def _refusal(error, repo_id: str) -> UsageError | None:
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if status == 401:
-        return UsageError("the Hub refused the token (401): run `hf auth login` again or set HF_TOKEN to a valid token")
-    if status == 403:
-        return UsageError(f"the token may not write to {repo_id} (403): use a write token, or a namespace you own")
-    return None
-
-
 def _network_errors() -> tuple[type[Exception], ...]:
-    """Connection-level failures of the HTTP library ``huggingface_hub`` uses (httpx2 in 2.x, httpx before)."""
-    errors: tuple[type[Exception], ...] = (OSError,)
-    for module in ("httpx2", "httpx"):
+    """Connection-level failures (refused, reset, timed out) of the HTTP libraries ``huggingface_hub`` may use."""
+    errors: tuple[type[Exception], ...] = (ConnectionError, TimeoutError)
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
+                         ("requests", "Timeout")):
         try:
-            errors += (__import__(module).TransportError,)
+            errors += (getattr(importlib.import_module(module), name),)
         except (ImportError, AttributeError):
             continue
     return errors
 
 
-def _is_transient(error: Exception) -> bool:
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    return (status is not None and status >= 500) or status == 429 or (status is None and isinstance(error, _network_errors()))
+def _cause(error: BaseException) -> tuple[BaseException, int | None, str | None]:
+    """The HTTP or network error inside a client error (LFS uploads come wrapped in RuntimeError), its HTTP
+    status, and the file the chain names; the error itself when the chain holds neither."""
+    found, path = error, None
+    while found is not None and getattr(found, "response", None) is None and not isinstance(found, _network_errors()):
+        path = path or next(iter(re.findall(r"uploading '(.+)' to the Hub", str(found))), None)
+        found = found.__cause__ or found.__context__
+    found = found or error
+    return found, getattr(getattr(found, "response", None), "status_code", None), path
+
+
+def _is_transient(error: BaseException, status: int | None) -> bool:
+    return status in (408, 429) or (status or 0) >= 500 or (status is None and isinstance(error, _network_errors()))
+
+
+def _detail(error: BaseException, status: int | None) -> str:
+    text = f"{status} {getattr(error, 'server_message', None) or ''}" if status else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())  # one line; never the URL of an HTTP error (LFS upload URLs are signed)
+
+
+def _failure(error: BaseException, repo_id: str, endpoint: str, attempts: int, created: bool) -> HubUnlearnError:
+    """The one line for a push that failed: what happened, that nothing was committed, and what to do."""
+    cause, status, path = _cause(error)
+    detail = _detail(cause, status)
+    kept = f"nothing was committed{f' ({repo_id} was created, empty)' if created else ''}"
+    if status == 401:
+        return UsageError(f"the Hub refused the token (401); {kept}: run `hf auth login` again or set HF_TOKEN to a valid token")
+    if status == 403:
+        return UsageError(f"the token may not write to {repo_id} (403); {kept}: use a write token, or a namespace you own")
+    if status == 404:
+        return UsageError(f"the Hub has no {repo_id} this token can write to ({detail}); {kept}: check that the "
+                          "namespace in --repo_id exists and that you belong to it")
+    if status == 413:
+        what = f"'{path}'" if path else "the commit"
+        return HubUnlearnError(f"the Hub refused {what} as too large ({detail}); {kept}: save the model in smaller "
+                               "shards (save_pretrained(..., max_shard_size='2GB')) and push again")
+    if status is None and isinstance(cause, _network_errors()):
+        return HubUnlearnError(f"the Hub at {endpoint} could not be reached after {attempts} attempts ({detail}); {kept}: "
+                               "check the connection (and HF_ENDPOINT), then run the same command again")
+    if _is_transient(cause, status):
+        return HubUnlearnError(f"push to {repo_id} failed after {attempts} attempts ({detail}); {kept}: "
+                               "run the same command again later")
+    return HubUnlearnError(f"the Hub refused the push to {repo_id} ({detail}); {kept}: fix what it names, "
+                           "then push again (the same push would fail the same way)")
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, base_model_id: str | None = None,
          dry_run: bool = False, token: str | None = None):
-    """Upload an artifact folder to ``repo_id`` in one commit; returns the ``CommitInfo`` (or the plan when ``dry_run``).
+    """Upload an artifact folder to ``repo_id`` in one commit; returns the ``CommitInfo`` (the plan when ``dry_run``,
+    None when the repository already holds these files: then nothing is committed and no pull request opened).
 
-    The repository is created when missing (and the branch, for ``revision``). A 5xx or network error is retried
-    with exponential backoff; the Hub applies a commit whole or not at all, so a push that finally fails leaves
-    the repository as it was.
+    The repository is created when missing (and the branch, for ``revision``). A 5xx, 408, 429 or network error
+    (also inside an LFS upload) is retried ``RETRIES`` times in all, with exponential backoff; the Hub applies a
+    commit whole or not at all, so a push that finally fails leaves the repository as it was and raises a one-line
+    :class:`HubUnlearnError` (a :class:`UsageError` for a token or repository id the Hub refuses).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     plan = plan_push(folder, repo_id, base_model_id)
     if dry_run:
@@ -143,22 +179,29 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name)) for name in plan.files]
     operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in plan.rewritten.items()]
     message = commit_message or f"Upload {plan.record['method']} unlearning {plan.record['artifact']} with hubunlearn"
+    created = False  # by this push, so that a failure can say the repository is there, empty
     for attempt in range(1, RETRIES + 1):
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
+            if not created and not api.repo_exists(repo_id):
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                created = True
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            return api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
-        except (HfHubHTTPError, *_network_errors()) as error:
-            refusal = _refusal(error, repo_id)
-            if refusal is not None:
-                raise refusal from error
-            if not _is_transient(error) or attempt == RETRIES:
-                raise HubUnlearnError(f"push to {repo_id} failed after {attempt} attempt(s) ({str(error).splitlines()[0]}); "
-                                      "nothing was committed: run the same command again") from error
+            head = api.repo_info(repo_id, revision=revision).sha
+            commit = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
+        except Exception as error:  # every client failure: HTTP, LFS (wrapped in RuntimeError), network, timeout
+            cause, status, _ = _cause(error)
+            if not _is_transient(cause, status) or attempt == RETRIES:
+                raise _failure(error, repo_id, api.endpoint, attempt, created) from error
             wait = FIRST_WAIT_S * 2 ** (attempt - 1)
-            logger.warning("push attempt %d failed (%s); retrying in %.0f s", attempt, str(error).splitlines()[0], wait)
+            logger.warning("push attempt %d of %d failed (%s); retrying in %.0f s", attempt, RETRIES, _detail(cause, status), wait)
             time.sleep(wait)
+            continue
+        if commit.oid == head:  # the client skips a commit that would change nothing
+            logger.warning("nothing to push: %s already holds these files at %s; nothing was committed%s", repo_id,
+                           commit.commit_url, " and no pull request opened" if create_pr else "")
+            return None
+        return commit
     raise AssertionError("unreachable")
 
 

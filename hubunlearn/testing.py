@@ -37,6 +37,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -231,7 +232,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        self._handle()
+        try:
+            self._handle()
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout): nobody left to answer
+            self.close_connection = True
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
@@ -241,10 +245,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = False
         url = urlsplit(self.path)
         self.query = {key: values[-1] for key, values in parse_qs(url.query).items()}
-        failure = hub._record(self.command, self.path)
+        failure, stall_s = hub._record(self.command, self.path)
+        time.sleep(stall_s)  # an injected stall: a Hub that does not answer in time
         if failure == 0:  # an injected network error: hang up without answering
             self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # the client already hung up
+                pass
             return
         try:
             if failure is not None:
@@ -648,21 +656,28 @@ class HubServer:
         env = {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
         return {**env, "HF_TOKEN": token} if token else env
 
-    def fail_next(self, method: str | None = None, path_contains: str = "", status: int = 500, times: int = 1) -> None:
+    def fail_next(self, method: str | None = None, path_contains: str = "", status: int = 500, times: int = 1,
+                  stall_s: float = 0.0) -> None:
         """Answer the next ``times`` requests matching ``method`` (any if None) and ``path_contains`` (a substring of
         the percent-encoded path and query) with ``status`` (0: close the connection unanswered, a network error),
-        without doing anything else. Note that the client
-        retries some calls (preupload, LFS batch and upload) up to 5 times on 5xx, with back-off sleeps."""
+        after ``stall_s`` seconds of silence (longer than the client's timeout: a timeout), without doing anything
+        else. Note that the client retries some calls (preupload, LFS batch and upload) up to 5 times on 5xx and
+        network errors, with back-off sleeps. :meth:`clear_failures` drops the failures not yet used."""
         with self._lock:
-            rule = {"method": method and method.upper(), "path": path_contains, "status": status, "times": times}
+            rule = {"method": method and method.upper(), "path": path_contains, "status": status, "times": times,
+                    "stall_s": stall_s}
             self._failures.append(rule)
 
-    def _record(self, method: str, path: str) -> int | None:
-        """Log a request; return the injected status it must fail with, if any."""
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._failures.clear()
+
+    def _record(self, method: str, path: str) -> tuple[int | None, float]:
+        """Log a request; return the injected status it must fail with (None: none) and the stall before it."""
         with self._lock:
             self.requests.append((method, path))
             for rule in self._failures:
                 if rule["times"] > 0 and rule["method"] in (None, method) and rule["path"] in path:
                     rule["times"] -= 1
-                    return rule["status"]
-        return None
+                    return rule["status"], rule["stall_s"]
+        return None, 0.0

@@ -1,18 +1,24 @@
 """Push to a Hub (the loopback server of hubunlearn.testing), download, load: the same model comes back."""
 
+import hashlib
 import json
+import os
 import re
 import shutil
+from types import SimpleNamespace
 
+import httpx2
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub import HfApi, ModelCard, constants, set_client_factory, snapshot_download
+from huggingface_hub.utils import _http as client_http
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 
 import hubunlearn
 from hubunlearn import hub as hub_module
 from hubunlearn.errors import UsageError
+from hubunlearn.testing import HubServer
 from hubunlearn.trainers import IHLTrainer, NPOTrainer
 
 from .conftest import HUB_TOKEN, OTHER_TOKEN
@@ -143,6 +149,148 @@ def test_failure_mid_push_leaves_the_repo_as_it_was(run_cli, hub, hub_token, mod
     hub.fail_next(method="POST", path_contains="/commit/", status=503, times=1)  # one transient failure: retried
     code, _, err = run_cli("push", tmp_path / "v1", "--repo_id", "tester/fragile")
     assert code == 0 and "retrying" in err and "notes.txt" in HfApi().list_repo_files("tester/fragile")
+
+
+@pytest.fixture(scope="module")
+def trained(world_model_dir, tokenizer, forget_rows, retain_rows, tmp_path_factory):
+    """One NPO artifact for the tests below, trained once; each pushes a copy of it."""
+    folder = tmp_path_factory.mktemp("trained") / "npo"
+    train(NPOTrainer, AutoModelForCausalLM.from_pretrained(world_model_dir), tokenizer, forget_rows, retain_rows, folder)
+    return folder
+
+
+@pytest.fixture()
+def artifact(trained, tmp_path):
+    folder = tmp_path / "artifact"
+    shutil.copytree(trained, folder)
+    return folder
+
+
+@pytest.fixture()
+def flaky_hub(hub, monkeypatch):
+    """The loopback Hub for failure tests: with hubunlearn's and the client's own back-off waits cut short (the
+    client retries each upload 5 times over 23 s), and the injected failures a test leaves unused dropped."""
+    monkeypatch.setattr(hub_module, "FIRST_WAIT_S", 0.01)
+    monkeypatch.setattr(client_http, "time", SimpleNamespace(sleep=lambda seconds: None))
+    yield hub
+    hub.clear_failures()
+
+
+def new_lfs_file(folder) -> str:
+    """Write a file the Hub has never seen, which the next push uploads through LFS; returns its upload path."""
+    content = os.urandom(1 << 16)
+    (folder / "extra.bin").write_bytes(content)
+    return f"/__lfs/upload/{hashlib.sha256(content).hexdigest()}"
+
+
+def state(repo):
+    """Every branch and pull request of ``repo`` with its commit (None when there is no such repository)."""
+    return HfApi().list_repo_refs(repo, include_pull_requests=True) if HfApi().repo_exists(repo) else None
+
+
+def one_line_failure(code, err, retries=0):
+    """The push failed with one error line (after ``retries`` retry warnings), no traceback and no token."""
+    lines = err.strip().splitlines()
+    assert code != 0 and "Traceback" not in err and HUB_TOKEN not in err, err
+    assert lines[-1].startswith("hubunlearn: error: ") and "nothing was committed" in lines[-1], err
+    assert len(lines) == retries + 1 and all("retrying in" in line for line in lines[:-1]), err
+    return lines[-1]
+
+
+def test_lfs_failures_are_retried_a_bounded_number_of_times(run_cli, flaky_hub, hub_token, artifact):
+    assert run_cli("push", artifact, "--repo_id", "tester/lfs-flaky")[0] == 0
+    before = state("tester/lfs-flaky")
+    upload = new_lfs_file(artifact)
+    start = len(flaky_hub.requests)
+    flaky_hub.fail_next("PUT", upload, 500, times=100)
+    code, _, err = run_cli("push", artifact, "--repo_id", "tester/lfs-flaky")
+    line = one_line_failure(code, err, retries=hub_module.RETRIES - 1)
+    assert f"push to tester/lfs-flaky failed after {hub_module.RETRIES} attempts (500 " in line and "run the same command again" in line
+    uploads = [path for method, path in flaky_hub.requests[start:] if method == "PUT" and path == upload]
+    assert len(uploads) % hub_module.RETRIES == 0 and hub_module.RETRIES < len(uploads) <= 6 * hub_module.RETRIES  # client x push
+    assert state("tester/lfs-flaky") == before
+
+    flaky_hub.clear_failures()
+    flaky_hub.fail_next("PUT", upload, 500, times=len(uploads) // hub_module.RETRIES)  # all of one push attempt
+    code, out, err = run_cli("push", artifact, "--repo_id", "tester/lfs-flaky")
+    assert code == 0 and err.count("retrying in") == 1 and "pushed" in out, err
+    assert "extra.bin" in HfApi().list_repo_files("tester/lfs-flaky")
+
+
+@pytest.mark.parametrize("method, path, status, repo, code, says", [
+    ("PUT", "{upload}", 413, "tester/refused", 1, "the Hub refused 'extra.bin' as too large (413"),
+    ("PUT", "{upload}", 403, "tester/refused", 2, "the token may not write to tester/refused (403)"),
+    ("PUT", "{upload}", 401, "tester/refused", 2, "the Hub refused the token (401)"),
+    ("POST", "/commit/", 422, "tester/refused", 1, "the Hub refused the push to tester/refused (422 Injected failure"),
+    ("POST", "/api/repos/create", 404, "no-such-org/model", 2, "the Hub has no no-such-org/model this token can write to (404"),
+])
+def test_permanent_refusals_are_not_retried(run_cli, flaky_hub, hub_token, artifact, method, path, status, repo, code, says):
+    HfApi().create_repo("tester/refused", exist_ok=True)
+    before = state(repo)
+    path = path.format(upload=new_lfs_file(artifact))
+    start = len(flaky_hub.requests)
+    flaky_hub.fail_next(method, path, status)
+    exit_code, _, err = run_cli("push", artifact, "--repo_id", repo)
+    line = one_line_failure(exit_code, err)
+    assert exit_code == code and says in line and "run the same command again" not in line, line
+    assert sum(m == method and path in p for m, p in flaky_hub.requests[start:]) == 1  # neither push nor client retried
+    assert state(repo) == before
+
+
+def test_an_unreachable_hub_ends_in_one_line(run_cli, flaky_hub, hub_token, artifact, tmp_path, monkeypatch):
+    with HubServer(tmp_path / "gone") as gone:
+        url = gone.url  # nobody listens there any more
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    start = len(flaky_hub.requests)
+    code, _, err = run_cli("push", artifact, "--repo_id", "tester/unreachable")
+    line = one_line_failure(code, err, retries=hub_module.RETRIES - 1)
+    assert f"the Hub at {url} could not be reached after {hub_module.RETRIES} attempts (ConnectError: " in line
+    assert "check the connection" in line and len(flaky_hub.requests) == start
+
+
+@pytest.fixture()
+def short_timeout():
+    """A timeout for the client (it has none by default: a stalled Hub hangs a push), set the way users set it."""
+    def client():
+        session = client_http.default_client_factory()
+        session.timeout = httpx2.Timeout(2.0)
+        return session
+
+    set_client_factory(client)
+    yield
+    set_client_factory(client_http.default_client_factory)
+
+
+def test_a_stalled_hub_times_out_and_is_retried(run_cli, flaky_hub, hub_token, artifact, short_timeout):
+    flaky_hub.fail_next("POST", "/api/repos/create", 0, times=hub_module.RETRIES, stall_s=4)
+    code, _, err = run_cli("push", artifact, "--repo_id", "tester/stalled")
+    line = one_line_failure(code, err, retries=hub_module.RETRIES - 1)
+    assert f"could not be reached after {hub_module.RETRIES} attempts (ReadTimeout: " in line
+    assert not HfApi().repo_exists("tester/stalled")
+
+    flaky_hub.fail_next("POST", "/api/repos/create", 0, times=1, stall_s=4)
+    code, out, err = run_cli("push", artifact, "--repo_id", "tester/stalled")
+    assert code == 0 and err.count("ReadTimeout") == 1 and "retrying in" in err and "pushed" in out, err
+
+
+def test_a_failed_push_says_it_created_the_repository_empty(run_cli, flaky_hub, hub_token, artifact):
+    flaky_hub.fail_next("POST", "/commit/", 500, times=hub_module.RETRIES)
+    code, _, err = run_cli("push", artifact, "--repo_id", "tester/born-empty")
+    line = one_line_failure(code, err, retries=hub_module.RETRIES - 1)
+    assert "nothing was committed (tester/born-empty was created, empty)" in line
+    assert [c.title for c in HfApi().list_repo_commits("tester/born-empty")] == ["initial commit"]
+
+
+def test_pushing_what_is_there_commits_nothing(run_cli, hub_token, artifact):
+    assert run_cli("push", artifact, "--repo_id", "tester/same")[0] == 0
+    sha = HfApi().model_info("tester/same").sha
+    code, out, err = run_cli("push", artifact, "--repo_id", "tester/same")
+    assert code == 0 and "pushed" not in out and "nothing to push: tester/same already holds these files at " in err
+    assert f"/commit/{sha}; nothing was committed" in err
+    code, out, err = run_cli("push", artifact, "--repo_id", "tester/same", "--create_pr")
+    assert code == 0 and "pushed" not in out and "nothing was committed and no pull request opened" in err
+    assert HfApi().list_repo_refs("tester/same", include_pull_requests=True).pull_requests == []
+    assert HfApi().model_info("tester/same").sha == sha and len(HfApi().list_repo_commits("tester/same")) == 2
 
 
 def test_bad_push_inputs(run_cli, hub_token, model, tokenizer, forget_rows, retain_rows, tmp_path, monkeypatch):
