@@ -69,6 +69,20 @@ def metrics_table(record: dict) -> str:
     return _table(["set", "metric", *stages], rows)
 
 
+def evaluation_note(record: dict) -> str:
+    """Under the results: which reference model (pinned by weights hash or commit) or statistics file the
+    reference column and forget quality come from, and the metric conventions the numbers follow."""
+    from .evaluate import describe_reference
+
+    evaluation = record.get("evaluation") or {}
+    lines = []
+    if evaluation.get("reference_source"):
+        lines.append(f"Reference statistics: {describe_reference(evaluation['reference_source'])}.")
+    if evaluation.get("conventions"):
+        lines.append("Conventions: " + "; ".join(f"{name.replace('_', ' ')}: {text}" for name, text in evaluation["conventions"].items()) + ".")
+    return "\n\n".join(lines)
+
+
 def eval_results(record: dict) -> list[EvalResult] | None:
     """The ``model-index`` entries: every metric of the unlearned model (the ``after`` stage)."""
     data = record["data"]
@@ -179,6 +193,7 @@ def render_card(record: dict, repo_id: str | None = None) -> ModelCard:
         base_model_id=base or base_name,
         data_table=data_table(record),
         metrics_table=metrics_table(record),
+        evaluation_note=evaluation_note(record),
         plots=record.get("plots") or [],
         loading_snippet=LOADING[kind].format(repo=repo, base=base or base_name),
         method_description=(record.get("method_description") or f"{record['method']}: see the paper cited below.").replace("``", "`"),

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import statistics
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import RECORD_NAME, read_record, staging_dir
+from .artifacts import KEPT_ON_OVERWRITE, RECORD_NAME, read_record, staging_dir
 from .data import DataFormat, encode_qa, load_rows
 from .errors import UsageError
 
@@ -88,9 +91,9 @@ def load_sets(config: EvalConfig) -> dict[str, list[dict]]:
     return {name: rows[: config.max_examples] if config.max_examples else rows for name, rows in sets.items()}
 
 
-def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_code: bool = False):
-    """Model (with an adapter applied when given, or wrapped by an ECO bundle when ``name_or_path`` is one) and
-    tokenizer, checked against each other."""
+def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
+    """Model (at ``revision`` of a Hub repo; with an adapter applied when given, or wrapped by an ECO bundle when
+    ``name_or_path`` is one) and tokenizer, checked against each other."""
     from .eco.model import BUNDLE_NAME
     from .modeling import load_model, load_tokenizer
 
@@ -102,8 +105,8 @@ def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_co
         tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         return ECOModel.from_pretrained(name_or_path, tokenizer=tokenizer).eval(), tokenizer
 
-    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-    model = load_model(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code=trust_remote_code)
+    model = load_model(name_or_path, revision, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
@@ -138,10 +141,11 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], config: EvalCon
             for result, generation, rouge in zip(results, generations, rouge_l(generations, [r["answer"] for r in rows])):
                 result.update(generation=generation, rouge_recall=rouge["recall"], rouge_f1=rouge["f1"])
         if "extraction_strength_tf" in metrics:
-            from .metrics.extraction import teacher_forced_extraction_strength
+            from .metrics.extraction import answer_stats, teacher_forced_extraction_strength
 
-            for result, stats in zip(results, token_stats(model, examples, tokenizer.pad_token_id, config.batch_size)):
-                result["extraction_strength_tf"] = teacher_forced_extraction_strength(stats)
+            stats = token_stats(model, examples, tokenizer.pad_token_id, config.batch_size)
+            for result, example, s in zip(results, examples, stats):
+                result["extraction_strength_tf"] = teacher_forced_extraction_strength(answer_stats(s, example, tokenizer.eos_token_id))
         if "extraction_strength" in metrics and name in EXTRACTION_SETS:
             from .metrics.extraction import extraction_strength
 
@@ -207,7 +211,7 @@ def summarize(per_example: dict[str, list[dict]], config: EvalConfig, reference:
             {"value": None, "unavailable": f"needs retain, real_authors and world_facts (missing: {', '.join(missing)})"}
     if "mia" in config.metrics:
         aggregates["mia"] = _mia_summary(per_example, reference)
-    return {"config": _config_dict(config), "sets": sets, "aggregates": aggregates}
+    return {"config": _config_dict(config), "sets": sets, "aggregates": aggregates, "conventions": conventions()}
 
 
 def _truth_ratios(results: list[dict]) -> list[float]:
@@ -215,7 +219,7 @@ def _truth_ratios(results: list[dict]) -> list[float]:
 
 
 def _mia_summary(per_example: dict, reference: dict | None) -> dict[str, Any]:
-    from .metrics.mia import auc, privleak
+    from .metrics.mia import PRIVLEAK_CONVENTION, auc, privleak
 
     if "holdout" not in per_example:
         return {"value": None, "unavailable": "membership inference needs a holdout set of unseen rows: add --holdout SPEC"}
@@ -228,8 +232,10 @@ def _mia_summary(per_example: dict, reference: dict | None) -> dict[str, Any]:
 
     own, ref = aucs(per_example), aucs(reference) if reference else None
     summary = {"auc": own}
-    if ref:
-        summary["privleak"] = {attack: privleak(own[attack], ref[attack]) for attack in own}
+    if ref:  # in percent; undefined (None) where the reference's AUC is 1
+        summary["reference_auc"] = ref
+        summary["privleak"] = {attack: privleak(own[attack], ref[attack]) if ref[attack] < 1 else None for attack in own}
+        summary["privleak_convention"] = PRIVLEAK_CONVENTION
     return summary
 
 
@@ -241,39 +247,183 @@ def _config_dict(config: EvalConfig) -> dict[str, Any]:
 
 # ---- the reference workflow ------------------------------------------------------------------------------------
 
-def reference_cache_path(config: EvalConfig) -> Path:
+STATISTICS_FORMAT = 2  # bump when per-example statistics change meaning: cache entries of another format are never read
+NOT_THE_MODEL = ("README.md", RECORD_NAME)  # a card and a record describe a model; editing them changes nothing it computes
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _file_hashes(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file's bytes, remembered in the cache by (path, inode, size, mtime, ctime): writing, copying
+    or renaming a file sets its ctime, which no user can set back, so a remembered hash is always the content's.
+    As git does with racily clean files, a file changed in the last 2 s is hashed but not remembered (timestamps
+    are coarse). Hashing runs at about 1-2 GB/s: tens of seconds for a 7B model in float32."""
     from .quickstart import cache_root
 
-    key = json.dumps([config.reference, config.benchmark, config.forget_split, config.data, config.max_examples,
-                      sorted(set(config.metrics) - {"forget_quality", "model_utility"}), config.holdout])
-    return cache_root() / "reference-stats" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    memo_path = cache_root() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo, hashes = memo if isinstance(memo, dict) else {}, []
+    for path in paths:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+        hashes.append(memo.get(key) or _sha256(path))
+        if time.time_ns() - stat.st_ctime_ns > 2_000_000_000:
+            memo[key] = hashes[-1]
+    _write_atomically(memo_path, memo)
+    return hashes
 
 
-def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> dict[str, list[dict]] | None:
-    """The reference model's per-example statistics: from ``--reference_stats``, from the cache, or computed and cached."""
+def _linked_base(folder: Path) -> tuple[str, str | None] | None:
+    """The base model (name or path, revision) that an ECO bundle or a PEFT adapter folder loads, if it is one."""
+    from .eco.model import BUNDLE_NAME
+
+    if (folder / BUNDLE_NAME).is_file():
+        base = json.loads((folder / BUNDLE_NAME).read_text())["base_model"]
+        return base["name_or_path"], base.get("revision")
+    if (folder / "adapter_config.json").is_file():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return config["base_model_name_or_path"], config.get("revision")
+    return None
+
+
+def model_identity(name_or_path: str, revision: str | None = None) -> dict[str, str] | None:
+    """What pins a model's weights. A local folder: ``{"fingerprint": sha256}`` over the relative name and SHA-256
+    of every file in it (weights, config, tokenizer, an ECO bundle's classifier; hidden files, trainer checkpoints,
+    the card and the record left out) and the identity of the base model an adapter or ECO bundle loads. A Hub id:
+    ``{"repo": id, "commit": sha}`` that ``revision`` resolves to. None when a Hub id cannot be resolved (offline).
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import HfApi
+
+        try:
+            return {"repo": name_or_path, "commit": HfApi().model_info(name_or_path, revision=revision).sha}
+        except Exception as error:  # offline, unknown, gated: loading says which
+            logger.warning("cannot resolve %s on the Hub (%s): its statistics are computed and not cached",
+                           name_or_path, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return None
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in NOT_THE_MODEL
+             and not any(part.startswith((".", *KEPT_ON_OVERWRITE)) for part in p.relative_to(folder).parts)]
+    digest = hashlib.sha256()
+    for path, file_hash in zip(files, _file_hashes(files)):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_hash}\n".encode())
+    base = _linked_base(folder)
+    if base is not None:
+        base_identity = model_identity(*base)
+        if base_identity is None:
+            return None
+        digest.update(json.dumps(base_identity, sort_keys=True).encode())
+    return {"fingerprint": digest.hexdigest()}
+
+
+def conventions() -> dict[str, str]:
+    """How each metric is computed where the field's implementations differ (summary.json states it)."""
+    from .metrics.mia import MIN_K, PRIVLEAK_CONVENTION
+    from .metrics.tofu import TRUTH_RATIO_EPSILON
+
+    return {
+        "extraction_strength": "eos left out of the answer (OpenUnlearning), generated and teacher-forced alike; 0 when only "
+                               "the last answer token is wrong (deliberate: OpenUnlearning reports 1/n there)",
+        "exact_memorization": "eos left out of the answer (OpenUnlearning)",
+        "truth_ratio": f"R = P(perturbed) / (P(paraphrased) + {TRUTH_RATIO_EPSILON:g}); forget set mean(min(R, 1/(R + "
+                       f"{TRUTH_RATIO_EPSILON:g}))) (OpenUnlearning)",
+        "min_k": f"k = {MIN_K} for Min-k% and Min-k%++ (MUSE, OpenUnlearning)",
+        "mia_auc": "forget rows as members: 1 when they look far likelier than the holdout rows (OpenUnlearning)",
+        "privleak": PRIVLEAK_CONVENTION,
+    }
+
+
+def reference_cache_key(identity: dict[str, str], config: EvalConfig, sets: dict[str, list[dict]]) -> dict[str, Any]:
+    """Everything the reference's per-example statistics depend on: the weights, the rows of every set (as
+    evaluated, after ``--max_examples``), the metrics, generation and tokenisation settings, and the conventions."""
+    rows = hashlib.sha256(json.dumps(sets, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+    return {"format": STATISTICS_FORMAT, "model": identity, "rows": rows, "metrics": sorted(config.metrics),
+            "max_new_tokens": config.max_new_tokens, "data_format": asdict(config.data_format), "conventions": conventions()}
+
+
+def reference_cache_path(key: dict[str, Any]) -> Path:
+    from .quickstart import cache_root
+
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_root() / "reference-stats" / f"{name}.json"
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, list[dict]] | None:
+    """The cached statistics when ``path`` holds a whole entry made for exactly ``key``, else None (and why)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        if entry["key"] == key and isinstance(entry["per_example"], dict):
+            return entry["per_example"]
+        logger.warning("the cache entry %s was made for other settings: recomputing the reference statistics", path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("the cache entry %s is unreadable (%s): recomputing the reference statistics", path, error)
+    return None
+
+
+def _write_atomically(path: Path, value: Any) -> None:
+    """Write JSON to a temporary sibling and rename it into place: readers see the old entry or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as file:
+        try:
+            json.dump(value, file)
+        except BaseException:
+            Path(file.name).unlink(missing_ok=True)
+            raise
+    os.replace(file.name, path)
+
+
+def describe_reference(source: dict[str, Any]) -> str:
+    """One line naming where reference statistics came from: path or id, and fingerprint, commit or file hash."""
+    if "reference_stats" in source:
+        return f"{source['reference_stats']} (sha256 {source['sha256'][:16]}…)"
+    pin = (f"weights sha256 {source['fingerprint'][:16]}…" if "fingerprint" in source else
+           f"commit {source['commit'][:12]}" if "commit" in source else "unpinned")
+    return f"{source['reference']} ({pin}, {'cached statistics' if source['cached'] else 'statistics computed now'})"
+
+
+def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tuple[dict[str, list[dict]] | None, dict[str, Any] | None]:
+    """The reference model's per-example statistics and where they came from: ``--reference_stats`` (the file and
+    its SHA-256), or the cache entry for exactly these weights, rows and settings, or computed and cached."""
     if config.reference_stats:
         path = Path(config.reference_stats)
         if not path.is_file():
             raise UsageError(f"--reference_stats {path} does not exist: give a per_example.json from an earlier eval")
-        reference = json.loads(path.read_text())
-    elif config.reference:
-        path = reference_cache_path(config)
-        if path.is_file():
-            logger.info("reusing the reference statistics cached in %s", path)
+        try:
             reference = json.loads(path.read_text())
+        except ValueError as error:
+            raise UsageError(f"--reference_stats {path} is not JSON ({error}): give a per_example.json from an earlier eval") from error
+        source = {"reference_stats": str(path), "sha256": _sha256(path)}
+    elif config.reference:
+        identity = model_identity(config.reference)
+        key = reference_cache_key(identity, config, sets) if identity else None
+        path = reference_cache_path(key) if key else None
+        reference = _read_cache(path, key) if path else None
+        source = {"reference": config.reference, **{k: v for k, v in (identity or {}).items() if k != "repo"},
+                  "cached": reference is not None, "cache_file": str(path) if path else None}
+        if reference is not None:
+            logger.info("reusing the reference statistics of %s cached in %s", describe_reference(source), path)
         else:
-            model, tokenizer = load_for_eval(config.reference, trust_remote_code=config.trust_remote_code)
+            model, tokenizer = load_for_eval(config.reference, trust_remote_code=config.trust_remote_code, revision=source.get("commit"))
             reference = evaluate_sets(model, tokenizer, sets, config)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(reference))
-            logger.info("cached the reference statistics in %s (reuse them with --reference_stats)", path)
+            if path:
+                _write_atomically(path, {"key": key, "reference_source": source, "per_example": reference})
+                logger.info("computed the reference statistics of %s and cached them in %s (reuse them with --reference_stats)",
+                            describe_reference(source), path)
     else:
-        return None
+        return None, None
     questions = [r["question"] for r in sets["forget"]]
     if [r["question"] for r in reference.get("forget", [])] != questions:
         raise UsageError("the reference statistics were computed on other forget questions: rerun with --reference, "
                          "or pass the per_example.json of an eval with the same benchmark, split and --max_examples")
-    return reference
+    return reference, source
 
 
 # ---- running and recording ---------------------------------------------------------------------------------------
@@ -291,12 +441,13 @@ def run_eval(config: EvalConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     check_eval_output(output_dir)
     sets = load_sets(config)
-    reference = reference_statistics(config, sets)
+    reference, source = reference_statistics(config, sets)
     model, tokenizer = load_for_eval(config.model, config.adapter, config.trust_remote_code)
     per_example = evaluate_sets(model, tokenizer, sets, config)
     summary = summarize(per_example, config, reference)
     if reference is not None:
         summary["reference"] = {name: summarize_set(name, results) for name, results in reference.items()}
+        summary["reference_source"] = source
     if config.attacks:
         summary["attacks"] = run_attacks(model, tokenizer, sets["forget"], config)
     with staging_dir(output_dir) as staging:
@@ -319,7 +470,11 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     aggregates = {k: v["value"] for k, v in summary["aggregates"].items() if isinstance(v, dict) and isinstance(v.get("value"), float)}
     if aggregates:
         metrics.setdefault("tofu", {})[stage] = aggregates
-    record["evaluation"] = {"benchmark": summary["config"]["benchmark"], "forget_split": summary["config"]["forget_split"]}
+    privleak = {f"privleak_{attack}": v for attack, v in (summary["aggregates"].get("mia") or {}).get("privleak", {}).items() if v is not None}
+    if privleak:
+        metrics.setdefault("mia", {})[stage] = privleak
+    record["evaluation"] = {"benchmark": summary["config"]["benchmark"], "forget_split": summary["config"]["forget_split"],
+                            "reference_source": summary.get("reference_source"), "conventions": summary["conventions"]}
     card = artifact / "README.md"
     temporary = artifact / f".{RECORD_NAME}.partial"
     temporary.write_text(json.dumps(record, indent=2) + "\n")
@@ -343,6 +498,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"{name:<24}{shown}")
         else:
             lines.append(f"{name:<24}{json.dumps(value)}")
+    if summary.get("reference_source"):
+        lines.append(f"{'reference':<24}{describe_reference(summary['reference_source'])}")
     for name, result in summary.get("attacks", {}).items():
         if "unavailable" in result:
             lines.append(f"{'attack ' + name:<24}unavailable: {result['unavailable']}")

@@ -51,3 +51,16 @@ def test_edited_cards_are_recognised():
     assert is_untouched(text)
     assert not is_untouched(text.replace("Limitations", "Caveats"))
     assert not is_untouched("# my own card\n")
+
+
+def test_the_card_says_where_reference_statistics_came_from():
+    from hubunlearn.evaluate import conventions
+
+    source = {"reference": "org/retain90", "commit": "c" * 40, "cached": True, "cache_file": "/cache/x.json"}
+    record = {**RECORD, "artifact": "full", "evaluation": {"benchmark": "tofu", "reference_source": source, "conventions": conventions()}}
+    text = ModelCard(card_text(record)).text
+    assert "Reference statistics: org/retain90 (commit cccccccccccc, cached statistics)." in text
+    assert "privleak: MUSE (Shi et al., arXiv 2407.06460), in percent" in text and "min k: k = 0.4" in text
+    stats = {"reference_stats": "eval/ref/per_example.json", "sha256": "d" * 64}
+    text = card_text({**record, "evaluation": {"reference_source": stats}})
+    assert "Reference statistics: eval/ref/per_example.json (sha256 dddddddddddddddd…)." in text and "Conventions" not in text

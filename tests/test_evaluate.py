@@ -76,17 +76,42 @@ def test_attacks_report_what_comes_back(run_cli, world_model_dir, tmp_path):
     assert attacks["paraphrase"]["examples"] == 15 and attacks["relearn"]["measured_on"] == 8
 
 
-def test_recording_into_an_artifact_updates_its_record_and_card(run_cli, world_model_dir, tmp_path):
+def test_privleak_is_reported_in_percent_with_muses_sign(run_cli, world_model_dir, world_reference_dir, world, tmp_path):
+    # Holdout: the forget questions with answers nobody was taught. The taught model unlearned nothing.
+    holdout = tmp_path / "holdout.jsonl"
+    holdout.write_text("".join(json.dumps({"question": r["question"], "answer": r["perturbed_answer"][0]}) + "\n" for r in world.rows("forget")))
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--metrics", "mia", "--holdout", holdout,
+                           "--reference", world_reference_dir, "--max_examples", "8", "--output_dir", tmp_path / "e")
+    assert code == 0, err
+    summary, _ = read(tmp_path / "e")
+    mia = summary["aggregates"]["mia"]
+    assert set(mia["privleak"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+    for attack, value in mia["privleak"].items():  # MUSE's AUC is 1 - ours
+        reference_auc = mia["reference_auc"][attack]
+        assert value == pytest.approx(100 * ((1 - mia["auc"][attack]) - (1 - reference_auc)) / (1 - reference_auc))
+    assert mia["auc"]["loss"] == 1.0 and mia["privleak"]["loss"] == pytest.approx(-100.0)  # OpenUnlearning: -100
+    assert "in percent" in mia["privleak_convention"] and summary["conventions"]["privleak"] == mia["privleak_convention"]
+    assert set(summary["conventions"]) == {"extraction_strength", "exact_memorization", "truth_ratio", "min_k", "mia_auc", "privleak"}
+
+
+def test_recording_into_an_artifact_updates_its_record_and_card(run_cli, world_model_dir, world_reference_dir, tmp_path):
     from hubunlearn.quickstart import run_quickstart
 
     artifact = tmp_path / "artifact"
     run_quickstart(artifact)
-    code, out, err = run_cli("eval", "--model", world_model_dir, "--adapter", artifact, "--benchmark", "world",
-                             "--metrics", "probability,rouge", "--output_dir", tmp_path / "e", "--record_to", artifact)
+    code, out, err = run_cli("eval", "--model", world_model_dir, "--adapter", artifact, "--benchmark", "world", "--metrics",
+                             "probability,rouge,truth_ratio,forget_quality", "--reference", world_reference_dir,
+                             "--output_dir", tmp_path / "e", "--record_to", artifact)
     assert code == 0, err
     record = json.loads((artifact / "unlearning.json").read_text())
     assert record["metrics"]["forget"]["after"]["rouge_recall"] < 0.5 and "rouge_recall" in record["metrics"]["retain"]["after"]
-    assert "| forget | rouge recall |" in (artifact / "README.md").read_text()
+    card = (artifact / "README.md").read_text()
+    assert "| forget | rouge recall |" in card
+    # Where the reference column came from, and the conventions, are on the card too.
+    source = read(tmp_path / "e")[0]["reference_source"]
+    assert record["evaluation"]["reference_source"] == source
+    assert f"Reference statistics: {world_reference_dir} (weights sha256 {source['fingerprint'][:16]}…" in card
+    assert "privleak: MUSE" in card and "extraction strength: eos left out" in card
 
 
 @pytest.mark.parametrize("args, message", [

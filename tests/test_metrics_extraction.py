@@ -28,6 +28,20 @@ def test_teacher_forced_extraction_strength_by_hand():
     assert extraction.teacher_forced_extraction_strength(flags()) == 0.0
 
 
+def test_eos_is_left_out_of_extraction_strength_and_exact_memorization_by_hand():
+    # prompt [1, 2], answer [7, 8], eos 3: the model gets both answer tokens right and misses the eos.
+    example = {"input_ids": [1, 2, 7, 8, 3], "labels": [-100, -100, 7, 8, 3], "prompt_length": 2}
+    answer = extraction.answer_stats(flags(True, True, False), example, eos_token_id=3)
+    assert answer.correct == [True, True]
+    assert extraction.teacher_forced_extraction_strength(answer) == 1.0  # eos counted: 0
+    assert extraction.exact_memorization(answer) == 1.0  # eos counted: 2/3
+    # Only the last answer token wrong: ES is 0 (m = r), not OpenUnlearning's 1/n = 1/2.
+    assert extraction.teacher_forced_extraction_strength(extraction.answer_stats(flags(True, False, True), example, 3)) == 0.0
+    truncated = {"input_ids": [1, 2, 7, 8], "labels": [-100, -100, 7, 8], "prompt_length": 2}  # cut by max_length: no eos
+    assert extraction.answer_stats(flags(True, False), truncated, 3).correct == [True, False]
+    assert extraction.answer_stats(flags(True, False), example, None).correct == [True, False]
+
+
 def test_exact_memorization_and_memorization_accuracy_by_hand():
     stats = flags(True, False, True, True)
     assert extraction.exact_memorization(stats) == 0.75
@@ -86,7 +100,7 @@ def test_extraction_strength_is_one_when_the_question_alone_gives_the_answer(mod
 def test_extraction_strength_is_zero_for_a_model_that_never_reproduces(tokenizer, facts):
     from hubunlearn.world import tiny_llama
 
-    untrained = tiny_llama(tokenizer, seed=123)  # random weights: not even the final eos is its argmax
+    untrained = tiny_llama(tokenizer, seed=123)  # random weights: not even the answer's last token is its argmax
     assert extraction.extraction_strength(untrained, tokenizer, facts) == [0.0] * len(facts)
 
 
@@ -101,7 +115,22 @@ def test_teacher_forced_extraction_strength_agrees_with_generation(model, tokeni
     for examples in (facts, wrong_facts):
         generated = extraction.extraction_strength(model, tokenizer, examples)
         stats = token_stats(model, examples, tokenizer.pad_token_id)
-        assert [extraction.teacher_forced_extraction_strength(s) for s in stats] == pytest.approx(generated)
+        eos = tokenizer.eos_token_id
+        assert [extraction.teacher_forced_extraction_strength(extraction.answer_stats(s, e, eos)) for s, e in zip(stats, examples)] == pytest.approx(generated)
+
+
+def test_an_answer_cut_before_its_last_word_is_fully_extractable(model, tokenizer, forget_rows):
+    # "NAME was born in" + eos: the model reproduces every answer token from the question alone, then goes on with
+    # the birthplace instead of eos. Leaving eos out (OpenUnlearning) gives ES = EM = 1; counting it gave ES = 0.
+    rows = [{"question": r["question"], "answer": r["answer"].rsplit(" ", 1)[0]} for r in forget_rows[:5]]
+    examples = list(tokenize_rows(rows, tokenizer, DataFormat(max_length=128)))
+    assert all(e["input_ids"][-1] == tokenizer.eos_token_id for e in examples)
+    assert extraction.extraction_strength(model, tokenizer, examples) == [1.0] * len(examples)
+    stats = token_stats(model, examples, tokenizer.pad_token_id)
+    assert not any(s.correct[-1] for s in stats)  # the eos is never the argmax there
+    answers = [extraction.answer_stats(s, e, tokenizer.eos_token_id) for s, e in zip(stats, examples)]
+    assert [extraction.teacher_forced_extraction_strength(a) for a in answers] == [1.0] * len(examples)
+    assert [extraction.exact_memorization(a) for a in answers] == [1.0] * len(examples)
 
 
 def test_extraction_strength_searches_in_lockstep(model, tokenizer, wrong_facts, monkeypatch):

@@ -35,6 +35,17 @@ def test_truth_ratio_uses_the_geometric_mean_of_perturbed_probabilities():
     assert tofu.truth_ratio(-2.0, [-2.0]) == pytest.approx(1.0)
 
 
+def test_truth_ratio_adds_openunlearnings_epsilon_to_the_paraphrased_probability():
+    # A collapsed model: every answer at p = e^-23 ≈ 1.026e-10, so R = p / (p + 1e-10) ≈ 0.50646, not 1.
+    p = math.exp(-23)
+    assert tofu.TRUTH_RATIO_EPSILON == 1e-10
+    assert tofu.truth_ratio(-23.0, [-23.0, -23.0]) == pytest.approx(p / (p + 1e-10), rel=1e-12)
+    assert tofu.truth_ratio(-23.0, [-23.0]) == pytest.approx(0.506462, abs=1e-6)
+    assert tofu.truth_ratio(-1.0, [-1.0]) == pytest.approx(1 - 1e-10 * math.e, rel=1e-12)  # 2.7e-10 below 1
+    # The forget aggregate guards 1/R the same way: min(R, 1/(R + 1e-10)); R = 0 gives 0, not a division by zero.
+    assert tofu.forget_truth_ratio_score([0.0, 1.0]) == pytest.approx(0.5 * (1 / (1 + 1e-10)), rel=1e-12)
+
+
 def test_truth_ratio_aggregates_by_hand():
     # min(R, 1/R): 0.5, 0.5, 1 -> 2/3.   max(0, 1 - R): 0.75, 0, 0 -> 0.25.
     assert tofu.forget_truth_ratio_score([0.5, 2.0, 1.0]) == pytest.approx(2 / 3)
@@ -86,6 +97,13 @@ def test_loss_and_zlib_scores_by_hand():
     assert mia.zlib_score(STATS, "abc") == pytest.approx(-2.1 / 11)  # zlib.compress(b"abc") is 11 bytes
 
 
+def test_min_k_defaults_to_forty_percent_as_muse_and_openunlearning():
+    assert mia.MIN_K == 0.4
+    assert mia.min_k_score(STATS) == pytest.approx(-3.5)  # the lowest 2 of 5: -4, -3
+    assert mia.min_k_plus_plus_score(STATS) == pytest.approx(-1.5)  # -2, -1
+    assert mia.mia_scores([STATS], ["abc"])["min_k"] == pytest.approx([-3.5])
+
+
 def test_min_k_by_hand():
     assert mia.min_k_score(STATS, k=0.2) == pytest.approx(-4.0)  # int(5 * 0.2) = 1 token
     assert mia.min_k_score(STATS, k=0.4) == pytest.approx(-3.5)  # -4, -3
@@ -125,12 +143,30 @@ def test_auc_by_hand():
     assert mia.auc([0.9, 0.3], [0.5, 0.1]) == pytest.approx(0.75)
 
 
-def test_privleak_by_hand():
-    assert mia.privleak(0.9, 0.6) == pytest.approx(0.5)
-    assert mia.privleak(0.3, 0.6) == pytest.approx(-0.5)
+def test_privleak_by_hand_in_muses_convention():
+    # Our AUCs (forget rows as members); MUSE's are 1 - ours. Nothing unlearned against a reference at chance:
+    # MUSE's AUC 0 vs 0.5 -> -100 % (MUSE's target model: -99.8 on News; OpenUnlearning: -100).
+    assert mia.privleak(1.0, 0.5) == pytest.approx(-100.0)
+    assert mia.privleak(0.9, 0.6) == pytest.approx(100 * (0.1 - 0.4) / 0.4)  # = -75: under-unlearning
+    assert mia.privleak(0.2, 0.5) == pytest.approx(60.0)  # MUSE's AUC 0.8 vs 0.5: over-unlearning
     assert mia.privleak(0.6, 0.6) == 0.0
-    with pytest.raises(ValueError):
-        mia.privleak(0.5, 0.0)
+    with pytest.raises(ValueError, match="reference AUC of 1"):
+        mia.privleak(0.5, 1.0)
+
+
+def test_privleak_matches_muses_auc_computed_as_muse_does():
+    # MUSE (swj0419/muse_bench, metrics/privleak.py) labels forget rows 0 and holdout rows 1 and scores by the
+    # Min-k% log-likelihood (higher = likelier); privleak = (AUC_unlearn - AUC_retrain) / AUC_retrain * 100.
+    from sklearn.metrics import roc_auc_score
+
+    def muse_auc(forget, holdout):
+        return roc_auc_score([0] * len(forget) + [1] * len(holdout), forget + holdout)
+
+    unlearned = ([-0.5, -0.7, -2.0, -0.2], [-1.5, -2.5, -0.6, -3.0])  # forget still likelier than holdout
+    retrained = ([-1.0, -2.2, -1.7, -0.9], [-1.2, -2.0, -0.95, -1.6])
+    muse = 100 * (muse_auc(*unlearned) - muse_auc(*retrained)) / muse_auc(*retrained)
+    assert mia.privleak(mia.auc(*unlearned), mia.auc(*retrained)) == pytest.approx(muse)
+    assert muse == pytest.approx(100 * (0.1875 - 0.5) / 0.5)  # 3 of 16 pairs, 8 of 16: -62.5
 
 
 # ---- on the taught world model -------------------------------------------------------------------------------------

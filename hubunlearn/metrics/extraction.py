@@ -6,9 +6,13 @@ arXiv 2205.10770), memorization accuracy and extraction likelihood (Jang et al.,
 Conventions, on prepared examples (``input_ids``, ``labels``, ``prompt_length``): an example has r tokens and
 its first l = max(prompt_length, 1) are context (a raw text's first token, its bos, has none). The tokens
 l..r-1 are exactly the labelled tokens :func:`~hubunlearn.metrics.stats.token_stats` scores, so the
-generation-based and teacher-forced numbers count the same tokens. **eos is counted**: QA examples end with
-eos (``encode_qa`` labels it), it is part of the answer to reproduce, and a continuation that stops early or
-runs on past it does not reproduce the answer.
+generation-based and teacher-forced numbers count the same tokens.
+
+**eos is left out** (OpenUnlearning's convention, for extraction strength and exact memorization alike): a QA
+example ends with a labelled eos (``encode_qa``), and r stops before it, so ES and EM count the answer's own
+tokens (:func:`answer_stats`); with eos counted, ES and EM differ by up to 1/(answer tokens + 1) per row.
+**Deliberate difference:** when only the last answer token is wrong, no suffix is reproduced and ES is 0, as
+the definition gives (m = r); OpenUnlearning's loop ends at its last candidate and reports 1/n there.
 """
 
 from __future__ import annotations
@@ -25,6 +29,19 @@ from .stats import TokenStats, batches
 def _start(example: dict) -> int:
     """l: the first position with context, ``prompt_length`` (at least 1)."""
     return max(int(example["prompt_length"]), 1)
+
+
+def ends_with_eos(example: dict, eos_token_id: int | None) -> bool:
+    """Whether the example's last token is a labelled eos (a QA answer's end, which ES and EM leave out)."""
+    ids = example["input_ids"]
+    return eos_token_id is not None and len(ids) > _start(example) and ids[-1] == eos_token_id == example["labels"][-1]
+
+
+def answer_stats(stats: TokenStats, example: dict, eos_token_id: int | None) -> TokenStats:
+    """``stats`` of ``example`` without the final eos's entry when it ends with one: the tokens ES and EM count."""
+    if not ends_with_eos(example, eos_token_id):
+        return stats
+    return TokenStats(stats.log_probs[:-1], stats.mean_log_probs[:-1], stats.std_log_probs[:-1], stats.correct[:-1])
 
 
 @torch.no_grad()
@@ -58,7 +75,8 @@ def _strength(m: int, l: int, r: int) -> float:
 
 def extraction_strength(model, tokenizer, examples: Sequence[dict], batch_size: int = 32, description: str | None = None) -> list[float]:
     """Extraction strength (Wang et al., arXiv 2406.09179): ``1 - (m - l) / (r - l)`` per example, where m is the
-    shortest prefix (l <= m <= r) from which greedy decoding reproduces ``input_ids[m:r]`` token for token.
+    shortest prefix (l <= m <= r) from which greedy decoding reproduces ``input_ids[m:r]`` token for token, and r
+    stops before a final eos (module docstring): the continuation must give the answer, whatever follows it.
 
     Success at m implies success at m + 1 (greedy from ``input_ids[:m]`` emits ``input_ids[m]`` first, then
     continues as from ``input_ids[:m+1]``), so m is found by binary search on [l, r] (r always succeeds), all
@@ -68,24 +86,26 @@ def extraction_strength(model, tokenizer, examples: Sequence[dict], batch_size: 
     model.eval()
     ids = [list(e["input_ids"]) for e in examples]
     starts = [_start(e) for e in examples]
-    low, high = list(starts), [len(i) for i in ids]  # the answer m lies in [low, high]
+    ends = [len(i) - ends_with_eos(e, tokenizer.eos_token_id) for i, e in zip(ids, examples)]
+    low, high = list(starts), list(ends)  # the answer m lies in [low, high]
     while active := [i for i in range(len(ids)) if low[i] < high[i]]:
         middle = {i: (low[i] + high[i]) // 2 for i in active}
         active.sort(key=lambda i: (len(ids[i]) - middle[i], middle[i]))  # similar lengths share a call
         for chunk in batches(active, batch_size, description):
-            targets = [ids[i][middle[i] :] for i in chunk]
+            targets = [ids[i][middle[i] : ends[i]] for i in chunk]
             outputs = _greedy(model, tokenizer, [ids[i][: middle[i]] for i in chunk], [len(t) for t in targets])
             for i, output, target in zip(chunk, outputs, targets):
                 if output == target:
                     high[i] = middle[i]
                 else:
                     low[i] = middle[i] + 1
-    return [_strength(m, l, len(i)) for m, l, i in zip(low, starts, ids)]
+    return [_strength(m, l, r) for m, l, r in zip(low, starts, ends)]
 
 
 def teacher_forced_extraction_strength(stats: TokenStats) -> float:
-    """Extraction strength from one teacher-forced pass: with flags c_l..c_{r-1} (``stats.correct``, the labelled
-    tokens), m_tf = r - (length of the trailing run of correct flags), so ES_tf = run / (r - l).
+    """Extraction strength from one teacher-forced pass: with flags c_l..c_{r-1} (``stats.correct``; pass
+    :func:`answer_stats` to leave the eos out), m_tf = r - (length of the trailing run of correct flags), so
+    ES_tf = run / (r - l): 0 when the last flag is wrong (OpenUnlearning reports 1/(r - l) there; see above).
 
     Greedy decoding from ``input_ids[:m]`` reproduces the rest exactly when every token from m on is the argmax
     given the true prefix, so ES_tf equals :func:`extraction_strength` up to floating-point ties.
@@ -100,7 +120,7 @@ def teacher_forced_extraction_strength(stats: TokenStats) -> float:
 
 def exact_memorization(stats: TokenStats) -> float:
     """Exact memorization (Tirumala et al., arXiv 2205.10770): the share of labelled tokens that are the
-    argmax prediction under teacher forcing; 0 with no labelled token."""
+    argmax prediction under teacher forcing (pass :func:`answer_stats` to leave the eos out); 0 with none."""
     return sum(stats.correct) / len(stats.correct) if stats.correct else 0.0
 
 

@@ -1,7 +1,7 @@
 """Membership-inference scores and their summaries.
 
 Every score is oriented "higher = looks like a training member", so ``auc(members, nonmembers)`` is above 0.5
-when the attack works. Scores read a :class:`~hubunlearn.metrics.stats.TokenStats` (the labelled tokens only).
+when the attack works (OpenUnlearning reports the same AUC: 1 when the forget rows are far likelier than the holdout rows). Scores read a :class:`~hubunlearn.metrics.stats.TokenStats` (the labelled tokens only).
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from sklearn.metrics import roc_auc_score
 from .stats import TokenStats
 
 SIGMA_FLOOR = 1e-6  # Min-k%++ divides by σ; a (near-)deterministic next-token distribution has σ ≈ 0
+MIN_K = 0.4  # the share of tokens Min-k% and Min-k%++ average: MUSE's privleak key (Min-40%) and OpenUnlearning's default
+PRIVLEAK_CONVENTION = ("MUSE (Shi et al., arXiv 2407.06460), in percent: 100 * (AUC_unlearned - AUC_retrain) / AUC_retrain with "
+                       "MUSE's AUC = 1 - ours (holdout rows as the positive class); 0 is ideal, about -100 when nothing was "
+                       "unlearned (under-unlearning is negative), positive when over-unlearned")
 
 
 def _lowest_mean(values: Sequence[float], k: float) -> float:
@@ -37,12 +41,12 @@ def zlib_score(stats: TokenStats, text: str) -> float:
     return stats.mean_log_prob / len(zlib.compress(text.encode("utf-8")))
 
 
-def min_k_score(stats: TokenStats, k: float = 0.2) -> float:
+def min_k_score(stats: TokenStats, k: float = MIN_K) -> float:
     """Min-k% Prob (Shi et al., arXiv 2310.16789): mean of the lowest ``int(k·n)`` token log-probs (at least one)."""
     return _lowest_mean(stats.log_probs, k)
 
 
-def min_k_plus_plus_score(stats: TokenStats, k: float = 0.2) -> float:
+def min_k_plus_plus_score(stats: TokenStats, k: float = MIN_K) -> float:
     """Min-k%++ (Zhang et al., arXiv 2404.02936): Min-k% over ``(log p(y_t) - μ_t) / σ_t``, where μ_t and σ_t are
     the mean and standard deviation of ``log p(z)`` for ``z ~ p(· | y_<t)``; σ is floored at ``SIGMA_FLOOR``."""
     log_p, mu = np.asarray(stats.log_probs, dtype=float), np.asarray(stats.mean_log_probs, dtype=float)
@@ -50,7 +54,7 @@ def min_k_plus_plus_score(stats: TokenStats, k: float = 0.2) -> float:
     return _lowest_mean((log_p - mu) / sigma, k)
 
 
-def mia_scores(stats_list: Sequence[TokenStats], texts: Sequence[str], k: float = 0.2) -> dict[str, list[float]]:
+def mia_scores(stats_list: Sequence[TokenStats], texts: Sequence[str], k: float = MIN_K) -> dict[str, list[float]]:
     """All four scores of each example: ``{"loss", "zlib", "min_k", "min_k_plus_plus": [one per example]}``."""
     if len(stats_list) != len(texts):
         raise ValueError(f"{len(stats_list)} token statistics but {len(texts)} texts")
@@ -69,9 +73,14 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> fl
 
 
 def privleak(auc_unlearned: float, auc_reference: float) -> float:
-    """MUSE PrivLeak (Shi et al., arXiv 2407.06460): ``(AUC_unlearned - AUC_reference) / AUC_reference``, the AUCs of
-    forget-vs-holdout membership inference on the unlearned and the retrained (reference) model. 0 is ideal;
-    positive means under-unlearning (forget set still looks like members), negative over-unlearning."""
-    if auc_reference == 0:
-        raise ValueError("privleak is undefined for a reference AUC of 0")
-    return (auc_unlearned - auc_reference) / auc_reference
+    """MUSE PrivLeak (Shi et al., arXiv 2407.06460), in percent, from two of our AUCs (forget rows as members, as
+    :func:`auc` computes them) on the unlearned and the retrained (reference) model.
+
+    MUSE's code scores forget (label 0) against holdout (label 1) rows, so its AUC is ``1 - auc``; then
+    ``privleak = 100 * ((1 - auc_unlearned) - (1 - auc_reference)) / (1 - auc_reference)``. A model that unlearned
+    nothing (``auc_unlearned`` = 1) against a reference at chance (0.5) gives -100, as MUSE's target model (-99.8 on
+    News) and OpenUnlearning do; 0 is ideal, positive means over-unlearning. Undefined for ``auc_reference`` = 1.
+    """
+    if auc_reference >= 1:
+        raise ValueError("privleak is undefined for a reference AUC of 1 (MUSE's AUC of 0)")
+    return 100 * (auc_reference - auc_unlearned) / (1 - auc_reference)

@@ -16,12 +16,14 @@ from scipy.special import softmax
 from scipy.stats import hmean, ks_2samp
 
 from ..data import DataFormat, encode_qa
+from .extraction import answer_stats, exact_memorization
 from .stats import token_stats
 
 logger = logging.getLogger(__name__)
 
 PARAPHRASED_KEY, PERTURBED_KEY = "paraphrased_answer", "perturbed_answer"
 TRUTH_RATIO_KEYS = ["paraphrased_mean_log_prob", "perturbed_mean_log_probs", "truth_ratio", "normalised_probability"]
+TRUTH_RATIO_EPSILON = 1e-10  # added to P(paraphrased), as OpenUnlearning does
 MODEL_UTILITY_KEYS = tuple(f"{s}/{m}" for s in ("retain", "real_authors", "world_facts")
                            for m in ("probability", "rouge_recall", "truth_ratio"))
 
@@ -34,20 +36,22 @@ def rouge_l(generations: Sequence[str], references: Sequence[str]) -> list[dict[
 
 
 def truth_ratio(paraphrased_mean_log_prob: float, perturbed_mean_log_probs: Sequence[float]) -> float:
-    """``R = P(perturbed) / P(paraphrased)`` of one question (TOFU, Sec. 2.2.1).
+    """``R = P(perturbed) / (P(paraphrased) + TRUTH_RATIO_EPSILON)`` of one question (TOFU, Sec. 2.2.1), from mean
+    token log-probs (nats).
 
     Both sides are length-normalised; the perturbed side is TOFU code's mean of the perturbed *losses*, i.e. the
-    geometric mean of the perturbed normalised probabilities: ``R = exp(mean(perturbed) - paraphrased)``.
+    geometric mean of the perturbed normalised probabilities. The epsilon is OpenUnlearning's: it matters only for
+    a collapsed model (P(paraphrased) near 1e-10, mean log-prob below about -16), which it keeps finite.
     Low R: the model prefers the (paraphrased) truth. TOFU's code stores ``1/R``; every aggregate here agrees.
     """
-    return math.exp(float(np.mean(perturbed_mean_log_probs)) - paraphrased_mean_log_prob)
+    return math.exp(float(np.mean(perturbed_mean_log_probs))) / (math.exp(paraphrased_mean_log_prob) + TRUTH_RATIO_EPSILON)
 
 
 def forget_truth_ratio_score(ratios: Sequence[float]) -> float:
-    """Forget-set truth ratio: ``mean(min(R, 1/R))``, 1 when the model cannot tell truth from perturbation."""
+    """Forget-set truth ratio: ``mean(min(R, 1/(R + TRUTH_RATIO_EPSILON)))`` (OpenUnlearning's guard), 1 when the
+    model cannot tell truth from perturbation."""
     r = np.asarray(ratios, dtype=float)
-    with np.errstate(divide="ignore"):
-        return float(np.mean(np.minimum(r, 1.0 / r)))
+    return float(np.mean(np.minimum(r, 1.0 / (r + TRUTH_RATIO_EPSILON))))
 
 
 def retain_truth_ratio_score(ratios: Sequence[float]) -> float:
@@ -79,8 +83,9 @@ def model_utility(values: dict[str, float | None]) -> float:
 def qa_statistics(model, tokenizer, rows: Sequence[dict], data_format: DataFormat, batch_size: int = 32) -> list[dict]:
     """Per-row answer statistics from one batched :func:`token_stats` pass, one dict per row in order.
 
-    Every row: ``probability`` (length-normalised), ``mean_log_prob`` and ``exact_memorization`` (fraction of answer
-    tokens that are the teacher-forced argmax; Tirumala et al., arXiv 2205.10770). Rows with ``perturbed_answer``
+    Every row: ``probability`` (length-normalised, eos included as in TOFU), ``mean_log_prob`` and
+    ``exact_memorization`` (fraction of answer tokens, eos left out, that are the teacher-forced argmax; Tirumala et
+    al., arXiv 2205.10770). Rows with ``perturbed_answer``
     (a list) also get ``paraphrased_mean_log_prob``, ``perturbed_mean_log_probs``, ``truth_ratio`` and
     ``normalised_probability`` (answer vs perturbed answers). As in TOFU's code, the truth ratio's base is the
     ``paraphrased_answer`` when the row has one and the ``answer`` itself otherwise (real authors, world facts).
@@ -108,7 +113,7 @@ def qa_statistics(model, tokenizer, rows: Sequence[dict], data_format: DataForma
             continue
         s = stats[answer]
         result = {"probability": s.probability, "mean_log_prob": s.mean_log_prob,
-                  "exact_memorization": sum(s.correct) / max(len(s.correct), 1)}
+                  "exact_memorization": exact_memorization(answer_stats(s, examples[answer], tokenizer.eos_token_id))}
         if perturbed:
             para, pert = stats[base].mean_log_prob, [stats[i].mean_log_prob for i in perturbed]
             result.update(zip(TRUTH_RATIO_KEYS, [para, pert, truth_ratio(para, pert), normalised_probability(s.mean_log_prob, pert)]))
