@@ -215,15 +215,26 @@ def deploy(unlearned: str, space_id: str, original: str | None = None, hardware:
            token: str | None = None) -> str:
     """Create (or update) the Space ``space_id`` in one commit; returns its URL. ``unlearned`` must be on the Hub."""
     from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    from .hub import _failure, _token
 
     if Path(unlearned).exists() or not looks_like_repo_id(unlearned):
         raise UsageError(f"a Space loads models from the Hub: push {unlearned} first (hubunlearn push FOLDER --repo_id ORG/NAME) "
                          "and pass its repo id to --unlearned")
-    record = json.loads(Path(hf_hub_download(unlearned, RECORD_NAME, token=token)).read_text())
-    api = HfApi(token=token)
-    api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-    operations = [CommitOperationAdd(name, content) for name, content in space_files(unlearned, original, record, hardware).items()]
-    info = api.create_commit(space_id, operations, commit_message="Side-by-side demo made with hubunlearn", repo_type="space")
+
+    api = HfApi(token=token or _token())
+    try:
+        record = json.loads(Path(hf_hub_download(unlearned, RECORD_NAME, token=api.token)).read_text())
+    except (RepositoryNotFoundError, EntryNotFoundError) as error:
+        raise UsageError(f"--unlearned {unlearned} is not a hubunlearn artifact on the Hub that this token can read: "
+                         "push it first (hubunlearn push FOLDER --repo_id ORG/NAME)") from error
+    try:
+        api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        operations = [CommitOperationAdd(name, content) for name, content in space_files(unlearned, original, record, hardware).items()]
+        info = api.create_commit(space_id, operations, commit_message="Side-by-side demo made with hubunlearn", repo_type="space")
+    except Exception as error:  # a refused token, a missing repository, a network failure: one line that says what to do
+        raise _failure(error, space_id, api.endpoint, 1, False) from error
     return info.commit_url
 
 

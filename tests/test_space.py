@@ -249,6 +249,19 @@ def test_space_requirements_cover_every_package_the_app_imports(lora_artifact):
     assert not missing, f"the Space imports {sorted(missing)}, which its requirements.txt does not install"
 
 
+def test_deploy_without_a_token_or_without_rights_is_one_line(run_cli, monkeypatch):
+    from .conftest import OTHER_TOKEN
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    code, _, err = run_cli("space", "--unlearned", "tester/space-adapter", "--deploy", "tester/side-by-side")
+    assert code == 2 and "no Hugging Face token" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    monkeypatch.setenv("HF_TOKEN", OTHER_TOKEN)  # alice may not write to tester's namespace
+    code, _, err = run_cli("space", "--unlearned", "tester/space-adapter", "--deploy", "tester/side-by-side")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("hubunlearn: error:") and ("(403)" in last or "this token can read" in last), err
+    assert "Traceback" not in err and OTHER_TOKEN not in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--unlearned", "not a repo"], "neither an artifact folder nor a Hub repo id"),
     (["--unlearned", "{artifact}", "--port", "0"], "--port must be between 1 and 65535"),
