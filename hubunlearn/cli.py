@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .errors import HubUnlearnError, UsageError, did_you_mean
+from .errors import HubUnlearnError, UsageError, did_you_mean, known_flags
 
 COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
@@ -20,7 +20,21 @@ COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line that says where to look, exit code 2 (through UsageError)."""
+    """Argument errors as one line that says where to look, exit code 2 (through UsageError). A flag must be spelled
+    out (no abbreviations), and a misspelled one is named, with the closest flag, before any other complaint (a
+    misspelled required flag would otherwise read as a missing one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        flags = set(known_flags(self))
+        for argument in sys.argv[1:] if args is None else args:
+            if argument == "--":
+                break
+            if str(argument).startswith("--") and str(argument).split("=")[0] not in flags:
+                self.error(f"unrecognized arguments: {argument}")
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments: "):

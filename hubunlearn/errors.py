@@ -27,14 +27,18 @@ class NonFiniteLossError(HubUnlearnError):
         )
 
 
-def did_you_mean(argument: str, parser) -> str:
-    """``": did you mean --retain?"`` for a misspelled flag of an ``argparse`` parser, or nothing."""
-    import difflib
-
+def known_flags(parser) -> list[str]:
+    """The ``--`` flags of an ``argparse`` parser and of its subcommands' parsers (``bench run ...``)."""
     import argparse
 
     subcommands = [a.choices.values() for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    parsers = [parser, *(sub for choices in subcommands for sub in choices)]  # a subcommand's own flags too (bench run)
-    flags = [option for p in parsers for action in p._actions for option in action.option_strings if option.startswith("--")]
-    match = difflib.get_close_matches(argument.split("=")[0], flags, n=1)
+    parsers = [parser, *(sub for choices in subcommands for sub in choices)]
+    return [option for p in parsers for action in p._actions for option in action.option_strings if option.startswith("--")]
+
+
+def did_you_mean(argument: str, flags) -> str:
+    """``": did you mean --retain?"`` for a misspelled flag (``flags``: a parser, or a list of flags), or nothing."""
+    import difflib
+
+    match = difflib.get_close_matches(argument.split("=")[0], flags if isinstance(flags, list) else known_flags(flags), n=1)
     return f": did you mean {match[0]}?" if match else ""

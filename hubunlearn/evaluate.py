@@ -236,6 +236,13 @@ def _mia_summary(per_example: dict, reference: dict | None) -> dict[str, Any]:
         summary["reference_auc"] = ref
         summary["privleak"] = {attack: privleak(own[attack], ref[attack]) if ref[attack] < 1 else None for attack in own}
         summary["privleak_convention"] = PRIVLEAK_CONVENTION
+        undefined = [attack for attack in own if ref[attack] >= 1]
+        if undefined:
+            summary["privleak_unavailable"] = (f"the reference separates forget from holdout rows perfectly (AUC 1) with "
+                                               f"{', '.join(undefined)}: privleak divides by 1 − that AUC, so it is undefined "
+                                               "there; use a reference that never saw the forget set, or more holdout rows")
+    else:
+        summary["privleak_unavailable"] = "no reference: add --reference MODEL or --reference_stats per_example.json"
     return summary
 
 
@@ -354,16 +361,32 @@ def reference_cache_path(key: dict[str, Any]) -> Path:
     return cache_root() / "reference-stats" / f"{name}.json"
 
 
-def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, list[dict]] | None:
-    """The cached statistics when ``path`` holds a whole entry made for exactly ``key``, else None (and why)."""
+def _checksum(per_example: Any) -> str:
+    return hashlib.sha256(json.dumps(per_example, sort_keys=True).encode()).hexdigest()
+
+
+def covers_sets(reference: Any, sets: dict[str, list[dict]]) -> bool:
+    """Whether ``reference`` holds per-example statistics of exactly these sets: the same questions, in order."""
+    return isinstance(reference, dict) and all(
+        isinstance(reference.get(name), list) and len(reference[name]) == len(rows)
+        and all(isinstance(r, dict) and r.get("question") == row["question"] for r, row in zip(reference[name], rows))
+        for name, rows in sets.items())
+
+
+def _read_cache(path: Path, key: dict[str, Any], sets: dict[str, list[dict]]) -> dict[str, list[dict]] | None:
+    """The cached statistics when ``path`` holds a whole, unaltered entry made for exactly ``key`` and ``sets``,
+    else None (and a warning saying why)."""
     if not path.is_file():
         return None
     try:
         entry = json.loads(path.read_text())
-        if entry["key"] == key and isinstance(entry["per_example"], dict):
+        if entry["key"] != key:
+            logger.warning("the cache entry %s was made for other settings: recomputing the reference statistics", path)
+        elif entry.get("checksum") != _checksum(entry["per_example"]) or not covers_sets(entry["per_example"], sets):
+            logger.warning("the cache entry %s is damaged: recomputing the reference statistics", path)
+        else:
             return entry["per_example"]
-        logger.warning("the cache entry %s was made for other settings: recomputing the reference statistics", path)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         logger.warning("the cache entry %s is unreadable (%s): recomputing the reference statistics", path, error)
     return None
 
@@ -405,7 +428,7 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tup
         identity = model_identity(config.reference)
         key = reference_cache_key(identity, config, sets) if identity else None
         path = reference_cache_path(key) if key else None
-        reference = _read_cache(path, key) if path else None
+        reference = _read_cache(path, key, sets) if path else None
         source = {"reference": config.reference, **{k: v for k, v in (identity or {}).items() if k != "repo"},
                   "cached": reference is not None, "cache_file": str(path) if path else None}
         if reference is not None:
@@ -414,15 +437,15 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tup
             model, tokenizer = load_for_eval(config.reference, trust_remote_code=config.trust_remote_code, revision=source.get("commit"))
             reference = evaluate_sets(model, tokenizer, sets, config)
             if path:
-                _write_atomically(path, {"key": key, "reference_source": source, "per_example": reference})
+                _write_atomically(path, {"key": key, "reference_source": source, "per_example": reference,
+                                         "checksum": _checksum(reference)})
                 logger.info("computed the reference statistics of %s and cached them in %s (reuse them with --reference_stats)",
                             describe_reference(source), path)
     else:
         return None, None
-    questions = [r["question"] for r in sets["forget"]]
-    if [r["question"] for r in reference.get("forget", [])] != questions:
-        raise UsageError("the reference statistics were computed on other forget questions: rerun with --reference, "
-                         "or pass the per_example.json of an eval with the same benchmark, split and --max_examples")
+    if not covers_sets(reference, {"forget": sets["forget"]}):
+        raise UsageError(f"--reference_stats {config.reference_stats} holds no statistics of these forget questions: pass the "
+                         "per_example.json of an eval with the same benchmark, split and --max_examples, or use --reference MODEL")
     return reference, source
 
 

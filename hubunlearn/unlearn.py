@@ -66,7 +66,7 @@ def _usage_error(message: str):
 
 def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig]:
     """Two passes: find the method (flag or recipe), then parse everything into that method's config."""
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--method")
     peek.add_argument("--config")
     known, _ = peek.parse_known_args(argv)
@@ -74,11 +74,14 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
     method = known.method or recipe.get("method")
     wants_help = any(a in ("-h", "--help") for a in argv)
     if method is None and not wants_help:
+        for argument in argv:
+            if argument.startswith("--") and (suggestion := did_you_mean(argument, ["--method", "--config"])):
+                raise UsageError(f"unrecognized argument {argument}{suggestion} (see hubunlearn unlearn --help)")
         raise UsageError(f"--method is required: choose one of {', '.join(UNLEARNING_METHODS)}")
     if method is not None:
         method = canonical_method(str(method))
     config_class = UNLEARNING_METHODS[method].config_class if method else UnlearnConfig
-    parser = HfArgumentParser((UnlearnArguments, config_class), prog="hubunlearn unlearn")
+    parser = HfArgumentParser((UnlearnArguments, config_class), prog="hubunlearn unlearn", allow_abbrev=False)
     parser.error = _usage_error
     fields = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - fields)

@@ -23,7 +23,7 @@ def data_files(tmp_path_factory, world):
     for name in ("forget", "retain"):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.rows(name)))
     (folder / "empty.jsonl").write_text("")
-    (folder / "shapeless.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    (folder / "shapeless.jsonl").write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
     return folder
 
 
@@ -185,6 +185,12 @@ def test_bf16_without_a_gpu_trains_in_bf16_on_the_cpu(run_cli, world_model_dir, 
     (["trace", "--model", "m", "--forget", "f", "--windw", "2"], "--window"),
     (["space", "--unlearned", "a/b", "--prot", "7860"], "--port"),
     (["quickstart", "--output_dri", "o"], "--output_dir"),
+    (["push", "folder", "--repo-id", "a/b"], "--repo_id"),  # a misspelled required flag is named as such, not as missing
+    (["eval", "--modle", "m"], "--model"),
+    (["unlearn", "--methd", "ga", "--model_name_or_path", "m"], "--method"),
+    (["unlearn", "--method", "ga", "--model_name_or_path", "m", "--forget", "f", "--output_dir", "o", "--learning_rat", "1"],
+     "--learning_rate"),  # never silently taken as an abbreviation
+    (["bench", "build-tofu", "--autors", "3"], "--authors"),
 ])
 def test_a_misspelled_flag_is_one_line_with_the_closest_flag(run_cli, argv, suggestion):
     code, _, err = run_cli(*argv)

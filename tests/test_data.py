@@ -163,8 +163,8 @@ def test_raw_text_is_chunked_with_every_token_a_label(tokenizer):
 def test_empty_or_shapeless_sets_are_refused(tokenizer):
     with pytest.raises(UsageError, match="forget set is empty"):
         tokenize_rows([], tokenizer, DataFormat(), "forget")
-    with pytest.raises(UsageError, match=r"columns \[prompt, completion\]; expected 'question' and 'answer'"):
-        tokenize_rows([{"prompt": "a", "completion": "b"}], tokenizer, DataFormat(), "forget")
+    with pytest.raises(UsageError, match=r"columns \[input, output\]; expected 'question' and 'answer'"):
+        tokenize_rows([{"input": "a", "output": "b"}], tokenizer, DataFormat(), "forget")
 
 
 def test_overlap_is_counted():

@@ -150,3 +150,17 @@ def test_mismatched_tokenizer_and_missing_perturbed_answers(run_cli, world_model
     assert "has no paraphrased and perturbed answers: its truth ratio is skipped" in err
     summary, _ = read(tmp_path / "e2")
     assert "truth_ratio" not in summary["sets"]["forget"] and summary["aggregates"]["model_utility"]["value"] is None
+
+
+def test_privleak_that_cannot_be_computed_says_why():
+    from hubunlearn.evaluate import _mia_summary
+
+    def rows(*scores):
+        return [{"mia": {"loss": s}} for s in scores]
+
+    separable = {"forget": rows(1.0, 0.9), "holdout": rows(0.1, 0.2)}
+    summary = _mia_summary(separable, separable)  # the reference tells them apart perfectly: 1 - AUC = 0
+    assert summary["privleak"] == {"loss": None} and "AUC 1" in summary["privleak_unavailable"]
+    assert "no reference" in _mia_summary(separable, None)["privleak_unavailable"]
+    mixed = {"forget": rows(1.0, 0.1), "holdout": rows(0.9, 0.2)}
+    assert _mia_summary(separable, mixed)["privleak"]["loss"] == pytest.approx(-100.0) and "privleak_unavailable" not in _mia_summary(separable, mixed)

@@ -89,8 +89,20 @@ def test_other_rows_under_the_same_data_path_never_reuse_an_entry(run_cli, world
     assert second["reference"]["forget"]["probability"] != first["reference"]["forget"]["probability"]
 
 
-@pytest.mark.parametrize("damage", [lambda text: text[: len(text) // 2], lambda text: "{}", lambda text: ""],
-                         ids=["truncated", "no-entry", "empty"])
+def _edit_entry(change):
+    def damage(text):
+        entry = json.loads(text)
+        change(entry)
+        return json.dumps(entry)
+    return damage
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[: len(text) // 2], lambda text: "{}", lambda text: "",
+    _edit_entry(lambda e: e.update(per_example={})),  # valid JSON, the right key, no statistics
+    _edit_entry(lambda e: e["per_example"].update(forget=[{"x": 1}])),  # rows of nothing
+    _edit_entry(lambda e: e["per_example"]["forget"][0].update(truth_ratio=0.123)),  # a number edited by hand
+], ids=["truncated", "no-entry", "empty", "no-statistics", "foreign-rows", "edited-number"])
 def test_a_damaged_cache_entry_is_recomputed(run_cli, world_model_dir, world_reference_dir, tmp_path, damage):
     first, _ = evaluate(run_cli, world_model_dir, tmp_path / "e1", "--reference", world_reference_dir)
     entry = first["reference_source"]["cache_file"]
@@ -99,7 +111,7 @@ def test_a_damaged_cache_entry_is_recomputed(run_cli, world_model_dir, world_ref
     with open(entry, "w") as file:
         file.write(damage(text))
     second, err = evaluate(run_cli, world_model_dir, tmp_path / "e2", "--reference", world_reference_dir)
-    assert "is unreadable" in err and "reusing" not in err and second["reference_source"]["cached"] is False
+    assert ("is unreadable" in err or "is damaged" in err) and "reusing" not in err and second["reference_source"]["cached"] is False
     assert second["aggregates"] == first["aggregates"]
     with open(entry) as file:
         assert json.load(file)["reference_source"]["fingerprint"] == first["reference_source"]["fingerprint"]  # rewritten whole
@@ -110,10 +122,12 @@ def test_reference_stats_file_is_named_with_its_hash(run_cli, world_model_dir, t
     stats = tmp_path / "e1" / "per_example.json"
     summary, _ = evaluate(run_cli, world_model_dir, tmp_path / "e2", "--reference_stats", stats)
     assert summary["reference_source"] == {"reference_stats": str(stats), "sha256": hashlib.sha256(stats.read_bytes()).hexdigest()}
-    broken = tmp_path / "broken.json"
-    broken.write_text('{"forget": [')
-    code, _, err = run_cli("eval", "--model", world_model_dir, *ARGS, "--reference_stats", broken, "--output_dir", tmp_path / "e3")
-    assert code == 2 and f"--reference_stats {broken} is not JSON" in err.strip().splitlines()[-1]
+    for content, message in (('{"forget": [', "is not JSON"), ("[]", "holds no statistics of these forget questions"),
+                             ('{"forget": [{"x": 1}]}', "holds no statistics of these forget questions")):
+        broken = tmp_path / "broken.json"
+        broken.write_text(content)
+        code, _, err = run_cli("eval", "--model", world_model_dir, *ARGS, "--reference_stats", broken, "--output_dir", tmp_path / "e3")
+        assert code == 2 and f"--reference_stats {broken} {message}" in err.strip().splitlines()[-1] and "Traceback" not in err, err
 
 
 def test_a_hub_reference_is_pinned_by_its_commit(run_cli, world_model_dir, world_reference_dir, hub_token, tmp_path):

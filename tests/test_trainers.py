@@ -19,6 +19,11 @@ def config(trainer_class, output_dir, **overrides):
 
 
 REPRESENTATION_SETTINGS = {"learning_rate": 1e-2}  # only a few layers train: KUDA and RMU take larger steps
+# GA and NPO's forget terms are unbounded or push likelihood down everywhere: at 3e-4 they sit at the edge of collapse
+# on this toy model (measured with transformers 5.24 / torch 2.13: forget 0.32, retain 0.84 after 12 steps; at 2.75e-4
+# forget 0.44, retain 0.92), so they take a slightly smaller step; the bounded methods keep 3e-4.
+METHOD_SETTINGS = {"kuda": REPRESENTATION_SETTINGS, "rmu": REPRESENTATION_SETTINGS,
+                   "ga": {"learning_rate": 2.75e-4}, "npo": {"learning_rate": 2.75e-4}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -26,7 +31,7 @@ def test_each_method_forgets_the_forget_set_and_keeps_the_retain_set(method, mod
     trainer_class = METHODS[method]
     forget_before, retain_before = mean_answer_probability(model, forget_rows), mean_answer_probability(model, retain_rows)
     assert forget_before > 0.9 and retain_before > 0.9  # the model knows the world
-    overrides = REPRESENTATION_SETTINGS if method in ("kuda", "rmu") else {}
+    overrides = METHOD_SETTINGS.get(method, {})
     trainer = trainer_class(model=model, args=config(trainer_class, tmp_path / "out", **overrides), forget_dataset=forget_rows,
                             retain_dataset=retain_rows, processing_class=tokenizer)
     trainer.train()
