@@ -80,11 +80,16 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--relearn_learning_rate", type=float, default=1e-4, help="Learning rate of the relearn attack.")
     parser.add_argument("--output_dir", default="eval-output", help="Where summary.json and per_example.json go.")
     parser.add_argument("--record_to", help="An artifact folder whose unlearning.json (and card) should show this eval.")
-    parser.add_argument("--stage", default="after", help="Column of the card's table for this eval: after, before or reference.")
+    parser.add_argument("--stage", default="after", choices=("after", "before", "reference"),
+                        help="Column of the card's table for this eval: after, before or reference.")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--trust_remote_code", action="store_true", help="Run the model repository's own code.")
     args = parser.parse_args(argv)
+    if args.record_to:  # before the evaluation, not after it
+        from .artifacts import read_record
+
+        read_record(args.record_to)
     config = EvalConfig(model=args.model, adapter=args.adapter, benchmark=args.benchmark, forget_split=args.forget_split,
                         data=args.data, metrics=args.metrics, max_examples=args.max_examples, reference=args.reference,
                         reference_stats=args.reference_stats, holdout=args.holdout, attacks=args.attack,

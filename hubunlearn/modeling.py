@@ -15,7 +15,7 @@ def _not_found(name_or_path: str, error: Exception) -> UsageError:
         return UsageError(f"cannot load a model from {name_or_path}: {str(error).splitlines()[0]}")
     return UsageError(
         f"model '{name_or_path}' not found: give an existing local folder or a Hub model id "
-        "(check the spelling, the --revision, and HF_TOKEN for private repositories)"
+        "(check the spelling, the revision asked for, and HF_TOKEN for private repositories)"
     )
 
 

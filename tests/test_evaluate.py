@@ -121,11 +121,15 @@ def test_recording_into_an_artifact_updates_its_record_and_card(run_cli, world_m
     (["--benchmark", "mmlu"], "unknown benchmark 'mmlu'"),
     (["--reference_stats", "/no/such.json"], "--reference_stats /no/such.json does not exist"),
     (["--max_examples", "many"], "invalid int value: 'many'"),
+    (["--stage", "beforee"], "argument --stage: invalid choice: 'beforee'"),
+    (["--record_to", "{tmp}/not-an-artifact"], "has no unlearning.json: it is not a hubunlearn artifact"),
 ])
 def test_bad_eval_input(run_cli, world_model_dir, tmp_path, args, message):
-    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--output_dir", tmp_path / "e", *args)
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--output_dir", tmp_path / "e",
+                           *[a.format(tmp=tmp_path) for a in args])
     assert code == 2 and message in err.strip().splitlines()[-1], err
     assert not (tmp_path / "e").exists()
+    assert "computed the reference" not in err and "generating" not in err  # refused before any evaluation
 
 
 def test_mismatched_tokenizer_and_missing_perturbed_answers(run_cli, world_model_dir, world, tmp_path, caplog):
