@@ -349,20 +349,19 @@ def conventions() -> dict[str, str]:
 def reference_cache_key(identity: dict[str, str], config: EvalConfig, sets: dict[str, list[dict]]) -> dict[str, Any]:
     """Everything the reference's per-example statistics depend on: the weights, the rows of every set (as
     evaluated, after ``--max_examples``), the metrics, generation and tokenisation settings, and the conventions."""
-    rows = hashlib.sha256(json.dumps(sets, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-    return {"format": STATISTICS_FORMAT, "model": identity, "rows": rows, "metrics": sorted(config.metrics),
+    return {"format": STATISTICS_FORMAT, "model": identity, "rows": _json_sha256(sets), "metrics": sorted(config.metrics),
             "max_new_tokens": config.max_new_tokens, "data_format": asdict(config.data_format), "conventions": conventions()}
 
 
 def reference_cache_path(key: dict[str, Any]) -> Path:
     from .quickstart import cache_root
 
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_root() / "reference-stats" / f"{name}.json"
+    return cache_root() / "reference-stats" / f"{_json_sha256(key)[:32]}.json"
 
 
-def _checksum(per_example: Any) -> str:
-    return hashlib.sha256(json.dumps(per_example, sort_keys=True).encode()).hexdigest()
+def _json_sha256(value: Any) -> str:
+    """SHA-256 of ``value`` as canonical JSON (sorted keys): the cache's rows hash, entry name and entry checksum."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
 def covers_sets(reference: Any, sets: dict[str, list[dict]]) -> bool:
@@ -382,7 +381,7 @@ def _read_cache(path: Path, key: dict[str, Any], sets: dict[str, list[dict]]) ->
         entry = json.loads(path.read_text())
         if entry["key"] != key:
             logger.warning("the cache entry %s was made for other settings: recomputing the reference statistics", path)
-        elif entry.get("checksum") != _checksum(entry["per_example"]) or not covers_sets(entry["per_example"], sets):
+        elif entry.get("checksum") != _json_sha256(entry["per_example"]) or not covers_sets(entry["per_example"], sets):
             logger.warning("the cache entry %s is damaged: recomputing the reference statistics", path)
         else:
             return entry["per_example"]
@@ -423,6 +422,9 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tup
             reference = json.loads(path.read_text())
         except ValueError as error:
             raise UsageError(f"--reference_stats {path} is not JSON ({error}): give a per_example.json from an earlier eval") from error
+        if not covers_sets(reference, {"forget": sets["forget"]}):
+            raise UsageError(f"--reference_stats {path} holds no statistics of these forget questions: pass the per_example.json "
+                             "of an eval with the same benchmark, split and --max_examples, or use --reference MODEL")
         source = {"reference_stats": str(path), "sha256": _sha256(path)}
     elif config.reference:
         identity = model_identity(config.reference)
@@ -438,14 +440,11 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tup
             reference = evaluate_sets(model, tokenizer, sets, config)
             if path:
                 _write_atomically(path, {"key": key, "reference_source": source, "per_example": reference,
-                                         "checksum": _checksum(reference)})
+                                         "checksum": _json_sha256(reference)})
                 logger.info("computed the reference statistics of %s and cached them in %s (reuse them with --reference_stats)",
                             describe_reference(source), path)
     else:
         return None, None
-    if not covers_sets(reference, {"forget": sets["forget"]}):
-        raise UsageError(f"--reference_stats {config.reference_stats} holds no statistics of these forget questions: pass the "
-                         "per_example.json of an eval with the same benchmark, split and --max_examples, or use --reference MODEL")
     return reference, source
 
 
