@@ -211,7 +211,8 @@ def summarize(per_example: dict[str, list[dict]], config: EvalConfig, reference:
             {"value": None, "unavailable": f"needs retain, real_authors and world_facts (missing: {', '.join(missing)})"}
     if "mia" in config.metrics:
         aggregates["mia"] = _mia_summary(per_example, reference)
-    return {"config": _config_dict(config), "sets": sets, "aggregates": aggregates, "conventions": conventions()}
+    return {"config": _config_dict(config), "sets": sets, "examples": {name: len(results) for name, results in per_example.items()},
+            "aggregates": aggregates, "conventions": conventions()}
 
 
 def _truth_ratios(results: list[dict]) -> list[float]:
@@ -495,14 +496,26 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     privleak = {f"privleak_{attack}": v for attack, v in (summary["aggregates"].get("mia") or {}).get("privleak", {}).items() if v is not None}
     if privleak:
         metrics.setdefault("mia", {})[stage] = privleak
+    previous = record.get("evaluation") or {}
     record["evaluation"] = {"benchmark": summary["config"]["benchmark"], "forget_split": summary["config"]["forget_split"],
                             "reference_source": summary.get("reference_source"), "conventions": summary["conventions"]}
+    mia = summary["aggregates"].get("mia") or {}
+    recorded = {"examples": summary.get("examples"), "mia": {k: mia[k] for k in ("auc", "privleak") if mia.get(k)},
+                "attacks": summary.get("attacks")}
+    for key, value in recorded.items():  # per stage (for the card), keeping the other stages' earlier records
+        stages = {s: v for s, v in (previous.get(key) or {}).items() if s != stage}
+        if value:
+            stages[stage] = value
+        if key == "mia" and mia.get("reference_auc"):
+            stages["reference"] = {"auc": mia["reference_auc"]}
+        if stages:
+            record["evaluation"][key] = stages
     card = artifact / "README.md"
     temporary = artifact / f".{RECORD_NAME}.partial"
     temporary.write_text(json.dumps(record, indent=2) + "\n")
     temporary.replace(artifact / RECORD_NAME)
     if not card.exists() or is_untouched(card.read_text()):
-        card.write_text(card_text(record))
+        card.write_text(card_text(record, folder=artifact))
     return artifact / RECORD_NAME
 
 

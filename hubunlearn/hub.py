@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import NEVER_SHIPPED, RECORD_NAME, read_record
-from .cards import card_text, hub_id, is_untouched
+from .cards import card_for_hub, card_text, hub_id, is_untouched
 from .errors import HubUnlearnError, UsageError
 from .modeling import hub_facts
 
@@ -82,8 +82,10 @@ def plan_push(folder: str | Path, repo_id: str, base_model_id: str | None = None
             write(content, base)
             rewritten[name] = (json.dumps(content, indent=2) + "\n").encode()
     card = folder / "README.md"
-    if not card.is_file() or is_untouched(card.read_text()):  # an edited card is the user's: it goes as it is
+    if not card.is_file() or is_untouched(card.read_text()):
         rewritten["README.md"] = card_text(record, repo_id).encode()
+    else:  # an edited card is the user's: only what was rendered for the local folder becomes the repo id
+        rewritten["README.md"] = card_for_hub(card.read_text(), repo_id, folder).encode()
     files = sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith((".", "checkpoint-")) for part in p.relative_to(folder).parts)

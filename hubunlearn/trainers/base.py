@@ -441,6 +441,8 @@ class UnlearnTrainer(Trainer):
             "training": {
                 "global_steps": self.state.global_step,
                 "train_runtime_s": next((h["train_runtime"] for h in self.state.log_history if "train_runtime" in h), None),
+                "precision": {"mixed": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else None, "tf32": self.args.tf32,
+                              "weights": str(self.accelerator.unwrap_model(self.model).dtype).removeprefix("torch.")},
             },
             "hardware": {
                 "device": self.args.device.type,
@@ -472,7 +474,7 @@ class UnlearnTrainer(Trainer):
             self.save_weights(str(staging) if staging else output_dir)
             if staging is not None:
                 record = self.unlearning_record()
-                (staging / "README.md").write_text(card_text(record))
+                (staging / "README.md").write_text(card_text(record, folder=output_dir))
                 write_record(staging, record)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
