@@ -256,6 +256,13 @@ def precision_text(precision: dict | None) -> str | None:
     return text + (f" ({details})" if details else "")
 
 
+def eco_classifier_basis(classifier: dict) -> str:
+    """What ECO's classifier learnt from beyond the user's sets (recorded since issue 16; '' for older records)."""
+    pool, gate = classifier.get("general_pool"), classifier.get("gate")
+    text = f"; its negatives included hubunlearn's built-in pool of {pool['size']} general prompts (version {pool['version']})" if pool else ""
+    return text + (f"; it flags only prompts with a word close to one of the forget set's {gate['terms']} distinctive terms" if gate else "")
+
+
 def eco_summary(eco: dict) -> str:
     """The ECO bundle's recorded classifier rates and corruption strength σ, with a warning when the σ search ended
     farther than :data:`ECO_SEARCH_TOLERANCE` from its target forget answer probability."""
@@ -263,7 +270,7 @@ def eco_summary(eco: dict) -> str:
     text = (f"The prompt classifier ({classifier['kind']}) flags {classifier['held_out_forget_recall']:.1%} of held-out forget "
             f"prompts (recall; {classifier['forget_recall']:.1%} of all forget prompts) and {classifier['held_out_false_positive_rate']:.1%} "
             f"of held-out retain prompts (false flags; {classifier['retain_false_positive_rate']:.1%} of all retain prompts), "
-            f"calibrated for recall ≥ {1 - classifier['alpha']:.0%}. Flagged prompts get `{corruption['name']}` on their "
+            f"calibrated for recall ≥ {1 - classifier['alpha']:.0%}{eco_classifier_basis(classifier)}. Flagged prompts get `{corruption['name']}` on their "
             f"{corruption['tokens'].replace('_', ' ')} tokens ({corruption['dims']} embedding coordinates) at σ = {corruption['strength']:.4g}")
     if "forget_probability_after" not in search or not search.get("trajectory"):
         return text + "."
