@@ -3,7 +3,16 @@
 The default runs anywhere with nothing downloaded: a logistic regression (scikit-learn, balanced class
 weights) over hashed character n-grams of the lower-cased prompt, trained on the prompts and their variants
 (other casing, a typo, no question mark), so it survives those and rephrasings that keep the subject's name. A prompt is scored as the maximum over its whole text and over
-word windows, so a forget question buried in a longer request is still caught. The threshold is set by split
+word windows, so a forget question buried in a longer request is still caught.
+
+What it must not flag is learned from more than the retain set (issue 16: trained on forget against retain
+alone, it flagged 4–30% of unrelated prompts of kinds it never saw): the built-in pool of general prompts
+(:mod:`hubunlearn.eco.pool`, several thousand, about people, places, science, maths, cooking, coding, everyday
+requests and fiction) joins the negatives, and a prompt scores 0 unless one of its words matches a term
+distinctive of the forget set (:mod:`hubunlearn.eco.gate`: closeness to the forget set, not distance from
+the retain set). ``ClassifierSettings(pool_size=0, gate_similarity=0)`` is the classifier before issue 16.
+
+The threshold is set by split
 conformal prediction on held-out forget prompts: with nonconformity ``1 - p(forget)``, flagging ``p >= 1 - q``
 at the ``ceil((n+1)(1-α))/n`` quantile ``q`` gives recall ``>= 1 - α`` on exchangeable forget prompts.
 Weights are stored in safetensors and the settings in JSON: nothing is unpickled.
@@ -12,6 +21,7 @@ Weights are stored in safetensors and the settings in JSON: nothing is unpickled
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from .gate import TermGate
+from .pool import POOL_SIZE, POOL_VERSION, general_prompts
 
+logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "classifier.safetensors"
 CONFIG_NAME = "classifier.json"
 
@@ -32,7 +45,14 @@ class ClassifierSettings:
     ngram_max: int = 5
     window_words: int = 16
     window_stride: int = 8
-    regularisation: float = 1.0  # scikit-learn's C
+    regularisation: float = 4.0  # scikit-learn's C (1.0 before issue 16: with the pool's phrasings as negatives, names need larger weights)
+    solver: str = "liblinear"  # scikit-learn's solver (lbfgs before issue 16; liblinear fits the pool in half the time)
+    pool_size: int = POOL_SIZE  # built-in general prompts added to the negatives (hubunlearn.eco.pool); 0: none
+    pool_version: str = POOL_VERSION  # a record: scoring never needs the pool, only fitting does
+    gate_similarity: float = 0.75  # similarity a word needs to a forget-set term (hubunlearn.eco.gate); 0: no gate
+
+
+LEGACY_SETTINGS = {"pool_size": 0, "gate_similarity": 0.0, "solver": "lbfgs"}  # what a classifier.json written before issue 16 means
 
 
 def variants(prompt: str, rng) -> list[str]:
@@ -54,6 +74,7 @@ class ThresholdClassifier:
     """What every prompt classifier shares: ``scores`` (p(forget)) compared with a calibrated ``threshold``."""
 
     threshold: float = 0.5
+    min_threshold: float = 0.5  # calibration on negatives lowers the threshold no further (see calibrate)
 
     def scores(self, prompts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError
@@ -61,14 +82,21 @@ class ThresholdClassifier:
     def flags(self, prompts: Sequence[str]) -> np.ndarray:
         return self.scores(prompts) >= self.threshold
 
+    def record(self) -> dict:
+        """What the classifier learnt its negatives from beyond the user's sets, and its term gate (none here)."""
+        return {"general_pool": None, "gate": None}
+
     def calibrate(self, forget_prompts: Sequence[str], alpha: float, negative_prompts: Sequence[str] = (), max_fpr: float = 0.01,
                   seed: int = 0) -> float:
         """The threshold, from held-out prompts and their variants (casing, typos).
 
         Split conformal on ``forget_prompts`` gives a threshold with recall ``>= 1 - α`` on prompts exchangeable
         with them (needs ``n >= 1/α - 1``). With held-out ``negative_prompts`` the threshold goes further down, as
-        far as keeping their false-positive rate ``<= max_fpr``: lower only flags more, so the recall guarantee
-        stands, and prompts unlike the held-out forget ones (rephrasings) are caught more often.
+        far as keeping their false-positive rate ``<= max_fpr`` but never below ``min_threshold`` (0.5, where the
+        balanced classifier is indifferent): lower only flags more, so the recall guarantee stands, and prompts
+        unlike the held-out forget ones (rephrasings) are caught more often. Without the floor the threshold
+        followed the few held-out retain prompts down to wherever they scored (0.13–0.40 across seeds) and flagged
+        4–63% of unrelated prompts (issue 16, ``benchmarks/eco_heldout.py``).
         """
         if not 0 < alpha < 1:
             raise UsageError(f"the classifier's miss rate alpha must be in (0, 1); got {alpha}")
@@ -82,7 +110,8 @@ class ThresholdClassifier:
         if len(negative_prompts):
             negatives = np.sort(self.scores(augment(negative_prompts, seed + 3)))[::-1]
             allowed = math.floor(max_fpr * len(negatives))  # this many negatives may score at or above the threshold
-            self.threshold = min(self.threshold, float(np.nextafter(negatives[allowed], 1)) if allowed < len(negatives) else 0.0)
+            lowest = float(np.nextafter(negatives[allowed], 1)) if allowed < len(negatives) else 0.0
+            self.threshold = min(self.threshold, max(lowest, self.min_threshold))
         return self.threshold
 
 
@@ -90,23 +119,35 @@ class PromptClassifier(ThresholdClassifier):
     """``p(forget | prompt)`` from hashed character n-grams; ``flags`` compares it with the calibrated threshold."""
 
     def __init__(self, settings: ClassifierSettings | None = None, coef: np.ndarray | None = None, intercept: float = 0.0,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, gate: TermGate | None = None):
         from sklearn.feature_extraction.text import HashingVectorizer
 
         self.settings = settings or ClassifierSettings()
+        self.gate = gate
         self.vectorizer = HashingVectorizer(analyzer="char_wb", ngram_range=(self.settings.ngram_min, self.settings.ngram_max),
                                             n_features=self.settings.n_features, lowercase=True, alternate_sign=False, norm="l2")
         self.coef, self.intercept, self.threshold = coef, intercept, threshold
 
     def fit(self, positives: Sequence[str], negatives: Sequence[str], seed: int = 0) -> "PromptClassifier":
+        """Fit on ``positives`` (forget prompts) against ``negatives`` plus the built-in pool (``pool_size``
+        prompts, not augmented); the gate's terms are the words of ``positives`` that no negative uses."""
         from sklearn.linear_model import LogisticRegression
 
         if not positives or not negatives:
             raise UsageError("the prompt classifier needs forget prompts and retain (or general) prompts: one class is empty")
-        positives, negatives = augment(positives, seed), augment(negatives, seed + 1)
+        forget = set(positives)
+        pool = [p for p in general_prompts(self.settings.pool_size) if p not in forget] if self.settings.pool_size else []
+        self.gate = None
+        if self.settings.gate_similarity:
+            self.gate = TermGate.fit(positives, [*negatives, *pool], self.settings.gate_similarity)
+            if not len(self.gate):
+                logger.warning("ECO classifier: every word of the forget prompts also occurs in the negatives; no term gate")
+                self.gate = None
+        positives, negatives = augment(positives, seed), augment(negatives, seed + 1) + pool
         features = self.vectorizer.transform(positives + negatives)
         labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
-        model = LogisticRegression(C=self.settings.regularisation, class_weight="balanced", max_iter=2000, random_state=seed)
+        model = LogisticRegression(C=self.settings.regularisation, class_weight="balanced", solver=self.settings.solver, max_iter=2000,
+                                   random_state=seed)
         model.fit(features, labels)
         self.coef, self.intercept = model.coef_[0].astype(np.float32), float(model.intercept_[0])
         return self
@@ -119,7 +160,7 @@ class PromptClassifier(ThresholdClassifier):
         return [prompt] + [" ".join(words[i : i + size]) for i in range(0, len(words) - size + stride, stride)]
 
     def scores(self, prompts: Sequence[str]) -> np.ndarray:
-        """``p(forget)`` of each prompt: the largest over the prompt and its word windows."""
+        """``p(forget)`` of each prompt: the largest over the prompt and its word windows; 0 where the gate is shut."""
         if self.coef is None:
             raise RuntimeError("the classifier is not fitted")
         windows = [self._windows(p) for p in prompts]
@@ -130,14 +171,22 @@ class PromptClassifier(ThresholdClassifier):
         for i, ws in enumerate(windows):
             out[i] = probabilities[start : start + len(ws)].max()
             start += len(ws)
+        if self.gate is not None:
+            out[~self.gate.passes(prompts)] = 0.0
         return out
+
+    def record(self) -> dict:
+        """What the classifier learnt its negatives from and how its gate is set (for ``unlearning.json`` and the card)."""
+        return {"general_pool": {"version": self.settings.pool_version, "size": self.settings.pool_size} if self.settings.pool_size else None,
+                "gate": {"similarity": self.settings.gate_similarity, "terms": len(self.gate)} if self.gate is not None else None}
 
     def save(self, folder: str | Path) -> None:
         import torch
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        save_file({"coef": torch.from_numpy(np.ascontiguousarray(self.coef))}, str(folder / WEIGHTS_NAME))
+        tensors = {"coef": np.ascontiguousarray(self.coef), **(self.gate.tensors() if self.gate is not None else {})}
+        save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
         (folder / CONFIG_NAME).write_text(json.dumps({"kind": "char-ngram-logistic", "settings": asdict(self.settings),
                                                       "intercept": self.intercept, "threshold": self.threshold}, indent=2) + "\n")
 
@@ -147,8 +196,10 @@ class PromptClassifier(ThresholdClassifier):
 
         folder = Path(folder)
         config = json.loads((folder / CONFIG_NAME).read_text())
-        return cls(ClassifierSettings(**config["settings"]), load_file(str(folder / WEIGHTS_NAME))["coef"],
-                   config["intercept"], config["threshold"])
+        settings = ClassifierSettings(**{**LEGACY_SETTINGS, **config["settings"]})
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+        gate = TermGate.from_tensors(tensors, settings.gate_similarity) if "gate_terms" in tensors else None
+        return cls(settings, tensors["coef"], config["intercept"], config["threshold"], gate)
 
 
 def load_classifier(folder: str | Path) -> ThresholdClassifier:
@@ -159,3 +210,21 @@ def load_classifier(folder: str | Path) -> ThresholdClassifier:
 
         return TransformerPromptClassifier.load(folder)
     return PromptClassifier.load(folder)
+
+
+def train_classifier(classifier: ThresholdClassifier, forget: Sequence[str], negatives: Sequence[str], alpha: float, max_fpr: float,
+                     holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Fit ``classifier`` on a ``1 - holdout_fraction`` share of the forget prompts against the same share of
+    ``negatives`` (retain and general prompts), calibrate its threshold on the held-out rest; returns the
+    held-out ``(forget, negatives)``. ``hubunlearn unlearn --method eco`` and ``benchmarks/eco_heldout.py`` both
+    train through here. Raises ``UsageError`` when the held-out forget prompts are too few for ``alpha``."""
+    from ..data import holdout_split
+
+    forget_fit, forget_held = holdout_split(list(forget), holdout_fraction, seed)
+    negatives_fit, negatives_held = holdout_split(list(negatives), holdout_fraction, seed + 1)
+    classifier.fit(forget_fit, negatives_fit, seed)
+    try:
+        classifier.calibrate(forget_held, alpha, negatives_held, max_fpr, seed)
+    except UsageError as error:
+        raise UsageError(f"{error} (ECO holds out {holdout_fraction:.0%} of the forget set for calibration)") from None
+    return forget_held, negatives_held

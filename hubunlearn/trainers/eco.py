@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..data import holdout_split, pad_examples
-from ..eco.classifier import PromptClassifier
+from ..data import pad_examples
+from ..eco.classifier import PromptClassifier, train_classifier
 from ..eco.corruption import CORRUPTIONS, USES_STRENGTH
 from ..eco.model import CorruptionSpec, ECOModel, base_model_record, find_embedding_module
 from ..eco.selection import TOKEN_RULES
@@ -41,12 +41,14 @@ class ECOConfig(UnlearnConfig):
         "choices": list(TOKEN_RULES)})
     embedding_module: str | None = field(default=None, metadata={"help": "Path of the token-embedding module (default: the model's input embeddings)."})
     classifier_alpha: float = field(default=0.05, metadata={"help": "Allowed miss rate on forget prompts (split-conformal recall >= 1 - alpha)."})
-    classifier_max_fpr: float = field(default=0.01, metadata={"help": "False-positive rate allowed on held-out retain prompts."})
+    classifier_max_fpr: float = field(default=0.01, metadata={
+        "help": "False-positive rate allowed on held-out retain prompts (the threshold is lowered toward it, never below 0.5)."})
     classifier_model: str | None = field(default=None, metadata={
         "help": "Fine-tune this Hub (or local) sequence-classification model as the prompt classifier instead of the "
                 "default character n-gram logistic regression."})
     general_prompts: str | None = field(default=None, metadata={
-        "help": "Comma-separated data specs of general prompts the classifier must not flag (extra negatives, e.g. other QA sets)."})
+        "help": "Comma-separated data specs of general prompts the classifier must not flag (extra negatives, e.g. other QA sets; "
+                "a built-in pool of general prompts is always added)."})
     holdout_fraction: float = field(default=0.25, metadata={"help": "Share of forget (and retain) prompts held out to calibrate the classifier."})
     eco_reference: str | None = field(default=None, metadata={"help": "Model trained without the forget set: its forget answer probability is the target."})
     target_probability: float = field(default=0.1, metadata={"help": "Surrogate target forget answer probability when there is no --eco_reference."})
@@ -109,19 +111,14 @@ class ECOTrainer(UnlearnTrainer):
         config = self.args
         forget = self._prompts(self.data_sources["forget"][1], "the forget set")
         retain = self._prompts(self.data_sources["retain"][1], "the retain set") + self._general_prompts()
-        forget_fit, forget_held = holdout_split(forget, config.holdout_fraction, config.seed)
-        retain_fit, retain_held = holdout_split(retain, config.holdout_fraction, config.seed + 1)
         if config.classifier_model:
             from ..eco.transformer_classifier import TransformerPromptClassifier
 
             classifier = TransformerPromptClassifier.from_model(config.classifier_model)
         else:
             classifier = PromptClassifier()
-        classifier.fit(forget_fit, retain_fit, config.seed)
-        try:
-            classifier.calibrate(forget_held, config.classifier_alpha, retain_held, config.classifier_max_fpr, config.seed)
-        except UsageError as error:
-            raise UsageError(f"{error} (ECO holds out {config.holdout_fraction:.0%} of the forget set for calibration)") from None
+        forget_held, retain_held = train_classifier(classifier, forget, retain, config.classifier_alpha, config.classifier_max_fpr,
+                                                    config.holdout_fraction, config.seed)
         model = self.accelerator.unwrap_model(self.model).eval()
         dims = config.corruption_dims or model.get_input_embeddings().embedding_dim
         spec = CorruptionSpec(config.corruption, config.initial_strength, dims, config.token_selection, config.seed)
@@ -142,7 +139,8 @@ class ECOTrainer(UnlearnTrainer):
             "classifier": {"kind": config.classifier_model or "char-ngram-logistic", "threshold": classifier.threshold, "alpha": config.classifier_alpha,
                            "forget_recall": float(flags["forget"].mean()), "retain_false_positive_rate": float(flags["retain"].mean()),
                            "held_out_forget_recall": float(flags["held_out_forget"].mean()),
-                           "held_out_false_positive_rate": float(flags["held_out_negatives"].mean())},
+                           "held_out_false_positive_rate": float(flags["held_out_negatives"].mean()),
+                           **classifier.record()},
             "corruption": {"name": spec.name, "strength": spec.strength, "dims": spec.dims, "tokens": spec.tokens},
             "strength_search": {"target_forget_probability": target, "target_from": config.eco_reference or "surrogate",
                                 "forget_probability_before": original, "forget_probability_after": achieved, "trajectory": trajectory},
