@@ -42,6 +42,7 @@ class EvalConfig:
 
     model: str
     adapter: str | None = None
+    revision: str | None = None  # of a Hub model (branch, tag or commit); the adapter loads at its own default
     benchmark: str = "tofu"
     forget_split: str = "forget10"
     data: str | None = None
@@ -91,19 +92,34 @@ def load_sets(config: EvalConfig) -> dict[str, list[dict]]:
     return {name: rows[: config.max_examples] if config.max_examples else rows for name, rows in sets.items()}
 
 
+def is_eco_bundle(name_or_path: str, revision: str | None = None) -> bool:
+    """Whether ``name_or_path`` (a folder, or a Hub repo at ``revision``) is an ECO bundle: it holds ``eco.json``.
+    A Hub repo that cannot be read counts as no bundle (loading it as a model then says why)."""
+    from .eco.model import BUNDLE_NAME
+
+    if Path(name_or_path).is_dir():
+        return (Path(name_or_path) / BUNDLE_NAME).is_file()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(name_or_path, BUNDLE_NAME, revision=revision)
+    except Exception:  # not a repo id, no such repo or file, offline without a cached copy
+        return False
+    return True
+
+
 def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
     """Model (at ``revision`` of a Hub repo; with an adapter applied when given, or wrapped by an ECO bundle when
-    ``name_or_path`` is one) and tokenizer, checked against each other."""
-    from .eco.model import BUNDLE_NAME
+    ``name_or_path`` is one, local or on the Hub) and tokenizer, checked against each other."""
     from .modeling import load_model, load_tokenizer
 
-    if (Path(name_or_path) / BUNDLE_NAME).is_file():
+    if is_eco_bundle(name_or_path, revision):
         from .eco import ECOModel
 
         if adapter:
             raise UsageError(f"{name_or_path} is an ECO bundle: it wraps its base model and takes no --adapter")
-        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-        return ECOModel.from_pretrained(name_or_path, tokenizer=tokenizer).eval(), tokenizer
+        tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code=trust_remote_code)  # a bundle carries its tokenizer
+        return ECOModel.from_pretrained(name_or_path, tokenizer=tokenizer, revision=revision).eval(), tokenizer
 
     tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code=trust_remote_code)
     model = load_model(name_or_path, revision, trust_remote_code=trust_remote_code)
@@ -465,7 +481,7 @@ def run_eval(config: EvalConfig, output_dir: str | Path) -> dict[str, Any]:
     check_eval_output(output_dir)
     sets = load_sets(config)
     reference, source = reference_statistics(config, sets)
-    model, tokenizer = load_for_eval(config.model, config.adapter, config.trust_remote_code)
+    model, tokenizer = load_for_eval(config.model, config.adapter, config.trust_remote_code, config.revision)
     per_example = evaluate_sets(model, tokenizer, sets, config)
     summary = summarize(per_example, config, reference)
     if reference is not None:
@@ -498,6 +514,7 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
         metrics.setdefault("mia", {})[stage] = privleak
     previous = record.get("evaluation") or {}
     record["evaluation"] = {"benchmark": summary["config"]["benchmark"], "forget_split": summary["config"]["forget_split"],
+                            **({"revision": summary["config"]["revision"]} if summary["config"].get("revision") else {}),
                             "reference_source": summary.get("reference_source"), "conventions": summary["conventions"]}
     mia = summary["aggregates"].get("mia") or {}
     recorded = {"examples": summary.get("examples"), "mia": {k: mia[k] for k in ("auc", "privleak") if mia.get(k)},
@@ -519,20 +536,42 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     return artifact / RECORD_NAME
 
 
+def _named_numbers(values: dict[str, float | None], digits: int) -> str:
+    """``"loss 0.912, zlib 0.887"``: each number rounded; a missing one shown as "n/a"."""
+    return ", ".join(f"{name} {'n/a' if value is None else f'{value:.{digits}f}'}" for name, value in values.items())
+
+
+def _mia_lines(mia: dict[str, Any]) -> list[str]:
+    """The membership-inference block as table rows: AUCs per attack, the reference's, privleak in percent."""
+    if mia.get("value", 0) is None:
+        return [f"{'mia':<24}unavailable: {mia['unavailable']}"]
+    lines = [f"{'mia auc':<24}{_named_numbers(mia['auc'], 3)}"] if mia.get("auc") else []
+    if mia.get("reference_auc"):
+        lines.append(f"{'mia auc (reference)':<24}{_named_numbers(mia['reference_auc'], 3)}")
+    if mia.get("privleak"):
+        lines.append(f"{'privleak (%)':<24}{_named_numbers(mia['privleak'], 1)}")
+    if mia.get("privleak_unavailable"):
+        lines.append(f"{'privleak':<24}{'partly ' if mia.get('privleak') else ''}unavailable: {mia['privleak_unavailable']}")
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a table: one row per metric, one column per set; then the aggregates."""
+    """The summary as a table: one row per metric, one column per set (4 decimals; "-" where a set has no such
+    number); then the aggregates, the membership-inference block (AUCs 3 decimals, privleak in percent, 1
+    decimal), the reference's source and the attacks."""
     sets = summary["sets"]
     keys = [k for k in ("probability", "truth_ratio", "rouge_recall", "rouge_f1", "exact_memorization",
                         "extraction_strength", "extraction_strength_tf") if any(k in v for v in sets.values())]
     lines = [f"{'metric':<24}" + "".join(f"{name:>14}" for name in sets)]
     for key in keys:
-        lines.append(f"{key:<24}" + "".join(f"{sets[name].get(key, float('nan')):>14.4f}" for name in sets))
+        lines.append(f"{key:<24}" + "".join(f"{sets[name][key]:>14.4f}" if sets[name].get(key) is not None else f"{'-':>14}"
+                                            for name in sets))
     for name, value in summary["aggregates"].items():
-        if isinstance(value, dict) and "value" in value:
+        if name == "mia":
+            lines += _mia_lines(value)
+        else:
             shown = f"{value['value']:.4g}" if value["value"] is not None else f"unavailable: {value['unavailable']}"
             lines.append(f"{name:<24}{shown}")
-        else:
-            lines.append(f"{name:<24}{json.dumps(value)}")
     if summary.get("reference_source"):
         lines.append(f"{'reference':<24}{describe_reference(summary['reference_source'])}")
     for name, result in summary.get("attacks", {}).items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -21,6 +22,8 @@ from .data import DataFormat, tokenize_rows
 from .errors import UsageError
 from .metrics import answer_probabilities, exact_recall, greedy_answers
 from .world import World, teach, tiny_llama, train_tokenizer
+
+logger = logging.getLogger(__name__)
 
 WORLD_VERSION = 1
 
@@ -49,6 +52,7 @@ def world_model(settings: QuickstartSettings, cache: Path | None = None) -> Path
     folder = (cache or cache_root()) / f"world-model-{hashlib.sha256(key).hexdigest()[:12]}"
     if (folder / "config.json").is_file():
         return folder
+    logger.info("teaching the tiny model the world (first run only: a few minutes on a CPU; cached in %s)", folder.parent)
     world = World.make(settings.num_people, settings.num_forget, settings.seed)
     tokenizer = train_tokenizer(world.corpus())
     model = tiny_llama(tokenizer, seed=settings.seed)

@@ -113,9 +113,38 @@ class SideBySide:
             raise RuntimeError(f"generation failed: {errors[0]}")
 
 
-def examples(record: dict) -> list[str]:
+EXAMPLE_GROUPS = {  # the record's example prompts, by set: what a visitor should expect of each
+    "forget": "Forget-set questions: the unlearned model should no longer know these",
+    "retain": "Retain-set questions: both models should still answer these",
+}
+ERROR_SECONDS = 8  # an error message closes itself, so a stale one never sits beside a later answer
+CLOSE_MESSAGES_JS = "() => { document.querySelectorAll('[data-testid=\"toast-close\"]').forEach((button) => button.click()); }"
+
+
+def examples(record: dict) -> dict[str, list[str]]:
+    """The record's example prompts by group (``"forget"``, ``"retain"``), empty groups left out."""
     recorded = record.get("examples") or {}
-    return [q for name in ("forget", "retain") for q in recorded.get(name, [])]
+    return {name: list(recorded[name]) for name in EXAMPLE_GROUPS if recorded.get(name)}
+
+
+def model_name(name_or_path: str) -> str:
+    """How the page names a model: its Hub id (also for a path into the Hub cache, ``…/models--ORG--NAME/
+    snapshots/…``), else the local folder's name; never a whole cache path."""
+    import re
+
+    from .cards import hub_id
+
+    cached = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", name_or_path)
+    if cached:
+        return f"{cached[1]}/{cached[2]}"
+    return hub_id(name_or_path) or Path(name_or_path.rstrip("/\\")).name or name_or_path
+
+
+def fill_prompt_js(prompts: list[str]) -> str:
+    """Browser-side handler of a click on an example: the clicked sample's index (a ``gr.Dataset``'s value) to its
+    prompt. No server round trip, so a click followed at once by "Ask both" always sends the example (on a fresh
+    server the round trip of ``gr.Examples`` could arrive after the question, which then read an empty prompt)."""
+    return f"(index) => {json.dumps(prompts)}[index]"
 
 
 def build_demo(models: SideBySide, gpu=None):
@@ -131,9 +160,10 @@ def build_demo(models: SideBySide, gpu=None):
     def generate(prompt: str, max_new_tokens: float, temperature: float):
         prompt = (prompt or "").strip()
         if not prompt:
-            raise gr.Error("Type a prompt first.")
+            raise gr.Error("Type a prompt first (or click one of the examples).", duration=ERROR_SECONDS)
         if len(prompt) > MAX_PROMPT_CHARS:
-            raise gr.Error(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
+            raise gr.Error(f"The prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}: shorten it and ask again.",
+                           duration=ERROR_SECONDS)
         tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
         flag = models.flag(prompt)
         flag_text = "" if flag is None else f"ECO classifier: {'flagged' if flag[0] else 'not flagged'} (score {flag[1]:.3f})"
@@ -144,14 +174,16 @@ def build_demo(models: SideBySide, gpu=None):
             for unlearned in models.stream("unlearned", prompt, tokens, temperature):
                 yield original, unlearned, flag_text
         except RuntimeError as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(str(error), duration=ERROR_SECONDS) from None
 
     if gpu is not None:
         generate = gpu(generate)
-    title = f"{models.record['method']} unlearning of {models.record['base_model']['name_or_path']}"
+    base = model_name(models.record["base_model"]["name_or_path"])
+    title = f"{models.record['method']} unlearning of {base}"
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\nThe same prompt to the original model and to the unlearned one ({models.kind} artifact).")
-        prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+        # No max_length: the browser would cut a longer paste silently; the server says what the limit is instead.
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", info=f"Up to {MAX_PROMPT_CHARS} characters.")
         with gr.Row():
             max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
             temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0: greedy)")
@@ -160,12 +192,16 @@ def build_demo(models: SideBySide, gpu=None):
             original = gr.Textbox(label="Original", lines=6, elem_id="original")
             unlearned = gr.Textbox(label="Unlearned", lines=6, elem_id="unlearned")
         flag = gr.Markdown(elem_id="flag")
-        if examples(models.record):
-            gr.Examples(examples(models.record), inputs=prompt)
+        for group, prompts in examples(models.record).items():
+            samples = gr.Dataset(components=[prompt], samples=[[p] for p in prompts], label=EXAMPLE_GROUPS[group],
+                                 type="index", elem_id=f"examples-{group}")
+            samples.click(None, [samples], [prompt], js=fill_prompt_js(prompts))
         with gr.Accordion("Before / after metrics (from the model card)", open=False):
             gr.Markdown(metrics_table(models.record))
             for plot in models.plots:
                 gr.Image(str(plot), show_label=False)
+        for ask in (button.click, prompt.submit):  # a new question closes the messages about earlier ones
+            ask(None, js=CLOSE_MESSAGES_JS)
         button.click(generate, [prompt, max_new_tokens, temperature], [original, unlearned, flag], api_name="generate",
                      concurrency_limit=CONCURRENCY)
         prompt.submit(generate, [prompt, max_new_tokens, temperature], [original, unlearned, flag], api_name=False,

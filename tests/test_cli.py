@@ -233,3 +233,28 @@ def test_non_finite_loss_stops_names_the_step_and_keeps_the_last_good_state(run_
     step = int(err.split("at step ")[1].split(";")[0])
     assert record["stopped"] == {"reason": "non-finite loss", "step": step} and record["training"]["global_steps"] == step - 1
     assert all(torch.isfinite(t).all() for t in load_file(output / "model.safetensors").values())
+
+
+def test_trace_names_its_own_column_flags_before_loading_the_model(run_cli, data_files, tmp_path):
+    code, _, err = run_cli("trace", "--model", "nobody/never-loaded", "--forget", data_files / "shapeless.jsonl", "--output", tmp_path / "t.png")
+    assert code == 2
+    assert_one_error_line(err, "has columns [input, output]; tracing needs question-answer rows: 'question' and 'answer' (set --question_key/--answer_key)")
+    assert "--text_key" not in err  # a flag trace lacks
+    code, _, err = run_cli("trace", "--model", "nobody/never-loaded", "--forget", data_files / "shapeless.jsonl", "--question_key", "input",
+                           "--answer_key", "output", "--output", tmp_path / "t.png")
+    assert code == 2 and "model 'nobody/never-loaded' not found" in err  # the columns were accepted; the model is loaded next
+
+
+def test_errors_name_the_python_argument_in_the_api_and_the_flag_in_a_command(run_cli, world_model_dir, tmp_path):
+    from hubunlearn.errors import UsageError, python_names
+    from hubunlearn.evaluate import EvalConfig, reference_statistics
+
+    with pytest.raises(UsageError) as error:
+        reference_statistics(EvalConfig(model="m", reference_stats="/no/such.json"), {"forget": []})
+    assert str(error.value).startswith("reference_stats /no/such.json does not exist")
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--reference_stats", "/no/such.json", "--output_dir", tmp_path / "e")
+    assert code == 2 and "hubunlearn: error: --reference_stats /no/such.json does not exist" in err
+    assert python_names("--attack bribe; num_authors (--authors) too big; add --retain or --no_null_space") == \
+        "attacks bribe; num_authors too big; add retain_dataset or null_space=False"
+    quoted = "push it first (hubunlearn push FOLDER --repo_id ORG/NAME) and pass its id to --unlearned"
+    assert python_names(quoted) == quoted.replace("to --unlearned", "to unlearned")  # a command line stays as typed

@@ -63,7 +63,7 @@ def test_calibrate_returns_the_original_when_nothing_meets_the_budget(caplog):
     alpha, curve = calibrate(lambda alpha: 0.0, 0.0, tau=0.5)
     assert alpha == 0.0 and "cannot be met even at alpha = 0" in caplog.text
     for tau in (0.0, 1.5, -1):
-        with pytest.raises(UsageError, match=r"--utility_budget must be in \(0, 1\]"):
+        with pytest.raises(UsageError, match=r"utility_budget must be in \(0, 1\]"):
             calibrate(lambda alpha: 1.0, 1.0, tau=tau)
 
 
@@ -116,6 +116,6 @@ def test_early_stopping_restores_the_last_state_within_budget(model, tokenizer, 
 
 
 def test_budget_needs_a_retain_set(model, tokenizer, forget_rows, tmp_path):
-    with pytest.raises(UsageError, match=r"--utility_budget \(its retain probe\) needs a retain set"):
+    with pytest.raises(UsageError, match=r"utility_budget \(its retain probe\) needs a retain set"):
         IHLTrainer(model=model, args=config(IHLTrainer, tmp_path / "out", utility_budget=0.9, retain_loss="none"),
                    forget_dataset=forget_rows, processing_class=tokenizer)

@@ -127,7 +127,7 @@ def test_bundle_refuses_another_base_model(classifier, model, tokenizer, tmp_pat
     other = tiny_llama(tokenizer, hidden_size=64, num_layers=1)
     with pytest.raises(UsageError, match="made for world-model, not .*hidden_size"):
         ECOModel.from_pretrained(tmp_path / "bundle", base_model=other, tokenizer=tokenizer)
-    with pytest.raises(UsageError, match="embedding module 'model.embeddings' not found in LlamaForCausalLM: set --embedding_module"):
+    with pytest.raises(UsageError, match="embedding module 'model.embeddings' not found in LlamaForCausalLM: set embedding_module"):
         ECOModel(model, tokenizer, classifier, CorruptionSpec(), embedding_module="model.embeddings")
 
 
@@ -241,7 +241,7 @@ def test_classifier_model_fine_tunes_a_sequence_classifier_into_the_bundle(world
     # a 1M-parameter Llama fine-tuned on 15 forget questions: it separates them, not as cleanly as the n-gram default
     assert loaded.flags(forget).float().mean() >= 0.8 and loaded.flags(retain).float().mean() <= 0.15
     assert torch.equal(loaded.flags(forget + retain), trainer.eco_model.flags(forget + retain))
-    with pytest.raises(UsageError, match="--classifier_model /no/such/model could not be loaded"):
+    with pytest.raises(UsageError, match="classifier_model /no/such/model could not be loaded"):
         from hubunlearn.eco.transformer_classifier import TransformerPromptClassifier
 
         TransformerPromptClassifier.from_model("/no/such/model")

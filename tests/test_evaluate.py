@@ -80,11 +80,14 @@ def test_privleak_is_reported_in_percent_with_muses_sign(run_cli, world_model_di
     # Holdout: the forget questions with answers nobody was taught. The taught model unlearned nothing.
     holdout = tmp_path / "holdout.jsonl"
     holdout.write_text("".join(json.dumps({"question": r["question"], "answer": r["perturbed_answer"][0]}) + "\n" for r in world.rows("forget")))
-    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--metrics", "mia", "--holdout", holdout,
-                           "--reference", world_reference_dir, "--max_examples", "8", "--output_dir", tmp_path / "e")
+    code, out, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--metrics", "mia", "--holdout", holdout,
+                             "--reference", world_reference_dir, "--max_examples", "8", "--output_dir", tmp_path / "e")
     assert code == 0, err
     summary, _ = read(tmp_path / "e")
     mia = summary["aggregates"]["mia"]
+    # The printed table rounds: AUCs to 3 decimals, privleak in percent to 1 (it was raw JSON).
+    assert "{" not in out and f"mia auc                 loss {mia['auc']['loss']:.3f}, zlib {mia['auc']['zlib']:.3f}" in out
+    assert f"privleak (%)            loss {mia['privleak']['loss']:.1f}" in out
     assert set(mia["privleak"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
     for attack, value in mia["privleak"].items():  # MUSE's AUC is 1 - ours
         reference_auc = mia["reference_auc"][attack]
@@ -168,3 +171,59 @@ def test_privleak_that_cannot_be_computed_says_why():
     assert "no reference" in _mia_summary(separable, None)["privleak_unavailable"]
     mixed = {"forget": rows(1.0, 0.1), "holdout": rows(0.9, 0.2)}
     assert _mia_summary(separable, mixed)["privleak"]["loss"] == pytest.approx(-100.0) and "privleak_unavailable" not in _mia_summary(separable, mixed)
+
+
+def test_eval_loads_a_hub_model_at_the_revision_asked_and_records_it(run_cli, hub_token, world_model_dir, world_reference_dir, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("tester/eval-revisions", exist_ok=True)
+    taught = api.upload_folder(folder_path=str(world_model_dir), repo_id="tester/eval-revisions", ignore_patterns=["README.md"]).oid
+    api.upload_folder(folder_path=str(world_reference_dir), repo_id="tester/eval-revisions")  # main: the reference's weights
+    probability = {}
+    for revision in (taught, None):
+        output = tmp_path / (revision or "main")
+        code, _, err = run_cli("eval", "--model", "tester/eval-revisions", *(["--revision", revision] if revision else []),
+                               "--benchmark", "world", "--metrics", "probability", "--max_examples", "4", "--output_dir", output)
+        assert code == 0, err
+        summary, _ = read(output)
+        assert summary["config"]["revision"] == revision
+        probability[revision] = summary["sets"]["forget"]["probability"]
+    assert probability[taught] > 0.9 > 0.5 > probability[None]  # the taught model knows the forget people; main's does not
+
+
+def test_eval_logs_each_line_once_without_library_noise(world_model_dir, world_reference_dir, tmp_path):
+    """A real `hubunlearn eval` process: hubunlearn's lines once (ROUGE's absl logging used to install a root handler
+    that printed each again as INFO:hubunlearn...), and none of the warnings the libraries raise about their own calls."""
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"  # an untrained LoRA adapter: loading it is what matters here
+    get_peft_model(AutoModelForCausalLM.from_pretrained(world_model_dir),
+                   LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(adapter)
+    result = subprocess.run([sys.executable, "-m", "hubunlearn.cli", "eval", "--model", world_model_dir, "--adapter", adapter,
+                             "--benchmark", "world", "--metrics", "probability,rouge", "--reference", world_reference_dir,
+                             "--attack", "relearn", "--relearn_steps", "1", "--max_examples", "2", "--output_dir", tmp_path / "e"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.strip() for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("hubunlearn: ")]
+    assert any("the reference statistics of" in line for line in ours), result.stderr
+    assert len(ours) == len(set(ours)) and not any(":hubunlearn." in line for line in lines), result.stderr
+    for noise in ("is_gradient_checkpointing", "pin_memory", "Loading weights", "Warning:"):
+        assert noise not in result.stderr, result.stderr
+
+
+def test_python_users_see_hubunlearn_lines_once_with_or_without_a_logging_setup():
+    import subprocess
+    import sys
+
+    script = ("import logging, hubunlearn\nfrom hubunlearn.metrics.tofu import rouge_l\n"
+              "rouge_l(['a b c'], ['a b d'])\nlog = logging.getLogger('hubunlearn.controls')\nlog.info('alpha = 0.5')\n"
+              "logging.basicConfig(format='app %(levelname)s %(message)s', level=logging.INFO)\nlog.info('sigma = 2')\n"
+              "logging.getLogger('hubunlearn').setLevel(logging.WARNING)\nlog.info('quiet')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stderr == "hubunlearn: info: alpha = 0.5\napp INFO sigma = 2\n"

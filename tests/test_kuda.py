@@ -42,7 +42,7 @@ def test_tracing_finds_the_layer_that_holds_a_planted_association(planted, token
 def test_best_window_and_its_bad_input():
     assert best_window([0.1, 0.5, 0.4, 0.0], 2) == [1, 2]
     assert best_window([0.3, 0.0, 0.2, 0.2], 1) == [0]
-    with pytest.raises(UsageError, match="--window 5 does not fit the model's 4 layers: choose 1..4"):
+    with pytest.raises(UsageError, match="window 5 does not fit the model's 4 layers: choose 1..4"):
         best_window([0.0] * 4, 5)
 
 
@@ -63,7 +63,7 @@ def test_null_space_projection_makes_updates_vanish_on_retain_keys():
     assert (weight - projection.originals[0]).norm() > 1  # the update survived outside the subspace
     assert subspace_energy(held_out, projector) < 1e-6  # retain keys have no energy where updates may go
     assert subspace_energy(torch.randn(2000, 32, generator=generator), projector) == pytest.approx(26 / 32, abs=0.05)
-    with pytest.raises(UsageError, match="--null_space_threshold"):
+    with pytest.raises(UsageError, match="null_space_threshold"):
         null_space_projector(torch.randn(100, 4, generator=generator), threshold=1e-9)
 
 

@@ -151,24 +151,75 @@ def test_eco_bundle_unflagged_prompt_gives_identical_answers(serve, eco_artifact
     assert "ECO classifier: flagged" in flag and original != unlearned
 
 
+def answered(page, text: str) -> None:
+    """Wait until the original model's answer contains ``text`` and both answers are in."""
+    page.wait_for_function("([text]) => document.querySelector('#original textarea').value.includes(text) "
+                           "&& document.querySelector('#unlearned textarea').value.length > 0", arg=[text], timeout=60_000)
+    page.wait_for_timeout(1000)  # the unlearned answer streams to its end
+
+
+def test_eval_takes_a_hub_eco_bundle_as_space_and_load_do(run_cli, hub_token, eco_artifact, world_model_dir, tmp_path):
+    """An ECO bundle on the Hub is a model to `eval` (it was refused: no config.json), as to `space` and `load`."""
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("tester/eco-base", exist_ok=True)
+    HfApi().upload_folder(folder_path=str(world_model_dir), repo_id="tester/eco-base", ignore_patterns=["README.md"])
+    code, _, err = run_cli("push", eco_artifact, "--repo_id", "tester/eco-bundle", "--base_model_id", "tester/eco-base")
+    assert code == 0, err
+    results = {}
+    for name, model in (("bundle", "tester/eco-bundle"), ("base", "tester/eco-base")):
+        code, _, err = run_cli("eval", "--model", model, "--benchmark", "world", "--metrics", "probability", "--max_examples", "4",
+                               "--output_dir", tmp_path / name)
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / name / "summary.json").read_text())["sets"]
+    assert results["base"]["forget"]["probability"] > 0.9  # the base model knows the forget people...
+    assert results["bundle"]["forget"]["probability"] < 0.5 * results["base"]["forget"]["probability"]  # ...through the bundle it does not
+    assert results["bundle"]["retain"]["probability"] == pytest.approx(results["base"]["retain"]["probability"], abs=0.05)
+
+
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_browser_submits_a_prompt_and_reads_both_answers(serve, lora_artifact, world, tmp_path):
+def test_browser_example_then_ask_on_fresh_servers_and_messages_that_close(serve, lora_artifact, world_model_dir, world, tmp_path):
+    """On a freshly started server, click an example and at once "Ask both": the example's question is asked (it
+    used to reach the server as an empty prompt, 3 of 3 fresh servers). An error (an over-long prompt, which the
+    browser must not cut silently) closes when the next question is asked."""
     from playwright.sync_api import sync_playwright
 
-    url = serve(lora_artifact)
+    forget, retain = world.rows("forget")[0], world.rows("retain")[0]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.goto(url)
-        page.locator("#prompt textarea").fill(world.rows("forget")[0]["question"])
+        for attempt in range(2):  # each on a server started for it
+            page = browser.new_page()
+            page.goto(serve(lora_artifact))
+            assert page.locator("h1").inner_text() == f"GradDiff unlearning of {world_model_dir.name}"  # not a cache path
+            page.locator("#examples-forget button").first.click()
+            page.locator("#ask").click()
+            answered(page, forget["answer"].split()[-1].strip("."))
+            answers = [page.locator(f"#{name} textarea").input_value() for name in ("original", "unlearned")]
+            assert page.locator("#prompt textarea").input_value() == forget["question"] and answers[0] != answers[1]
+            assert page.locator("[data-testid='toast-body']").count() == 0, page.locator("[data-testid='toast-body']").all_inner_texts()
+        assert "Retain-set questions" in page.locator("#examples-retain").inner_text()
+        page.locator("#prompt textarea").fill("x" * 1200)
         page.locator("#ask").click()
-        page.wait_for_function("document.querySelector('#unlearned textarea').value.length > 0", timeout=60_000)
-        page.wait_for_timeout(1000)
-        answers = [page.locator(f"#{name} textarea").input_value() for name in ("original", "unlearned")]
+        page.wait_for_selector("[data-testid='toast-body']", timeout=30_000)
+        assert "1200 characters long; the limit is 1000" in page.locator("[data-testid='toast-body']").inner_text()
+        page.locator("#examples-retain button").first.click()
+        page.locator("#ask").click()
+        answered(page, retain["answer"].split()[-1].strip("."))
+        assert page.locator("[data-testid='toast-body']").count() == 0  # the stale message closed
         page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
         browser.close()
-    assert all(answers) and answers[0] != answers[1]
     assert (tmp_path / "space.png").stat().st_size > 10_000
+
+
+def test_page_names_models_by_hub_id_or_folder_and_groups_examples():
+    from hubunlearn.space import examples, model_name
+
+    assert model_name("/home/u/.cache/huggingface/hub/models--meta-llama--Llama-3.2-1B/snapshots/0cb88a4f7/") == "meta-llama/Llama-3.2-1B"
+    assert model_name("locuslab/tofu_ft_llama2-7b") == "locuslab/tofu_ft_llama2-7b"
+    assert model_name("/root/.cache/hubunlearn/world-model-c505a4d17e8f/") == "world-model-c505a4d17e8f"
+    assert model_name("./outputs/base") == "base"
+    record = {"examples": {"retain": ["r1"], "forget": ["f1", "f2"], "other": ["x"]}}
+    assert examples(record) == {"forget": ["f1", "f2"], "retain": ["r1"]} and examples({}) == {}
 
 
 def test_deploy_pushes_a_space_that_starts_from_a_clean_download(run_cli, hub_token, lora_artifact, world_model_dir, tmp_path):

@@ -116,7 +116,7 @@ def test_num_authors_out_of_range(tmp_path, num_authors, split, limit):
     from hubunlearn.errors import UsageError
     from hubunlearn.tofu_mini import build_tofu_mini
 
-    with pytest.raises(UsageError, match=rf"num_authors \(--authors\) must be between 1 and {limit} for {split}.*got {num_authors}$"):
+    with pytest.raises(UsageError, match=rf"num_authors must be between 1 and {limit} for {split}.*got {num_authors}$"):
         build_tofu_mini(TOFU, num_authors=num_authors, forget_split=split, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())
 

@@ -11,7 +11,7 @@ import math
 from typing import Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 from scipy.special import softmax
 from scipy.stats import hmean, ks_2samp
 
@@ -30,7 +30,9 @@ MODEL_UTILITY_KEYS = tuple(f"{s}/{m}" for s in ("retain", "real_authors", "world
 
 def rouge_l(generations: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
     """ROUGE-L ``recall`` and ``f1`` of each generation against its reference (stemmed, as TOFU scores)."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # The tokenizer given explicitly: rouge_score's own default logs through absl, whose first record calls
+    # logging.basicConfig() and so installs a root handler in the user's process.
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
     scores = [scorer.score(target=r, prediction=g)["rougeL"] for g, r in zip(generations, references, strict=True)]
     return [{"recall": s.recall, "f1": s.fmeasure} for s in scores]
 
