@@ -126,9 +126,9 @@ def test_bad_trainer_inputs(model, tokenizer, forget_rows, retain_rows, tmp_path
         IHLTrainer(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows + forget_rows[:2], processing_class=tokenizer)
     assert "2 forget examples also appear in the retain set" in caplog.text
     (tmp_path / "o" / "keep.txt").write_text("user data")
-    with pytest.raises(UsageError, match="not empty.*--overwrite_output_dir"):
+    with pytest.raises(UsageError, match="not empty.*overwrite_output_dir"):
         IHLTrainer(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows, processing_class=tokenizer)
-    with pytest.raises(UsageError, match="unknown --retain_loss"):
+    with pytest.raises(UsageError, match="unknown retain_loss"):
         IHLConfig(output_dir=str(tmp_path / "x"), retain_loss="mse")
 
 
