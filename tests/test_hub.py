@@ -70,6 +70,25 @@ def test_full_checkpoint_round_trip(run_cli, hub_token, model, tokenizer, forget
     assert not any(name.endswith(".bin") for name in HfApi().list_repo_files("tester/npo-full"))
 
 
+def test_an_edited_local_card_is_pushed_naming_the_repo(run_cli, hub_token, model, tokenizer, forget_rows, retain_rows, tmp_path):
+    train(NPOTrainer, model, tokenizer, forget_rows, retain_rows, tmp_path / "npo-run")
+    readme = tmp_path / "npo-run" / "README.md"
+    local = ModelCard(readme.read_text())
+    assert "PATH_OR_REPO_ID" not in str(local) and local.text.lstrip().startswith("# npo-run\n")
+    assert local.data.to_dict()["model-index"][0]["name"] == "npo-run" and f'from_pretrained("{tmp_path / "npo-run"}")' in local.text
+    readme.write_text(readme.read_text().replace("## Limitations", "## Limitations\n\n- Checked by hand on our own prompts."))
+    code, _, err = run_cli("push", tmp_path / "npo-run", "--repo_id", "tester/npo-edited")
+    assert code == 0, err
+    pushed = ModelCard.load("tester/npo-edited")
+    assert "Checked by hand on our own prompts." in pushed.text and pushed.text.lstrip().startswith("# npo-edited\n")
+    assert pushed.data.to_dict()["model-index"][0]["name"] == "npo-edited"
+    assert 'from_pretrained("tester/npo-edited")' in pushed.text and str(tmp_path) not in str(pushed) and "npo-run" not in str(pushed)
+
+    readme.write_text(readme.read_text() + f"\nThe weights are in {tmp_path / 'npo-run'}.\n")  # a mention push cannot tell from prose
+    code, _, err = run_cli("push", tmp_path / "npo-run", "--repo_id", "tester/npo-edited")
+    assert code == 2 and err.count("\n") == 1 and f"still names the local folder where the Hub repo belongs ({tmp_path / 'npo-run'})" in err
+
+
 def test_adapter_round_trip_card_and_snippet(run_cli, hub_token, base_on_hub, model, tokenizer, forget_rows, retain_rows, tmp_path):
     trainer = train(IHLTrainer, model, tokenizer, forget_rows, retain_rows, tmp_path / "ihl", lora=True)
     code, _, err = run_cli("push", tmp_path / "ihl", "--repo_id", "tester/ihl-lora")
@@ -101,11 +120,15 @@ def test_adapter_round_trip_card_and_snippet(run_cli, hub_token, base_on_hub, mo
 
 
 def test_trainer_push_to_hub_goes_the_same_way(hub_token, model, tokenizer, forget_rows, retain_rows, tmp_path):
-    train(NPOTrainer, model, tokenizer, forget_rows, retain_rows, tmp_path / "auto", push_to_hub=True, hub_model_id="tester/auto-push")
+    train(NPOTrainer, model, tokenizer, forget_rows, retain_rows, tmp_path / "auto", push_to_hub=True, hub_model_id="tester/auto-push",
+          bf16=True)
     files = HfApi().list_repo_files("tester/auto-push")
     assert {"model.safetensors", "unlearning.json", "README.md"} <= set(files)
     card = ModelCard.load("tester/auto-push")
     assert 'from_pretrained("tester/auto-push")' in card.text and "NPO" in card.text
+    record = json.loads(open(snapshot_download("tester/auto-push") + "/unlearning.json").read())
+    assert record["training"]["precision"] == {"mixed": "bf16", "tf32": None, "weights": "float32"}  # --bf16 is recorded
+    assert "in bf16 mixed precision (weights in float32)." in card.text
 
 
 def test_branches_pull_requests_and_dry_runs(run_cli, hub, hub_token, model, tokenizer, forget_rows, retain_rows, tmp_path):
