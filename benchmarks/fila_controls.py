@@ -12,6 +12,7 @@ table between its markers.
 
     python benchmarks/fila_controls.py            # run (builds TOFU-mini on first use) and rewrite the table
     python benchmarks/fila_controls.py --table    # only rewrite the table from the committed JSON
+    python benchmarks/fila_controls.py --plots    # only redraw the plot from the committed JSON
 """
 
 from __future__ import annotations
@@ -164,9 +165,10 @@ def plot(results: dict, path: Path = PLOT) -> None:
     axis.set_xticks(range(len(runs)), names)
     axis.set_ylabel("forget extraction strength ↓")
     axis.set_title("Methods at retain ES ≥ 0.9× the original's (TOFU-mini forget10)", fontsize=9)
-    axis.legend(fontsize=8)
+    axis.set_ylim(0, 1.05 * max(max(r["forget_es_original"], r["forget_es"]) for r in runs))
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)  # below the bars, never on them
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -214,7 +216,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), table, (BEGIN, END), README, after_run=plot, default_data=TOFU)
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), table, (BEGIN, END), README, plot=plot, default_data=TOFU)
 
 if __name__ == "__main__":
     main()

@@ -132,7 +132,7 @@ def run(data: Path) -> dict:
             rule = trainer.args.trace_tokens
             if rule not in traces and trainer.trace_result is not None:
                 traces[rule] = trainer.trace_result.as_record()
-                plot_trace(trainer.trace_result, PLOTS[rule], f"Causal tracing of TOFU-mini's FFN layers (forget10, {rule} tokens)")
+                plot_trace(trainer.trace_result, PLOTS[rule], "Causal tracing of TOFU-mini's FFN layers (forget10)")
         row.update(evaluate(trainer.model))
         runs.append(row)
         print(f"{method} ({setting}): FQ {row['forget_quality']:.3g}, MU {row['model_utility']:.3f}, "

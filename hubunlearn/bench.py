@@ -388,31 +388,134 @@ def _all_methods() -> list[str]:
 
 # ---- outputs ----------------------------------------------------------------------------------------------------
 
+def label_offsets(points: list[tuple[float, float]], widths: list[float], height: float = 12.0, gap: float = 9.0,
+                  right_edge: float | None = None) -> list[tuple[float, float]]:
+    """Offsets (pixels, from each point to its label's left end, vertically centred) of one label per point
+    (pixel positions) such that no label overlaps another label or any point: each label starts ``gap`` right of
+    its point (ends ``gap`` left of it when it would cross ``right_edge``) and moves up or down, nearest first,
+    until it is clear; labels are ``widths[i]`` × ``height`` pixels, points ``2 * gap`` pixels square."""
+    boxes = [(x - gap, y - gap, 2 * gap, 2 * gap) for x, y in points]  # (left, bottom, width, height) to keep clear
+
+    def clear(left, bottom, width):
+        return all(left >= bl + bw or bl >= left + width or bottom >= bb + bh - 1e-6 or bb >= bottom + height - 1e-6
+                   for bl, bb, bw, bh in boxes)
+
+    offsets = [(0.0, 0.0)] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: points[i][1]):
+        (x, y), width = points[i], widths[i]
+        left = x - gap - width if right_edge is not None and x + gap + width > right_edge else x + gap
+        bottoms = {y - height / 2} | {b for _, bb, _, bh in boxes for b in (bb + bh, bb - height)}
+        bottom = min((b for b in bottoms if clear(left, b, width)), key=lambda b: (abs(b + height / 2 - y), b))
+        boxes.append((left, bottom, width, height))
+        offsets[i] = (left - x, bottom + height / 2 - y)
+    return offsets
+
+
+CROWDED_PX = 18  # points closer than this (pixels) in the whole view are shown again, labelled, in a zoomed panel
+
+
+def _point_groups(runs: list[dict]) -> list[tuple[tuple[float, float], list[dict]]]:
+    """Runs at the same (utility, forget quality) point, together (a run the budget left unchanged, α = 1, sits
+    exactly on its trained run)."""
+    groups: dict[tuple[float, float], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["model_utility"], max(run["forget_quality"], 1e-300)), []).append(run)
+    return list(groups.items())
+
+
+def _group_label(runs: list[dict]) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    parts = []
+    for method in methods:
+        taus = [r["tau"] for r in runs if r["method"] == method]
+        parts.append(method + ("" if taus == [None] else f" τ {taus[0]}" if None not in taus else f" (τ {max(t for t in taus if t)}: same)"))
+    return ", ".join(parts)
+
+
+def _draw_points(axes, groups, colours) -> None:
+    """Trained runs as filled circles, budget runs as open squares around them, so that a square never hides a circle."""
+    for (x, y), runs in groups:
+        for run in runs:
+            if run["tau"] is None:
+                axes.scatter(x, y, marker="o", s=30, color=colours[run["method"]], zorder=3)
+            else:
+                axes.scatter(x, y, marker="s", s=90, facecolors="none", edgecolors=colours[run["method"]], linewidths=1.4, zorder=4)
+
+
+def _label(axes, figure, groups, colours) -> None:
+    """One label per point group, in the method's colour, moved apart with a leader line where labels would collide."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [_group_label(runs) for _, runs in groups]
+    pixels = [tuple(axes.transData.transform(xy)) for xy, _ in groups]
+    probes = [axes.text(0, 0, text, fontsize=8) for text in texts]
+    widths = [p.get_window_extent(renderer).width + 2 for p in probes]
+    for probe in probes:
+        probe.remove()
+    offsets = label_offsets(pixels, widths, right_edge=axes.get_window_extent(renderer).x1)
+    scale = 72 / figure.dpi  # pixels to points
+    for ((x, y), runs), text, (dx, dy) in zip(groups, texts, offsets):
+        axes.annotate(text, (x, y), xytext=(dx * scale, dy * scale), textcoords="offset points", fontsize=8, va="center",
+                      ha="left", color=colours[runs[0]["method"]],
+                      arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.5, "shrinkA": 0, "shrinkB": 5} if abs(dy) > 1 else None)
+
+
 def pareto_plot(results: dict, path: Path) -> Path:
-    """Forget quality (log scale) against model utility, one point per run (a colour per method; squares: the
-    utility budget); the upper right is better."""
+    """Forget quality (log scale) against model utility, one point per run (a colour per method; open squares: mixed
+    to the utility budget), every point labelled with its method; points that crowd in the whole view are shown
+    again in a zoomed panel on the right. The upper right is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 5))
     methods = list(dict.fromkeys(run["method"] for run in results["runs"]))
     colours = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
-    for run in results["runs"]:
-        calibrated = run["tau"] is not None
-        axes.scatter(run["model_utility"], max(run["forget_quality"], 1e-300), marker="s" if calibrated else "o", s=45,
-                     color=colours[run["method"]], edgecolors="black" if calibrated else "none",
-                     label=None if calibrated else run["method"])
-    axes.scatter([], [], marker="s", color="white", edgecolors="black", label=f"τ = {results['settings']['tau']} (squares)")
-    axes.set_yscale("log")
-    axes.set_xlabel("model utility →")
+    groups = _point_groups(results["runs"])
+    figure, (axes, zoom) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    for panel in (axes, zoom):
+        _draw_points(panel, groups, colours)
+        panel.set_yscale("log")
+        panel.set_xlabel("model utility →")
+    xs = [x for (x, _), _ in groups]
+    axes.set_xlim(min(-0.05, min(xs) - 0.05), max(1.0, max(xs) + 0.05))
     axes.set_ylabel("forget quality (KS p-value vs the reference) →")
     axes.set_title(f"TOFU-mini {results['tofu_mini']['settings']['forget_split']}: every method, {results['settings']['steps']} steps")
-    axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    axes.scatter([], [], marker="o", s=30, color="gray", label="trained")
+    axes.scatter([], [], marker="s", s=90, facecolors="none", edgecolors="gray", label=f"mixed to the utility budget τ = {results['settings']['tau']}")
+    axes.legend(loc="lower left", fontsize=8)
+    figure.canvas.draw()
+    pixels = [axes.transData.transform(xy) for xy, _ in groups]
+    crowded = [g for g, p in zip(groups, pixels) if any(0 < ((p - q) ** 2).sum() ** 0.5 < CROWDED_PX for q in pixels)]
+    if not crowded:
+        zoom.remove()
+        _label(axes, figure, groups, colours)
+    else:
+        cx, cy = [x for (x, _), _ in crowded], [y for (_, y), _ in crowded]
+        pad = max(max(cx) - min(cx), 1e-3) * 0.15
+        zoom.set_xlim(min(cx) - pad, max(cx) + pad * 4)  # room on the right for labels
+        zoom.set_ylim(min(cy) / 30, max(cy) * 30)
+        zoom.set_title("zoom: the crowded points")
+        axes.indicate_inset_zoom(zoom, edgecolor="gray")
+        _label(axes, figure, [g for g in groups if g not in crowded], colours)
+        _label(zoom, figure, [g for g in groups if min(cx) - pad <= g[0][0] <= max(cx) + pad * 4
+                              and min(cy) / 30 <= g[0][1] <= max(cy) * 30], colours)
+    figure.tight_layout()
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def replot(results_dir: str | Path, device_name: str = "cpu") -> Path:
+    """Redraw ``pareto_<device>.png`` from the results JSON beside it, without running anything (``hubunlearn bench
+    plot``); a missing file or one of another schema is a one-line :class:`UsageError`."""
+    path = results_path(Path(results_dir), device_name)
+    if not path.is_file():
+        raise UsageError(f"no results at {path}: run `hubunlearn bench run --results_dir {results_dir}` first")
+    results = json.loads(path.read_text())
+    if results.get("schema") != SCHEMA:
+        raise UsageError(f"{path} has schema {results.get('schema')}, this version plots schema {SCHEMA}: run the benchmark again")
+    return pareto_plot(results, path.with_name(f"pareto_{device_name}.png"))
 
 
 def _mb(value: float) -> str:

@@ -29,25 +29,31 @@ def replace_between(readme: Path, begin: str, end: str, text: str) -> None:
 
 def benchmark_main(description: str, results_path: Path, schema: int, run: Callable[[argparse.Namespace], dict],
                    table: Callable[[dict], str], markers: tuple[str, str], readme: Path,
-                   after_run: Callable[[dict], None] | None = None, default_data: Path | None = None) -> None:
-    """``script.py`` runs the benchmark, saves the JSON and rewrites the README table (``table(results)`` between
-    the ``markers`` of ``readme``); ``--table`` only rewrites the table from the committed JSON (refusing one of
-    another schema). Torch uses ``$OMP_NUM_THREADS`` threads (default: 2 at most)."""
+                   plot: Callable[[dict], None] | None = None, default_data: Path | None = None) -> None:
+    """``script.py`` runs the benchmark, saves the JSON, draws its plots (``plot(results)``) and rewrites the README
+    table (``table(results)`` between the ``markers`` of ``readme``); ``--table`` only rewrites the table and
+    ``--plots`` only redraws the plots, both from the committed JSON (refusing one of another schema). Torch uses
+    ``$OMP_NUM_THREADS`` threads (default: 2 at most)."""
     import torch
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--table", action="store_true", help="only regenerate the README table from the results JSON")
+    if plot is not None:
+        parser.add_argument("--plots", action="store_true", help="only redraw the plots from the results JSON")
     if default_data is not None:
         parser.add_argument("--data", type=Path, default=default_data, help="folder of TOFU's files")
     args = parser.parse_args()
-    if args.table:
+    if args.table or getattr(args, "plots", False):
         results = json.loads(results_path.read_text())
         if results.get("schema") != schema:
             sys.exit(f"{results_path} has schema {results.get('schema')}, expected {schema}: run the benchmark again")
+        if getattr(args, "plots", False):
+            plot(results)
+            return
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
         results = run(args)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
-        if after_run:
-            after_run(results)
+        if plot:
+            plot(results)
     replace_between(readme, *markers, table(results))

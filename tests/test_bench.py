@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hubunlearn.bench import BENCH_BEGIN, BENCH_END, SCHEMA, BenchConfig, growth, results_path, table
+from hubunlearn.bench import BENCH_BEGIN, BENCH_END, SCHEMA, BenchConfig, growth, label_offsets, results_path, table
 from hubunlearn.errors import UsageError
 
 from .conftest import REPO, TOFU
@@ -74,3 +74,50 @@ def test_readme_table_is_generated_from_the_committed_json():
     readme = (REPO / "README.md").read_text()
     assert f"{BENCH_BEGIN}\n{table(results)}\n{BENCH_END}" in readme
     assert (REPO / "benchmarks" / "results" / "pareto_cpu.png").is_file()
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.parametrize("points", [
+    [(500.0, 300.0)] * 2 + [(503.0, 301.0), (498.0, 296.0), (510.0, 305.0), (505.0, 290.0), (499.0, 310.0)],  # the τ squares
+    [(100.0 + 7 * i, 200.0 + 3 * (i % 3)) for i in range(9)] + [(790.0, 50.0), (795.0, 52.0)],  # a row, two at the right edge
+])
+def test_labels_never_overlap_each_other_or_a_point(points):
+    widths = [40.0 + 10 * (i % 3) for i in range(len(points))]
+    offsets = label_offsets(points, widths, height=12, gap=9, right_edge=800)
+    boxes = [(x + dx, y + dy - 6, w) for (x, y), (dx, dy), w in zip(points, offsets, widths)]
+    for i, (left, bottom, width) in enumerate(boxes):
+        assert left + width <= 800 + 1e-6
+        for other_left, other_bottom, other_width in boxes[i + 1:]:
+            assert left >= other_left + other_width or other_left >= left + width or abs(bottom - other_bottom) >= 12 - 1e-6
+        for x, y in points:
+            assert left >= x + 9 or x - 9 >= left + width or bottom >= y + 9 - 1e-6 or y - 9 >= bottom + 12 - 1e-6
+
+
+def test_bench_plot_redraws_from_the_json_alone(run_cli, tmp_path):
+    committed = results_path(REPO / "benchmarks" / "results", "cpu")
+    (tmp_path / committed.name).write_text(committed.read_text())
+    code, out, err = run_cli("bench", "plot", "--results_dir", tmp_path)
+    assert code == 0, err
+    assert out.strip() == f"hubunlearn: redrew {tmp_path / 'pareto_cpu.png'}" and png_size(tmp_path / "pareto_cpu.png")[0] > 800
+    code, _, err = run_cli("bench", "plot", "--results_dir", tmp_path, "--device", "cuda")
+    assert code == 2 and err.count("\n") == 1 and "no results at" in err and "hubunlearn bench run" in err
+
+
+def test_the_trace_title_fits_and_names_the_token_rule(tmp_path):
+    import torch
+
+    from hubunlearn.kuda.tracing import TraceResult, plot_trace, trace_title
+
+    for rule, words in (("prompt", "every prompt token noised"), ("subject", "restored at each name's last token")):
+        result = TraceResult(torch.rand(8, 4), torch.ones(8), torch.zeros(8), 0.1, [1, 2], rule)
+        title = trace_title("Causal tracing of /a/rather/long/local/path/to/some-unlearned-checkpoint-folder's FFN layers", result, 60)
+        assert words in title.replace("\n", " ") and "chosen layers [1, 2]" in title.replace("\n", " ")
+        assert max(len(line) for line in title.splitlines()) <= 60
+        path = plot_trace(result, tmp_path / f"{rule}.png", "Causal tracing of /a/rather/long/local/path/to/some-unlearned-checkpoint-folder's FFN layers")
+        # 5.5 inches at 100 dpi, plus bbox_inches="tight"'s 0.1-inch pads: a title wider than the figure would widen it
+        assert png_size(path)[0] <= 5.5 * 100 + 2 * 10

@@ -26,6 +26,8 @@ from .layers import FFNLayers
 from .positions import span_ends, token_positions
 
 TRACE_RULES = ("prompt", "subject")
+RULE_WORDS = {"prompt": "token rule prompt: every prompt token noised, FFN output restored at every position",
+              "subject": "token rule subject: the names noised, FFN output restored at each name's last token"}
 
 
 @dataclass
@@ -37,6 +39,7 @@ class TraceResult:
     corrupted: torch.Tensor
     noise_std: float
     window: list[int] = field(default_factory=list)
+    tokens: str = "prompt"  # the token rule (TRACE_RULES)
 
     @property
     def mean_effects(self) -> list[float]:
@@ -115,8 +118,17 @@ def causal_trace(model, ffn: FFNLayers, batch: dict[str, torch.Tensor], noise_sc
     return TraceResult(effects.cpu(), clean.cpu(), corrupted.cpu(), noise_std)
 
 
+def trace_title(title: str, result: TraceResult, columns: int) -> str:
+    """``title`` and the token rule with the chosen layers, wrapped to lines of at most ``columns`` characters."""
+    import textwrap
+
+    rule = f"{RULE_WORDS.get(result.tokens, result.tokens)}; red: the chosen layers {result.window}"
+    return "\n".join(textwrap.wrap(title, columns) + textwrap.wrap(rule, columns))
+
+
 def plot_trace(result: TraceResult, path: str | Path, title: str = "Causal tracing of FFN layers") -> Path:
-    """Heat map of the indirect effect (examples × layers) under a bar chart of its mean, the chosen window in red."""
+    """Heat map of the indirect effect (examples × layers) under a bar chart of its mean, the chosen window in red;
+    the title (wrapped to the figure's width) names the token rule."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,11 +136,12 @@ def plot_trace(result: TraceResult, path: str | Path, title: str = "Causal traci
 
     effects = result.effects.numpy()
     layers = range(effects.shape[1])
-    figure, (bars, heat) = plt.subplots(2, 1, figsize=(max(4, 0.6 * effects.shape[1] + 2), 6), sharex=True,
-                                        gridspec_kw={"height_ratios": [1, 2]})
+    width = max(5.5, 0.6 * effects.shape[1] + 2)
+    figure, (bars, heat) = plt.subplots(2, 1, figsize=(width, 6.5), sharex=True, gridspec_kw={"height_ratios": [1, 2]},
+                                        layout="constrained")
     bars.bar(layers, effects.mean(0), color=["tab:red" if i in result.window else "tab:gray" for i in layers])
     bars.set_ylabel("mean indirect effect")
-    bars.set_title(title)
+    figure.suptitle(trace_title(title, result, int(width * 11)), fontsize=10)  # 11 characters of 10-point text per inch
     image = heat.imshow(effects, aspect="auto", cmap="Reds", interpolation="nearest")
     heat.set_xlabel("layer (FFN output restored)")
     heat.set_ylabel("forget example")
@@ -157,4 +170,5 @@ def trace(model, ffn: FFNLayers, examples: list[dict], pad_token_id: int, window
     result = TraceResult(torch.cat([p.effects for p in parts]), torch.cat([p.clean for p in parts]),
                          torch.cat([p.corrupted for p in parts]), parts[0].noise_std)
     result.window = best_window(result.mean_effects, window)
+    result.tokens = tokens
     return result

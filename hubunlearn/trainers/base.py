@@ -380,7 +380,7 @@ class UnlearnTrainer(Trainer):
     def retain_term(self, model, retain: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.logits(model, retain)
         if self.args.retain_loss == "kl":
-            return losses.kl_to_reference(logits, self.reference_logits(retain), retain["labels"])
+            return losses.kl_to_reference(logits, self.reference_logits(retain), retain["attention_mask"])
         return losses.nll_loss(logits, retain["labels"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
