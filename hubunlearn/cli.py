@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from .errors import HubUnlearnError, UsageError, did_you_mean, known_flags
+from .errors import HubUnlearnError, UsageError, command_messages, did_you_mean, known_flags
+from .logs import command_output, quiet_weight_loading
 
 COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
@@ -50,6 +50,7 @@ def _unlearn(argv: list[str]) -> int:
     from .artifacts import read_record
 
     arguments, config = parse_unlearn_args(argv)
+    quiet_weight_loading()
     output_dir = run_unlearn(arguments, config)
     if PartialState().is_main_process:
         kind = {"eco": "bundle", "lora": "LoRA adapter", "full": "checkpoint"}[read_record(output_dir)["artifact"]]
@@ -65,7 +66,8 @@ def _eval(argv: list[str]) -> int:
     from .evaluate import DEFAULT_METRICS, METRICS, EvalConfig, format_summary, record_into_artifact, run_eval
 
     parser = _Parser(prog="hubunlearn eval", description=COMMANDS["eval"])
-    parser.add_argument("--model", required=True, help="Hub id or folder of the model (or full unlearned checkpoint).")
+    parser.add_argument("--model", required=True, help="Hub id or folder of the model (a full unlearned checkpoint, an ECO bundle).")
+    parser.add_argument("--revision", help="Branch, tag or commit of a Hub --model (default: main).")
     parser.add_argument("--adapter", help="A LoRA adapter (Hub id or folder) to apply on --model.")
     parser.add_argument("--benchmark", default="tofu", help="tofu (default) or world (the built-in example).")
     parser.add_argument("--forget_split", default="forget10", help="TOFU forget split: forget01, forget05 or forget10.")
@@ -90,7 +92,8 @@ def _eval(argv: list[str]) -> int:
         from .artifacts import read_record
 
         read_record(args.record_to)
-    config = EvalConfig(model=args.model, adapter=args.adapter, benchmark=args.benchmark, forget_split=args.forget_split,
+    quiet_weight_loading()
+    config = EvalConfig(model=args.model, revision=args.revision, adapter=args.adapter, benchmark=args.benchmark, forget_split=args.forget_split,
                         data=args.data, metrics=args.metrics, max_examples=args.max_examples, reference=args.reference,
                         reference_stats=args.reference_stats, holdout=args.holdout, attacks=args.attack,
                         relearn_steps=args.relearn_steps, relearn_learning_rate=args.relearn_learning_rate,
@@ -181,6 +184,7 @@ def _bench(argv: list[str]) -> int:
 
         print(f"hubunlearn: redrew {replot(args.results_dir, args.device)}")
         return 0
+    quiet_weight_loading()
     if args.action == "run":
         return _bench_run(args)
     if args.forget_split not in FORGET_SPLITS:
@@ -212,6 +216,8 @@ def _trace(argv: list[str]) -> int:
     parser = _Parser(prog="hubunlearn trace", description=COMMANDS["trace"])
     parser.add_argument("--model", required=True, help="Hub id or folder of the model to trace.")
     parser.add_argument("--forget", required=True, help="Forget set (question-answer rows): ORG/NAME[:CONFIG][@SPLIT], a file, or FOLDER:CONFIG.")
+    parser.add_argument("--question_key", default="question", help="Column of the forget set's questions.")
+    parser.add_argument("--answer_key", default="answer", help="Column of the forget set's answers.")
     parser.add_argument("--window", type=int, default=1, help="Contiguous layers to choose (largest summed effect).")
     parser.add_argument("--examples", type=int, default=32, help="Forget examples to average over.")
     parser.add_argument("--noise_scale", type=float, default=3.0, help="Prompt noise in standard deviations of the embeddings.")
@@ -230,11 +236,17 @@ def _trace(argv: list[str]) -> int:
         raise UsageError(f"--output {output} must be a .png file in an existing folder")
     if args.examples < 1 or args.samples < 1 or args.noise_scale <= 0 or args.batch_size < 1:
         raise UsageError("--examples, --samples and --batch_size must be at least 1, --noise_scale positive")
+    quiet_weight_loading()
+    rows = load_rows(args.forget)
+    data_format = DataFormat(question_key=args.question_key, answer_key=args.answer_key)
+    if not {data_format.question_key, data_format.answer_key} <= set(rows.column_names):
+        raise UsageError(f"--forget {args.forget} has columns [{', '.join(rows.column_names)}]; tracing needs question-answer "
+                         f"rows: '{data_format.question_key}' and '{data_format.answer_key}' (set --question_key/--answer_key), "
+                         "or TRL's 'prompt'/'completion' or 'messages'")
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     ffn = FFNLayers(model, args.layers_module, args.mlp_module, args.down_module)
-    rows = load_rows(args.forget)
-    examples = list(tokenize_rows(rows.select(range(min(args.examples, len(rows)))), tokenizer, DataFormat(), "forget"))
+    examples = list(tokenize_rows(rows.select(range(min(args.examples, len(rows)))), tokenizer, data_format, "forget"))
     result = trace(model, ffn, examples, tokenizer.pad_token_id, args.window, args.batch_size, noise_scale=args.noise_scale,
                    samples=args.samples, tokens=args.tokens, tokenizer=tokenizer)
     print(f"answer score: clean {float(result.clean.mean()):.4f}, {args.tokens} corrupted {float(result.corrupted.mean()):.4f} "
@@ -290,6 +302,7 @@ def _space(argv: list[str]) -> int:
     from .space import SideBySide, build_demo, check_port
 
     check_port(args.port)
+    quiet_weight_loading()
     build_demo(SideBySide.load(args.unlearned, args.original)).launch(server_port=args.port)
     return 0
 
@@ -300,34 +313,9 @@ def _quickstart(argv: list[str]) -> int:
     parser = _Parser(prog="hubunlearn quickstart", description=COMMANDS["quickstart"])
     parser.add_argument("--output_dir", default="quickstart-output", help="Where the adapter and unlearning.json go.")
     args = parser.parse_args(argv)
+    quiet_weight_loading()
     print(format_report(run_quickstart(args.output_dir)))
     return 0
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"hubunlearn: {record.levelname.lower()}: {record.getMessage()}"
-
-
-def _show_warnings() -> None:
-    logger = logging.getLogger("hubunlearn")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(_Formatter())
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # every run, even if the caller's logging setup changed it since
 
 
 HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "trace": _trace, "space": _space, "quickstart": _quickstart}
@@ -354,15 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"hubunlearn: error: unknown command '{argv[0]}': choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    _show_warnings()
-    try:
-        return HANDLERS[argv[0]](argv[1:])
-    except HubUnlearnError as error:
-        print(f"hubunlearn: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("hubunlearn: interrupted", file=sys.stderr)
-        return 130
+    with command_messages():  # errors name this command's flags, not the Python arguments
+        try:
+            with command_output():
+                return HANDLERS[argv[0]](argv[1:])
+        except HubUnlearnError as error:
+            print(f"hubunlearn: error: {error}", file=sys.stderr)
+            return error.exit_code
+        except KeyboardInterrupt:
+            print("hubunlearn: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
