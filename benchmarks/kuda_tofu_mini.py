@@ -13,6 +13,8 @@ the traces' heat maps ``benchmarks/results/kuda_causal_trace*.png`` and the READ
 
     python benchmarks/kuda_tofu_mini.py            # run (builds TOFU-mini on first use) and rewrite the table
     python benchmarks/kuda_tofu_mini.py --table    # only rewrite the table from the committed JSON
+    python benchmarks/kuda_tofu_mini.py --plots    # only redraw the heat maps from the committed JSON (per-example
+                                                   # effects: recorded since issue 17, older results need a run)
 """
 
 from __future__ import annotations
@@ -86,7 +88,6 @@ def run(data: Path) -> dict:
     from hubunlearn.data import DataFormat, load_rows, pad_examples, tokenize_rows
     from hubunlearn.evaluate import EvalConfig, evaluate_sets, load_sets, summarize
     from hubunlearn.kuda.projection import collect_keys
-    from hubunlearn.kuda.tracing import plot_trace
     from hubunlearn.tofu_mini import build_tofu_mini
     from hubunlearn.trainers import METHODS
 
@@ -130,15 +131,28 @@ def run(data: Path) -> dict:
             keys = collect_keys(trainer.ref_model, [trainer.reference_ffn.downs[i] for i in trainer.layers], held_out_batches, 8192)
             row["retain_output_change"] = trainer.retain_output_change(keys)
             rule = trainer.args.trace_tokens
-            if rule not in traces and trainer.trace_result is not None:
-                traces[rule] = trainer.trace_result.as_record()
-                plot_trace(trainer.trace_result, PLOTS[rule], "Causal tracing of TOFU-mini's FFN layers (forget10)")
+            if rule not in traces and trainer.trace_result is not None:  # with the per-example effects, for --plots
+                traces[rule] = {**trainer.trace_result.as_record(), "tokens": rule,
+                                "effects": [[round(v, 6) for v in row] for row in trainer.trace_result.effects.tolist()]}
         row.update(evaluate(trainer.model))
         runs.append(row)
         print(f"{method} ({setting}): FQ {row['forget_quality']:.3g}, MU {row['model_utility']:.3f}, "
               f"retain output change {row.get('retain_output_change')}", file=sys.stderr)
     return {"schema": SCHEMA, "machine": machine(), "tofu_mini": {k: mini.info[k] for k in ("settings", "parameter_count")},
             "steps": STEPS, "batch_size": BATCH, "held_out_retain_rows": len(held_out), "traces": traces, "key_overlap": overlap, "runs": runs}
+
+
+def plot(results: dict) -> None:
+    """The traces' heat maps, from the per-example effects the results record (runs before they were recorded have none)."""
+    from hubunlearn.kuda.tracing import TraceResult, plot_trace
+
+    for rule, record in results["traces"].items():
+        if "effects" not in record:
+            sys.exit(f"{RESULTS} holds no per-example trace effects (made before they were recorded): run the benchmark again")
+        effects = torch.tensor(record["effects"])
+        result = TraceResult(effects, torch.full((len(effects),), record["clean_score"]), torch.full((len(effects),), record["corrupted_score"]),
+                             record["noise_std"], record["layers"], record.get("tokens", rule))
+        plot_trace(result, PLOTS[rule], "Causal tracing of TOFU-mini's FFN layers (forget10)")
 
 
 def table(results: dict) -> str:
@@ -178,7 +192,8 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), table, (BEGIN, END), README, default_data=TOFU)
+    benchmark_main(__doc__.splitlines()[0], RESULTS, SCHEMA, lambda args: run(args.data), table, (BEGIN, END), README, plot=plot,
+                   default_data=TOFU)
 
 
 if __name__ == "__main__":
