@@ -1,8 +1,9 @@
 """ECO's prompt classifier on kinds of prompts it never saw (issue 16): no language model, seconds.
 
-Trained as ``--method eco`` trains it, on a forget and a retain set only, from a world (seed 7, 40 people) that
-neither the defaults nor ``benchmarks/eco_heldout.py`` (world seed 0, TOFU) were tuned on; scored on whole kinds
-absent from both sets: the world's other people, TOFU's real authors and world facts, everyday requests.
+Trained as ``--method eco`` trains it, on a forget and a retain set only, from a world (seed 101, 50 people: 4
+forget, 12 retain) that neither the defaults nor ``benchmarks/eco_heldout.py`` (world seed 0, TOFU) were tuned on
+(it was first run after the design was fixed); scored on whole kinds absent from both sets: the world's other
+people, TOFU's real authors and world facts, everyday requests.
 """
 
 import json
@@ -30,10 +31,10 @@ def _questions(name):
 
 @pytest.fixture(scope="module")
 def case():
-    world = World.make(num_people=40, num_forget=4, seed=7)
+    world = World.make(num_people=50, num_forget=4, seed=101)
     rows = world.rows("all")
     of = lambda people: [r for r in rows if r["person"] in {p.name for p in people}]  # noqa: E731
-    forget, retain, others = of(world.people[:4]), of(world.people[4:14]), of(world.people[14:])
+    forget, retain, others = of(world.people[:4]), of(world.people[4:16]), of(world.people[16:])
     return {"forget": [r["question"] for r in forget], "retain": [r["question"] for r in retain],
             "paraphrases": [r["paraphrased_question"] for r in forget],
             "held_out": {"other people": [r[k] for r in others for k in ("question", "paraphrased_question")],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from functools import lru_cache
+from string import Formatter
 
 POOL_VERSION = "1"
 POOL_SIZE = 6000
@@ -117,19 +118,23 @@ TEMPLATES = {
 }
 
 
+_FIELDS = {
+    "name": lambda rng: f"{rng.choice(FIRST)} {rng.choice(LAST)}", "role": lambda rng: rng.choice(ROLES),
+    "genre": lambda rng: rng.choice(GENRES), "city": lambda rng: rng.choice(CITIES), "country": lambda rng: rng.choice(COUNTRIES),
+    "year": lambda rng: rng.randint(1900, 2005), "concept": lambda rng: rng.choice(CONCEPTS), "dish": lambda rng: rng.choice(DISHES),
+    "ingredient": lambda rng: rng.choice(INGREDIENTS), "language": lambda rng: rng.choice(LANGUAGES),
+    "language2": lambda rng: rng.choice(LANGUAGES), "task": lambda rng: rng.choice(TASKS), "error": lambda rng: rng.choice(ERRORS),
+    "activity": lambda rng: rng.choice(ACTIVITIES), "thing": lambda rng: rng.choice(THINGS), "topic": lambda rng: rng.choice(TOPICS),
+    "recipient": lambda rng: rng.choice(PEOPLE_TO), "character": lambda rng: rng.choice(CHARACTERS), "plot": lambda rng: rng.choice(PLOTS),
+    "a": lambda rng: rng.randint(2, 999), "b": lambda rng: rng.randint(2, 99), "c": lambda rng: rng.randint(4, 99999),
+    "sq": lambda rng: rng.randint(2, 40) ** 2, "n": lambda rng: rng.randint(2, 9),
+}
+
+
 def _fill(template: str, rng: random.Random) -> str:
-    a, b = rng.randint(2, 999), rng.randint(2, 99)
-    languages = rng.sample(LANGUAGES, 2)
-    values = {
-        "name": f"{rng.choice(FIRST)} {rng.choice(LAST)}", "role": rng.choice(ROLES), "genre": rng.choice(GENRES),
-        "city": rng.choice(CITIES), "country": rng.choice(COUNTRIES), "year": rng.randint(1900, 2005),
-        "concept": rng.choice(CONCEPTS), "dish": rng.choice(DISHES), "ingredient": rng.choice(INGREDIENTS),
-        "language": languages[0], "language2": languages[1], "task": rng.choice(TASKS), "error": rng.choice(ERRORS),
-        "activity": rng.choice(ACTIVITIES), "thing": rng.choice(THINGS), "topic": rng.choice(TOPICS),
-        "recipient": rng.choice(PEOPLE_TO), "character": rng.choice(CHARACTERS), "plot": rng.choice(PLOTS),
-        "a": a, "b": b, "c": a * b + rng.randint(0, 9), "sq": rng.randint(2, 40) ** 2, "n": rng.randint(2, 9),
-    }
-    return template.format(**values)
+    """``template`` with each of its fields drawn from its vocabulary (only the fields it uses are drawn)."""
+    fields = [name for _, name, _, _ in Formatter().parse(template) if name]
+    return template.format(**{name: _FIELDS[name](rng) for name in dict.fromkeys(fields)})
 
 
 @lru_cache(maxsize=4)
