@@ -11,7 +11,8 @@ Quieten the library with ``logging.getLogger("hubunlearn").setLevel(logging.WARN
 
 A command also hides what the libraries print about their own calls, never about the user's input: PEFT reading
 a deprecated ``transformers`` property, the Trainer's ``pin_memory`` default on a machine without an accelerator,
-and the per-tensor "Loading weights" bar (a download's progress bar stays). Every other warning shows.
+and the "Loading weights" and "Writing model shards" bars of local files (a download's progress bar stays). Every
+other warning shows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ LIBRARY_WARNINGS = (  # (category, message regex): libraries warning about their
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # PEFT reads transformers' deprecated property
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),  # the Trainer's default, on a CPU
 )
-QUIET_BARS = ("Loading weights",)  # transformers' bar over the tensors of a checkpoint already on disk
+QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' bars over a local checkpoint's tensors and files
 _previous_tqdm_hook: list = []  # the hook quiet_weight_loading replaced, while a command runs
 
 
@@ -88,7 +89,8 @@ def command_output():
 
 
 def quiet_weight_loading() -> None:
-    """Inside :func:`command_output`: no "Loading weights" bar from ``transformers`` (other bars stay). Called by
+    """Inside :func:`command_output`: no "Loading weights" or "Writing model shards" bar from ``transformers`` (other
+    bars stay). Called by
     the commands once their arguments are checked, since importing ``transformers`` takes seconds."""
     from transformers.utils.logging import set_tqdm_hook
 

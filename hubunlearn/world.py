@@ -154,7 +154,7 @@ def tiny_llama(tokenizer, hidden_size: int = 128, num_layers: int = 4, seed: int
 def teach(model, tokenizer, rows: list[dict], output_dir: str | Path, epochs: int = 60, learning_rate: float = 3e-3,
           batch_size: int = 16, seed: int = 0, max_length: int = 256, **training_arguments):
     """Fine-tune ``model`` on question-answer ``rows`` with the Trainer (``training_arguments`` override its settings)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
     from .data import DataFormat, pad_examples, tokenize_rows
 
@@ -174,5 +174,12 @@ def teach(model, tokenizer, rows: list[dict], output_dir: str | Path, epochs: in
     )
     collate = lambda items: pad_examples(items, tokenizer.pad_token_id)  # noqa: E731
     examples = examples.remove_columns("prompt_length")
-    Trainer(model=model, args=args, train_dataset=examples, data_collator=collate).train()
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+    # The bar shows the loss; no dict printed every logging_steps and at the end (the quickstart's and eval's output)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        from .trainers.base import _LossProgress
+
+        trainer.add_callback(_LossProgress)
+    trainer.pop_callback(PrinterCallback)
+    trainer.train()
     return model.eval()

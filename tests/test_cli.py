@@ -252,7 +252,8 @@ def test_errors_name_the_python_argument_in_the_api_and_the_flag_in_a_command(ru
     with pytest.raises(UsageError) as error:
         reference_statistics(EvalConfig(model="m", reference_stats="/no/such.json"), {"forget": []})
     assert str(error.value).startswith("reference_stats /no/such.json does not exist")
-    code, _, err = run_cli("eval", "--model", world_model_dir, "--reference_stats", "/no/such.json", "--output_dir", tmp_path / "e")
+    code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--reference_stats", "/no/such.json",
+                           "--output_dir", tmp_path / "e")
     assert code == 2 and "hubunlearn: error: --reference_stats /no/such.json does not exist" in err
     assert python_names("--attack bribe; num_authors (--authors) too big; add --retain or --no_null_space") == \
         "attacks bribe; num_authors too big; add retain_dataset or null_space=False"

@@ -215,6 +215,7 @@ def test_eval_logs_each_line_once_without_library_noise(world_model_dir, world_r
     assert len(ours) == len(set(ours)) and not any(":hubunlearn." in line for line in lines), result.stderr
     for noise in ("is_gradient_checkpointing", "pin_memory", "Loading weights", "Warning:"):
         assert noise not in result.stderr, result.stderr
+    assert "train_runtime" not in result.stdout + result.stderr  # the relearn attack's Trainer prints no dict
 
 
 def test_python_users_see_hubunlearn_lines_once_with_or_without_a_logging_setup():
