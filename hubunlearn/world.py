@@ -120,7 +120,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # its bars would flash by on a terminal: it takes milliseconds
     tokenizer.train_from_iterator(texts, trainer)
     bos_id = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.Sequence([
