@@ -189,3 +189,19 @@ def test_each_step_pairs_forget_with_retain_and_ranks_draw_different_retain_samp
     batch = ForgetRetainCollator(pad_token_id=0)([pairs[0], pairs[5]])
     assert batch["forget"]["input_ids"].shape == (2, 2) and batch["retain"]["input_ids"].shape == (2, 1)
     assert batch["forget"]["attention_mask"].sum() == 4
+
+
+@pytest.mark.parametrize("n_forget, n_retain", [(40, 120), (8, 20), (30, 7)])
+def test_the_retain_walk_draws_every_retain_row_equally_often(n_forget, n_retain):
+    """Sampling without replacement: after any number of steps' worth of epochs, draw counts differ by at most one,
+    where OpenUnlearning's independent draws (``torch.randint`` per item) leave some rows unseen and others repeated."""
+    forget = datasets.Dataset.from_list([{"input_ids": [i], "labels": [i]} for i in range(n_forget)])
+    retain = datasets.Dataset.from_list([{"input_ids": [i], "labels": [i]} for i in range(n_retain)])
+    pairs = ForgetRetainDataset(forget, retain, seed=0)
+    counts = [0] * n_retain
+    for epoch in range(5):
+        pairs.set_epoch(epoch)
+        for index in torch.randperm(n_forget).tolist():  # the Trainer's sampler shuffles the forget order
+            counts[pairs[index]["retain_index"]] += 1
+        assert max(counts) - min(counts) <= 1, f"epoch {epoch}: {counts}"
+    assert sum(counts) == 5 * n_forget

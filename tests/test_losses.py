@@ -76,14 +76,51 @@ def test_inverted_hinge_lies_in_zero_two():
 
 def test_kl_to_reference_is_zero_at_the_reference_and_positive_elsewhere():
     torch.manual_seed(0)
-    logits, labels = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6))
-    assert losses.kl_to_reference(logits, logits.clone(), labels).item() == pytest.approx(0.0, abs=1e-6)
-    assert losses.kl_to_reference(logits, torch.randn(2, 6, 5), labels).item() > 0.01
+    logits, mask = torch.randn(2, 6, 5), torch.ones(2, 6, dtype=torch.long)
+    assert losses.kl_to_reference(logits, logits.clone(), mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.kl_to_reference(logits, torch.randn(2, 6, 5), mask).item() > 0.01
 
 
 def test_kl_by_hand():
-    # KL(ref || p) with ref = (0.5, 0.5), p = (0.9, 0.1) at the one labelled position.
+    # KL(ref || p) with ref = (0.5, 0.5), p = (0.9, 0.1) at the one position whose next token is real.
     policy = logits_for([[[0.9, 0.1], [0.5, 0.5]]])
     reference = logits_for([[[0.5, 0.5], [0.5, 0.5]]])
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
-    assert losses.kl_to_reference(policy, reference, torch.tensor([[-100, 1]])).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.kl_to_reference(policy, reference, torch.tensor([[1, 1]])).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_counts_every_real_token_and_no_padding():
+    """TOFU's retain KL: the whole sequence (prompt positions too), the same value whatever the padding holds."""
+    torch.manual_seed(0)
+    policy, reference = torch.randn(2, 7, 11), torch.randn(2, 7, 11)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    value = losses.kl_to_reference(policy, reference, mask)
+    per_row = [losses.kl_to_reference(policy[i : i + 1, : n], reference[i : i + 1, : n], mask[i : i + 1, : n]) for i, n in ((0, 7), (1, 4))]
+    assert value.item() == pytest.approx((6 * per_row[0].item() + 3 * per_row[1].item()) / 9, rel=1e-5)  # a token mean
+    noisy = policy.clone()
+    noisy[1, 4:] = torch.randn(3, 11) * 10  # what the model predicts on padding does not count
+    assert losses.kl_to_reference(noisy, reference, mask).item() == pytest.approx(value.item(), rel=1e-6)
+    prompt_moved = policy.clone()
+    prompt_moved[0, 0] += 5 * torch.randn(11)  # a prompt position (no label there) does
+    assert losses.kl_to_reference(prompt_moved, reference, mask).item() != pytest.approx(value.item(), rel=1e-3)
+
+
+def test_nll_and_sequence_log_prob_follow_the_causal_lm_conventions():
+    """Retain NLL is transformers' own causal-LM loss (mean over the batch's labelled tokens, as OpenUnlearning's
+    ``model(**batch).loss``); NPO's sequence log-likelihood is minus the summed token cross-entropy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids = torch.randint(3, 37, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[1, 6:], attention[2, 4:] = 0, 0
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :3] = -100  # the prompt
+    with torch.no_grad():
+        output = model(input_ids=ids, attention_mask=attention, labels=labels)
+    assert losses.nll_loss(output.logits, labels).item() == pytest.approx(output.loss.item(), rel=1e-5)
+    summed = torch.nn.functional.cross_entropy(output.logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none").sum(-1)
+    log_prob, count = losses.sequence_log_prob(output.logits, labels)
+    assert torch.allclose(log_prob, -summed, rtol=1e-5) and count.tolist() == [6, 3, 1]

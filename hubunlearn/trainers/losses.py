@@ -83,14 +83,22 @@ def inverted_hinge_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``KL(p_ref || p_θ)`` of the next-token distributions, mean over labelled tokens."""
-    logits, _, mask = shift(logits, labels)
-    reference_logits = reference_logits[:, :-1, :]
+def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``KL(p_ref || p_θ)`` of the next-token distributions, mean over the predictions of every real token of the
+    sequences, question and answer alike; padding never counts.
+
+    ``attention_mask`` is ``(batch, length)``, nonzero on real tokens: position ``t`` counts when token ``t + 1`` is
+    real. This is TOFU's retain term (Maini et al., arXiv 2401.06121, §4: the per-token KL to the original averaged
+    over each whole retain sequence). OpenUnlearning's code averages over every position of the padded batch,
+    padding included, so its figure shifts with the batch's padding; counting only the answer tokens (what hubunlearn
+    did before issue 16) leaves the prompt's predictions free to drift and kept less of the retain set at equal
+    forgetting (``benchmarks/parity_graddiff.py``).
+    """
+    logits, reference_logits = logits[:, :-1, :], reference_logits[:, :-1, :]
+    mask = attention_mask[:, 1:] != 0
     reference_log_probs = reference_logits.float().log_softmax(-1)
     per_token = F.kl_div(logits.float().log_softmax(-1), reference_log_probs, log_target=True, reduction="none").sum(-1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
-
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
