@@ -92,8 +92,10 @@ class ThresholdClassifier:
 
         Split conformal on ``forget_prompts`` gives a threshold with recall ``>= 1 - α`` on prompts exchangeable
         with them (needs ``n >= 1/α - 1``). With held-out ``negative_prompts`` the threshold goes further down, as
-        far as keeping their false-positive rate ``<= max_fpr`` but never below ``min_threshold`` (0.5, where the
-        balanced classifier is indifferent): lower only flags more, so the recall guarantee stands, and prompts
+        far as keeping their false-positive rate ``<= max_fpr``. The threshold never goes below ``min_threshold``
+        (0.5, where the balanced classifier is indifferent), in either step: where the conformal one would, the
+        recall guarantee is given up (with a warning) rather than flag everything. Lower only flags more, so the recall guarantee
+        stands, and prompts
         unlike the held-out forget ones (rephrasings) are caught more often. Without the floor the threshold
         followed the few held-out retain prompts down to wherever they scored (0.13–0.40 across seeds) and flagged
         4–63% of unrelated prompts (issue 16, ``benchmarks/eco_heldout.py``).
@@ -107,6 +109,10 @@ class ThresholdClassifier:
             raise UsageError(f"{len(forget_prompts)} held-out forget prompts are too few for recall >= {1 - alpha:g}: "
                              f"give more, or a larger alpha")
         self.threshold = float(1 - nonconformity[rank - 1])
+        if self.threshold < self.min_threshold:
+            logger.warning("ECO classifier: held-out forget prompts score as low as %.3g; the threshold stays at %.3g, so their recall "
+                           "is below %.0f%% (see held_out_forget_recall in unlearning.json)", self.threshold, self.min_threshold, 100 * (1 - alpha))
+            self.threshold = self.min_threshold
         if len(negative_prompts):
             negatives = np.sort(self.scores(augment(negative_prompts, seed + 3)))[::-1]
             allowed = math.floor(max_fpr * len(negatives))  # this many negatives may score at or above the threshold
@@ -128,9 +134,12 @@ class PromptClassifier(ThresholdClassifier):
                                             n_features=self.settings.n_features, lowercase=True, alternate_sign=False, norm="l2")
         self.coef, self.intercept, self.threshold = coef, intercept, threshold
 
-    def fit(self, positives: Sequence[str], negatives: Sequence[str], seed: int = 0) -> "PromptClassifier":
+    def fit(self, positives: Sequence[str], negatives: Sequence[str], seed: int = 0, gate_prompts: Sequence[str] = (),
+            gate_negatives: Sequence[str] = ()) -> "PromptClassifier":
         """Fit on ``positives`` (forget prompts) against ``negatives`` plus the built-in pool (``pool_size``
-        prompts, not augmented); the gate's terms are the words of ``positives`` that no negative uses."""
+        prompts, not augmented). The gate's terms are the words of ``positives`` and ``gate_prompts`` (the whole
+        forget set, when ``positives`` is its fitting share: the gate is a vocabulary rule, not a learnt
+        model, and must cover every forget prompt) that no negative, pool or ``gate_negatives`` prompt uses."""
         from sklearn.linear_model import LogisticRegression
 
         if not positives or not negatives:
@@ -139,7 +148,7 @@ class PromptClassifier(ThresholdClassifier):
         pool = [p for p in general_prompts(self.settings.pool_size) if p not in forget] if self.settings.pool_size else []
         self.gate = None
         if self.settings.gate_similarity:
-            self.gate = TermGate.fit(positives, [*negatives, *pool], self.settings.gate_similarity)
+            self.gate = TermGate.fit([*positives, *gate_prompts], [*negatives, *gate_negatives, *pool], self.settings.gate_similarity)
             if not len(self.gate):
                 logger.warning("ECO classifier: every word of the forget prompts also occurs in the negatives; no term gate")
                 self.gate = None
@@ -222,7 +231,10 @@ def train_classifier(classifier: ThresholdClassifier, forget: Sequence[str], neg
 
     forget_fit, forget_held = holdout_split(list(forget), holdout_fraction, seed)
     negatives_fit, negatives_held = holdout_split(list(negatives), holdout_fraction, seed + 1)
-    classifier.fit(forget_fit, negatives_fit, seed)
+    if isinstance(classifier, PromptClassifier):
+        classifier.fit(forget_fit, negatives_fit, seed, gate_prompts=forget_held, gate_negatives=negatives_held)
+    else:
+        classifier.fit(forget_fit, negatives_fit, seed)
     try:
         classifier.calibrate(forget_held, alpha, negatives_held, max_fpr, seed)
     except UsageError as error:
