@@ -24,7 +24,6 @@ NOT_APPLICABLE = {  # hyperparameter -> when it does not apply to a record's run
     "lora_export": lambda h: "lora" not in h,
     "utility_budget": lambda h: h.get("utility_budget") is None,
     "utility_metric": lambda h: h.get("utility_budget") is None,
-    "utility_probe_size": lambda h: h.get("utility_budget") is None,
     "budget_check_steps": lambda h: h.get("utility_budget") is None or not h.get("budget_check_steps"),
     "retain_weight": lambda h: h.get("retain_loss") == "none",
     "num_train_epochs": lambda h: (h.get("max_steps") or -1) > 0,

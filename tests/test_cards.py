@@ -116,7 +116,7 @@ def test_the_card_lists_only_the_hyperparameters_that_apply():
                 "lora_init": "default", "lora_export": "adapter", "utility_budget": None, "utility_metric": "extraction_strength",
                 "utility_probe_size": 32, "budget_check_steps": 0, "record_examples": 3, "beta": 0.1}
     full = hyperparameter_names(card_text({**RECORD, "artifact": "full", "hyperparameters": settings}, "org/x"))
-    assert full == {"learning_rate", "num_train_epochs", "retain_loss", "retain_weight", "beta"}
+    assert full == {"learning_rate", "num_train_epochs", "retain_loss", "retain_weight", "utility_probe_size", "beta"}
     lora = {**settings, "lora": {"r": 8}, "max_steps": 40, "retain_loss": "none", "utility_budget": 0.9, "budget_check_steps": 5}
     names = hyperparameter_names(card_text({**RECORD, "artifact": "lora", "hyperparameters": lora}, "org/x"))
     assert names == {"learning_rate", "max_steps", "retain_loss", "lora_init", "lora_export", "utility_budget", "utility_metric",
