@@ -15,9 +15,12 @@ from .data import load_rows
 from .errors import NonFiniteLossError, UsageError, did_you_mean
 from .resources import resource_dir
 from .modeling import hub_facts, load_model, load_tokenizer
-from .trainers import UNLEARNING_METHODS, UnlearnConfig, canonical_method
+from .trainers import METHODS, UNLEARNING_METHODS, UnlearnConfig, canonical_method
+from .trainers.base import UTILITY_FLOOR
 
 RECIPES = resource_dir("recipes", "trainers")
+# What `hubunlearn unlearn` adds to a method's defaults unless --utility_budget or --no_utility_guard is given.
+UTILITY_GUARD = {"utility_budget": UTILITY_FLOOR, "utility_metric": "probability", "budget_check_steps": 5}
 
 
 @dataclass
@@ -36,6 +39,13 @@ class UnlearnArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names, or 'all-linear'."})
     config: str = field(default=None, metadata={"help": "YAML recipe (a path, or a name from the trainers/ folder); flags override it."})
+    utility_guard: bool = field(default=True, metadata={
+        "help": "Without --utility_budget and with a retain set: the safety net of the defaults, --utility_budget 0.8 on the "
+                "retain answer probability checked every 5 steps (stop and restore the last state within budget, then mix back "
+                "to it if the end missed it; --no_utility_guard: off)."})
+    summary: bool = field(default=True, metadata={
+        "help": "End with a summary: steps, time, final losses, forget and retain answer probability before and after "
+                "(--no_summary: skip it; the utility-lost warning and record stay)."})
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -98,6 +108,9 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
             raise UsageError(f"--{name} is required (on the command line or in the --config recipe)")
     if "--output_dir" not in argv and "output_dir" not in recipe:
         raise UsageError("--output_dir is required: the folder that will hold the artifact")
+    if arguments.utility_guard and config.utility_budget is None and arguments.retain and method in METHODS:
+        config.utility_budget, config.utility_metric = UTILITY_GUARD["utility_budget"], UTILITY_GUARD["utility_metric"]
+        config.budget_check_steps = config.budget_check_steps or UTILITY_GUARD["budget_check_steps"]
     return arguments, config
 
 
@@ -152,4 +165,6 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
             shutil.rmtree(output_dir)
         raise
     trainer.save_model()
+    if arguments.summary and "utility" in trainer.record_extras and trainer.is_world_process_zero():
+        print(trainer.summary())
     return output_dir

@@ -153,13 +153,15 @@ def test_tags_and_paper_feed_the_card(model, tokenizer, forget_rows, retain_rows
     assert "| `lr_scheduler_type` | `constant` |" in card and "Libraries: hubunlearn" in card
 
 
-def test_unused_retain_set_is_said_and_not_recorded(model, tokenizer, forget_rows, retain_rows, tmp_path, caplog):
+def test_a_retain_set_without_a_retain_loss_is_measured_not_trained_on(model, tokenizer, forget_rows, retain_rows, tmp_path, caplog):
     trainer_class = METHODS["ga"]
     with caplog.at_level(logging.WARNING, logger="hubunlearn"):
         trainer = trainer_class(model=model, args=config(trainer_class, tmp_path / "o", max_steps=1), forget_dataset=forget_rows,
                                 retain_dataset=retain_rows, processing_class=tokenizer)
-    assert "the retain set is not used" in caplog.text
-    assert "retain" not in trainer.unlearning_record()["data"] and "retain" not in trainer.train_dataset[0]
+    assert "the retain set is not trained on, only measured" in caplog.text
+    assert "retain" not in trainer.train_dataset[0]
+    trainer.train()
+    assert trainer.record_extras["utility"]["examples"]["retain"] == 32 and "retain_kept" in trainer.record_extras["utility"]
 
 
 def test_raw_text_forget_set(model, tokenizer, forget_rows, retain_rows, tmp_path):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import datasets
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PreTrainedModel, PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .. import __version__
 from ..artifacts import check_output_dir, library_versions, staging_dir, write_record
@@ -48,6 +48,7 @@ TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments
 RETAIN_LOSSES = ("nll", "kl", "none")
 LORA_INITS = ("default", "fila")
 LORA_EXPORTS = ("adapter", "merged")
+UTILITY_FLOOR = 0.8  # a run that keeps less of the retain answer probability than this share ends with a warning
 
 
 @dataclass
@@ -78,7 +79,9 @@ class UnlearnConfig(TrainingArguments):
                 "largest alpha whose retain metric is at least this share (0 < tau <= 1) of the original's."})
     utility_metric: str = field(default="extraction_strength", metadata={
         "help": "Retain metric of --utility_budget: 'extraction_strength' or 'probability'.", "choices": list(UTILITY_METRICS)})
-    utility_probe_size: int = field(default=32, metadata={"help": "Retain examples the --utility_budget metric is measured on."})
+    utility_probe_size: int = field(default=32, metadata={
+        "help": "Forget and retain examples the before/after answer probability (summary, utility-lost warning) and the "
+                "--utility_budget metric are measured on."})
     record_examples: int = field(default=3, metadata={
         "help": "Questions (never answers) of each set recorded in unlearning.json as demo prompts for the Space (0: none)."})
     budget_check_steps: int = field(default=0, metadata={
@@ -88,7 +91,8 @@ class UnlearnConfig(TrainingArguments):
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate."})
     num_train_epochs: float = field(default=5.0, metadata={"help": "Passes over the forget set."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Forget (and retain) examples per device per step."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    logging_steps: float = field(default=1, metadata={
+        "help": "Log the losses every N steps: to the progress bar's postfix and the --report_to targets (never printed per step)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy during training ('no', 'steps', 'epoch')."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: batches carry forget and retain parts."})
 
@@ -155,6 +159,18 @@ class _StopOnNonFiniteGradient(TrainerCallback):
         self.trainer._check_gradients()
 
 
+class _LossProgress(ProgressCallback):
+    """The progress bar with the current losses in its postfix, instead of a printed dict per logging step."""
+
+    SHOWN = ("loss", "forget_loss", "retain_loss")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {key: f"{logs[key]:.4g}" for key in self.SHOWN if isinstance(logs.get(key), (int, float))}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
+
+
 class UnlearnTrainer(Trainer):
     """Base trainer: subclasses set ``_name``/``_paper`` and implement :meth:`forget_loss`.
 
@@ -200,10 +216,9 @@ class UnlearnTrainer(Trainer):
         for needs, name in ((args.lora_init == "fila", "--lora_init fila (its Fisher pass)"), (args.utility_budget is not None, "--utility_budget (its retain probe)")):
             if needs and retain_dataset is None:
                 raise UsageError(f"{name} needs a retain set: pass --retain SPEC")
-        if (args.retain_loss == "none" and retain_dataset is not None and args.lora_init != "fila" and args.utility_budget is None
-                and not self.keeps_retain_rows):
-            logger.warning("retain_loss is 'none': the retain set is not used (set --retain_loss nll or kl to use it)")
-            retain_dataset = None
+        if args.retain_loss == "none" and retain_dataset is not None and not self.keeps_retain_rows:
+            logger.warning("retain_loss is 'none': the retain set is not trained on, only measured (the utility check; "
+                           "set --retain_loss nll or kl to train on it)")
         if isinstance(model, str):
             processing_class = processing_class or load_tokenizer(model)
             model = load_model(model)
@@ -248,7 +263,12 @@ class UnlearnTrainer(Trainer):
             processing_class=processing_class,
             callbacks=[_EpochForPairing(self.pairs), _StopOnNonFiniteGradient(self), *(callbacks or [])],
         )
+        # Per-step dicts go to --report_to targets only: the bar shows the losses, a summary ends the run.
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(_LossProgress)
+        self.pop_callback(PrinterCallback)
         self.loss_is_scaled_for_ga = False
+        self._before: dict[str, float] | None = None
         self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True) if ref_model is not None else None
         self.unlearning_metrics: dict[str, Any] = {}
         self.record_extras: dict[str, Any] = {}  # anything else the caller wants in unlearning.json
@@ -283,16 +303,72 @@ class UnlearnTrainer(Trainer):
         examples = [self._probe_examples[i] for i in range(self._probe_size())]
         return probe_metric(self.accelerator.unwrap_model(self.model), self.processing_class, examples, self.args.utility_metric)
 
+    def measure(self) -> dict[str, float]:
+        """Mean answer probability of the current model on the first ``utility_probe_size`` forget and retain examples
+        (``{"forget": p, "retain": p}``; no ``"retain"`` without a retain set): the run's before/after figures."""
+        model = self.accelerator.unwrap_model(self.model)
+        sets = {"forget": self.pairs.forget, "retain": self._probe_examples}
+        return {name: probe_metric(model, self.processing_class, [rows[i] for i in range(min(self.args.utility_probe_size, len(rows)))],
+                                   "probability") for name, rows in sets.items() if rows is not None}
+
     def train(self, *args, **kwargs):
+        self._before = self.measure()
         if self.args.utility_budget is not None:
-            self._probe_original = self.probe()
+            probability = self.args.utility_metric == "probability" and "retain" in self._before
+            self._probe_original = self._before["retain"] if probability else self.probe()
             if self.args.budget_check_steps:
                 self._early_stopping = UtilityBudgetStopping(self.probe, self._probe_original, self.args.utility_budget,
                                                              self.args.budget_check_steps)
                 self.add_callback(self._early_stopping)
         output = super().train(*args, **kwargs)
         self.finish_training()
+        self._record_utility(self.measure())
         return output
+
+    def _record_utility(self, after: dict[str, float]) -> None:
+        """Answer probability before and after, and the share of the retain one lost: in ``unlearning.json`` and on the
+        card; below ``UTILITY_FLOOR`` of the original's it ends the run with a warning."""
+        utility = {"metric": "answer probability",
+                   "examples": {name: min(self.args.utility_probe_size, len(rows)) for name, rows in
+                                (("forget", self.pairs.forget), ("retain", self._probe_examples)) if rows is not None},
+                   **{name: {"before": self._before[name], "after": value} for name, value in after.items()}}
+        if "retain" in after and self._before["retain"] > 0:
+            kept = after["retain"] / self._before["retain"]
+            utility.update(retain_kept=kept, utility_lost=max(0.0, 1.0 - kept))
+            if kept < UTILITY_FLOOR:
+                utility["warning"] = (
+                    f"the unlearned model keeps only {kept:.0%} of the original's retain answer probability "
+                    f"({self._before['retain']:.3g} -> {after['retain']:.3g} on {utility['examples']['retain']} retain examples): "
+                    f"it lost {1 - kept:.0%} of its utility. Lower --learning_rate or the steps, raise --retain_weight, or set "
+                    "--utility_budget (e.g. 0.9 with --budget_check_steps 5) to stop early and mix back within the budget")
+                if self.is_world_process_zero():
+                    logger.warning(utility["warning"])
+        self.record_extras["utility"] = utility
+
+    def summary(self) -> str:
+        """A few lines a person reads at the end of a run: steps, time, final losses, answer probability before and after."""
+        logged = next((h for h in reversed(self.state.log_history) if "forget_loss" in h), {})
+        runtime = next((h["train_runtime"] for h in self.state.log_history if "train_runtime" in h), None)
+        losses = ", ".join(f"{name} {logged[f'{name}_loss']:.4g}" for name in ("forget", "retain") if f"{name}_loss" in logged)
+        lines = [f"{self._name}: {self.state.global_step} steps" + (f" in {runtime:.1f} s" if runtime is not None else "")
+                 + (f"; final loss: {losses}" if losses else "")]
+        utility = self.record_extras.get("utility")
+        if utility:
+            lines.append(f"{'answer probability':<20}{'before':>9}{'after':>9}")
+            for name in ("forget", "retain"):
+                if name in utility:
+                    kept = f"   (kept {utility['retain_kept']:.1%})" if name == "retain" and "retain_kept" in utility else ""
+                    lines.append(f"  {name} ({utility['examples'][name]} ex.)".ljust(20)
+                                 + f"{utility[name]['before']:>9.4f}{utility[name]['after']:>9.4f}{kept}")
+        calibration = self.record_extras.get("calibration")
+        if calibration:
+            stopped = (calibration.get("early_stopping") or {}).get("stopped_at_step")
+            lines.append(f"utility budget {calibration['tau']}× ({calibration['metric']}): "
+                         + (f"stopped at step {stopped} and restored the last state within it; " if stopped is not None else "")
+                         + ("no mixing needed" if calibration["alpha"] == 1 else f"mixed back to α = {calibration['alpha']:.3g}"))
+        if utility and "warning" in utility:
+            lines.append(f"WARNING: utility lost {utility['utility_lost']:.0%} (below {UTILITY_FLOOR:.0%} of the original's retain answer probability kept)")
+        return "\n".join(lines)
 
     def finish_training(self) -> None:
         """After the last step (once): FILA's adapter becomes a standard one, the utility budget is applied, and a

@@ -20,6 +20,9 @@ from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
 
 logger = logging.getLogger(__name__)
 REPRESENTATION_RETAIN_LOSSES = ("representation", *RETAIN_LOSSES)
+# Default learning rate as a share of the trained weights' RMS, per method: chosen on the quickstart's world model (KUDA's
+# bounded deviation loss needs larger steps than RMU's steering), checked on four other models in benchmarks/defaults_shapes.py.
+RELATIVE_STEP = {"KUDA": 0.3, "RMU": 0.1}
 HELD_OUT_FRACTION = 0.2  # of the retain rows, kept out of the projection to measure what it protects
 TRACE_PLOT = "causal_trace.png"
 
@@ -35,7 +38,17 @@ class RepresentationConfig(UnlearnConfig):
     layers_module: str | None = field(default=None, metadata={"help": "Path of the decoder layers' ModuleList (default: found by length)."})
     mlp_module: str = field(default="mlp", metadata={"help": "Name of the FFN block inside a decoder layer."})
     down_module: str = field(default="down_proj", metadata={"help": "Name of the FFN's output projection inside the FFN block."})
-    learning_rate: float = field(default=1e-2, metadata={"help": "Initial AdamW learning rate (only a few layers train)."})
+    learning_rate: float = field(default=0.0, metadata={
+        "help": "Initial AdamW learning rate; 0 (default): --relative_step × the RMS of the weights that train, so the step "
+                "fits the model's scale (AdamW moves each weight by about the learning rate per step)."})
+    relative_step: float = field(default=0.0, metadata={
+        "help": "With --learning_rate 0: the learning rate as a share of the trained weights' RMS (0: the method's own, "
+                f"{', '.join(f'{k} {v:g}' for k, v in RELATIVE_STEP.items())})."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.learning_rate < 0 or self.relative_step < 0:
+            raise UsageError("--learning_rate and --relative_step must be at least 0 (0: automatic)")
 
 
 def parse_layers(text: str | None, option: str) -> list[int] | None:
@@ -63,9 +76,17 @@ class RepresentationTrainer(UnlearnTrainer):
                                        self.args.mlp_module, self.args.down_module)
 
     def freeze_all_but(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Train only ``parameters``; with ``--learning_rate 0`` set the learning rate from their scale."""
         self.accelerator.unwrap_model(self.model).requires_grad_(False)
         for parameter in parameters:
             parameter.requires_grad_(True)
+        if self.args.learning_rate == 0:
+            step = self.args.relative_step or RELATIVE_STEP[self._name]
+            rms = float(torch.cat([p.detach().float().flatten() for p in parameters]).pow(2).mean().sqrt())
+            self.args.learning_rate = step * rms
+            self.record_extras["learning_rate"] = {"value": self.args.learning_rate, "chosen_by": "relative_step × weight RMS",
+                                                   "relative_step": step, "weight_rms": rms}
+            logger.info("%s: learning rate %.3g (%g × the trained weights' RMS %.3g)", self._name, self.args.learning_rate, step, rms)
 
     def activations(self, model, modules: list[torch.nn.Module], batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         with FFNLayers.capture(modules) as captured:
@@ -96,7 +117,9 @@ class KUDAConfig(RepresentationConfig):
     """Causal tracing, deviation objective and null-space projection settings of KUDA."""
 
     layers: str | None = field(default=None, metadata={"help": "Comma-separated FFN layers to edit; skips causal tracing."})
-    window: int = field(default=1, metadata={"help": "Contiguous layers causal tracing picks (the window with the largest summed effect)."})
+    window: int = field(default=0, metadata={
+        "help": "Contiguous layers causal tracing picks (the window with the largest summed effect); 0 (default): one per 8 "
+                "layers of the model, at least 1."})
     trace_examples: int = field(default=32, metadata={"help": "Forget examples causal tracing averages over."})
     noise_scale: float = field(default=3.0, metadata={"help": "Causal tracing's prompt noise, in standard deviations of the embeddings."})
     trace_samples: int = field(default=3, metadata={"help": "Noise draws per example in causal tracing."})
@@ -113,8 +136,8 @@ class KUDAConfig(RepresentationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.window < 1 or self.trace_examples < 1 or self.trace_samples < 1 or self.retain_keys < 1:
-            raise UsageError("--window, --trace_examples, --trace_samples and --retain_keys must be at least 1")
+        if self.window < 0 or self.trace_examples < 1 or self.trace_samples < 1 or self.retain_keys < 1:
+            raise UsageError("--trace_examples, --trace_samples and --retain_keys must be at least 1, --window at least 0 (automatic)")
         if self.inverse_temperature <= 0 or self.noise_scale <= 0 or not 0 < self.null_space_threshold < 1:
             raise UsageError("--inverse_temperature and --noise_scale must be positive, --null_space_threshold in (0, 1)")
         for name, choices in (("deviation_tokens", TOKEN_RULES), ("trace_tokens", TRACE_RULES)):
@@ -142,7 +165,8 @@ class KUDATrainer(RepresentationTrainer):
         layers = parse_layers(config.layers, "--layers")
         if layers is None:
             examples = [self.pairs.forget[i] for i in range(min(config.trace_examples, len(self.pairs.forget)))]
-            self.trace_result = trace(model, self.ffn, examples, self.processing_class.pad_token_id, config.window,
+            window = config.window or max(1, round(len(self.ffn) / 8))
+            self.trace_result = trace(model, self.ffn, examples, self.processing_class.pad_token_id, window,
                                       batch_size=config.per_device_train_batch_size, noise_scale=config.noise_scale,
                                       samples=config.trace_samples, seed=config.seed, tokens=config.trace_tokens,
                                       tokenizer=self.processing_class)
