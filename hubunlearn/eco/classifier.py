@@ -74,7 +74,7 @@ class ThresholdClassifier:
     """What every prompt classifier shares: ``scores`` (p(forget)) compared with a calibrated ``threshold``."""
 
     threshold: float = 0.5
-    min_threshold: float = 0.5  # calibration on negatives lowers the threshold no further (see calibrate)
+    min_threshold: float = 0.5  # calibration never sets the threshold lower (see calibrate)
 
     def scores(self, prompts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError
@@ -92,13 +92,12 @@ class ThresholdClassifier:
 
         Split conformal on ``forget_prompts`` gives a threshold with recall ``>= 1 - α`` on prompts exchangeable
         with them (needs ``n >= 1/α - 1``). With held-out ``negative_prompts`` the threshold goes further down, as
-        far as keeping their false-positive rate ``<= max_fpr``. The threshold never goes below ``min_threshold``
-        (0.5, where the balanced classifier is indifferent), in either step: where the conformal one would, the
-        recall guarantee is given up (with a warning) rather than flag everything. Lower only flags more, so the recall guarantee
-        stands, and prompts
-        unlike the held-out forget ones (rephrasings) are caught more often. Without the floor the threshold
-        followed the few held-out retain prompts down to wherever they scored (0.13–0.40 across seeds) and flagged
-        4–63% of unrelated prompts (issue 16, ``benchmarks/eco_heldout.py``).
+        far as keeping their false-positive rate ``<= max_fpr``: lower only flags more, so the recall guarantee
+        stands, and prompts unlike the held-out forget ones (rephrasings) are caught more often. In neither step
+        does it go below ``min_threshold`` (0.5, where the balanced classifier is indifferent); where the
+        conformal step would, the recall guarantee is given up, with a warning, rather than flag everything.
+        Without that floor the threshold followed the few held-out retain prompts down to wherever they scored
+        and flagged up to 74% of unrelated prompts of kinds never seen (issue 16, ``benchmarks/eco_heldout.py``).
         """
         if not 0 < alpha < 1:
             raise UsageError(f"the classifier's miss rate alpha must be in (0, 1); got {alpha}")
