@@ -90,9 +90,9 @@ def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, attent
     ``attention_mask`` is ``(batch, length)``, nonzero on real tokens: position ``t`` counts when token ``t + 1`` is
     real. This is TOFU's retain term (Maini et al., arXiv 2401.06121, §4: the per-token KL to the original averaged
     over each whole retain sequence). OpenUnlearning's code averages over every position of the padded batch,
-    padding included, so its figure shifts with the batch's padding; counting only the answer tokens (what hubunlearn
-    did before issue 16) leaves the prompt's predictions free to drift and kept less of the retain set at equal
-    forgetting (``benchmarks/parity_graddiff.py``).
+    padding included, so the term's weight shifts with the batch's padding (and, on the models of
+    ``benchmarks/parity_graddiff.py``, unlearning all but stops); hubunlearn counted the answer tokens only before
+    issue 16, leaving the rest of the sequence's predictions unconstrained.
     """
     logits, reference_logits = logits[:, :-1, :], reference_logits[:, :-1, :]
     mask = attention_mask[:, 1:] != 0
