@@ -33,8 +33,8 @@ _previous_tqdm_hook: list = []  # the hook quiet_weight_loading replaced, while 
 
 class StderrHandler(logging.StreamHandler):
     """Writes ``hubunlearn: <level>: <message>`` to whatever ``sys.stderr`` is at the time of the record (pytest's
-    capture, a redirected stream), unless the application configured logging (a handler on the root logger that the record reaches, or one of its
-    own on the ``"hubunlearn"`` logger)."""
+    capture, a redirected stream), unless the application configured logging: a handler on the root logger that
+    the record reaches, or one of its own on the ``"hubunlearn"`` logger."""
 
     def __init__(self):
         super().__init__()
