@@ -31,6 +31,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -298,7 +299,6 @@ FACTOR_RUNS = {
     "hubunlearn:graddiff+reference_labels": ("hubunlearn", "graddiff", {"factor": "reference_labels"}),
     "hubunlearn:kl+kl_all_positions": ("hubunlearn", "kl", {"factor": "kl_all_positions"}),
     "hubunlearn:kl+kl_answer_tokens": ("hubunlearn", "kl", {"factor": "kl_answer_tokens"}),
-    "hubunlearn:kl+kl_real_tokens": ("hubunlearn", "kl", {}),  # scratch name while the runs of the old KL are renamed
     "reference:graddiff+walk_pairing": ("reference", "graddiff", {"pairing": "walk"}),
     "reference:graddiff+hubunlearn_labels": ("reference", "graddiff", {"layout": "hubunlearn"}),
     "reference:npo+hubunlearn_labels": ("reference", "npo", {"layout": "hubunlearn"}),
@@ -357,6 +357,12 @@ def difference(ours: dict, theirs: dict, name: str) -> str:
     return f"{m1 - m2:+.3f} ± {2 * (s1 ** 2 / n1 + s2 ** 2 / n2) ** 0.5:.3f}"
 
 
+def rate_label(rate: str) -> str:
+    """``0.0003`` as ``3e-4``."""
+    exponent = math.floor(math.log10(float(rate)))
+    return f"{float(rate) / 10 ** exponent:g}e{exponent}"
+
+
 def table(results: dict) -> str:
     def cell(stats, name):
         mean, sd, _ = stats[name]
@@ -377,7 +383,7 @@ def table(results: dict) -> str:
             baseline = runs.get(f"reference:{method}" + (f"@{rate}" if rate else ""))
             versus = difference(stats, summary(baseline), "retain") if baseline and tool == "hubunlearn" or (baseline and factor) else ""
             label = {"reference": "OpenUnlearning's", "hubunlearn": "hubunlearn"}[tool] + (f" + {factor.replace('_', ' ')}" if factor else "")
-            lines.append(f"| {shape} | {method} | {rate or '1e-4'} | {label} | {stats['retain'][2]} | {cell(stats, 'forget')} | "
+            lines.append(f"| {shape} | {method} | {rate_label(rate or '1e-4')} | {label} | {stats['retain'][2]} | {cell(stats, 'forget')} | "
                          f"{cell(stats, 'retain')} | {cell(stats, 'held_out')} | {versus} |")
     return "\n".join(lines)
 
