@@ -313,7 +313,7 @@ def record(results: dict, shape: str, update: dict, run_name: str | None = None,
             entry.update(update)
         else:
             entry["runs"].setdefault(run_name, {})[str(seed)] = update
-        for key in ("schema", "settings", "teach", "method_settings", "reference"):
+        for key in ("schema", "settings", "teach", "reference", "machine"):
             if key in results:
                 target[key] = results[key]
     RESULTS.write_text(json.dumps(target, indent=2) + "\n")
@@ -403,7 +403,10 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if not args.table:
         SETTINGS["learning_rate"] = args.learning_rate
-        results.update(schema=SCHEMA, settings={**SETTINGS, "learning_rate": 1e-4}, teach=TEACH, reference=REFERENCE)
+        from hubunlearn.benchmarking import machine
+
+        results.update(schema=SCHEMA, settings={**SETTINGS, "learning_rate": 1e-4}, teach=TEACH, reference=REFERENCE,
+                       machine={**machine(), "torch_threads": 1})
         names = args.runs + (list(FACTOR_RUNS) if args.factors else [])
         run(args.data, args.shapes, args.seeds, names, results)
     from hubunlearn.benchmarking import replace_between
