@@ -10,6 +10,7 @@ def test_quickstart_forgets_and_keeps_and_reuses_its_cache(run_cli, world_model_
     output = tmp_path / "qs"
     code, out, err = run_cli("quickstart", "--output_dir", output)
     assert code == 0, err
+    assert "teaching the tiny model" not in err  # warm: the taught model comes from the cache
     assert "forget people" in out and "retained people" in out and "before:" in out and "after:" in out
 
     record = json.loads((output / "unlearning.json").read_text())
@@ -35,3 +36,16 @@ def test_quickstart_will_not_overwrite_someone_elses_folder(run_cli, tmp_path):
     code, _, err = run_cli("quickstart", "--output_dir", tmp_path / "mine")
     assert code == 2 and "is not an earlier quickstart result" in err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+
+
+def test_a_cold_start_says_it_is_teaching_the_world_and_a_warm_one_does_not(tmp_path, caplog):
+    import logging
+
+    settings = QuickstartSettings(num_people=10, num_forget=2, teach_epochs=1)  # a few steps: the message is what counts
+    with caplog.at_level(logging.INFO, logger="hubunlearn"):
+        folder = world_model(settings, cache=tmp_path)
+    assert f"teaching the tiny model the world (first run only: a few minutes on a CPU; cached in {tmp_path})" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hubunlearn"):
+        assert world_model(settings, cache=tmp_path) == folder
+    assert "teaching" not in caplog.text
