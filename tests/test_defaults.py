@@ -113,7 +113,7 @@ def test_unlearn_ends_with_a_summary_and_guards_utility(run_cli, world_model_dir
     assert "{'loss'" not in out + err and "'train_runtime'" not in out + err  # no dict per step, nor the final one
     lines = out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("answer probability")))
-    assert lines[header - 1].startswith("GA: ") and " steps in " in lines[header - 1] and "final loss: forget" in lines[header - 1]
+    assert lines[header - 1].startswith("GradAscent: ") and " steps in " in lines[header - 1] and "final loss: forget" in lines[header - 1]
     assert lines[header + 1].split()[:3] == ["forget", "(15", "ex.)"] and lines[header + 2].split()[:3] == ["retain", "(32", "ex.)"]
     record = json.loads((tmp_path / "guarded" / "unlearning.json").read_text())
     calibration, utility = record["calibration"], record["utility"]
@@ -126,6 +126,6 @@ def test_unlearn_ends_with_a_summary_and_guards_utility(run_cli, world_model_dir
     assert code == 0, err
     record = json.loads((tmp_path / "unguarded" / "unlearning.json").read_text())
     assert "calibration" not in record and record["utility"]["utility_lost"] > 0.2
-    assert "warning: the unlearned model keeps only" in err and "answer probability" not in out and "GA:" not in out
+    assert "warning: the unlearned model keeps only" in err and "answer probability" not in out and "GradAscent:" not in out
     card = (tmp_path / "unguarded" / "README.md").read_text()
     assert f"utility lost: {record['utility']['utility_lost']:.1%}" in card and "**Warning: the unlearned model keeps only" in card
