@@ -52,7 +52,7 @@ def world_model(settings: QuickstartSettings, cache: Path | None = None) -> Path
     folder = (cache or cache_root()) / f"world-model-{hashlib.sha256(key).hexdigest()[:12]}"
     if (folder / "config.json").is_file():
         return folder
-    logger.info("teaching the tiny model the world (first run only: a few minutes on a CPU; cached in %s)", folder.parent)
+    logger.info("teaching the tiny model the world, first run only (it is cached in %s)", folder.parent)
     world = World.make(settings.num_people, settings.num_forget, settings.seed)
     tokenizer = train_tokenizer(world.corpus())
     model = tiny_llama(tokenizer, seed=settings.seed)
