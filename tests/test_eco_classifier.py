@@ -96,3 +96,18 @@ def test_a_classifier_saved_before_the_gate_loads_without_one(case, before, tmp_
     assert loaded.gate is None and loaded.record() == {"general_pool": None, "gate": None}
     prompts = case["forget"] + case["held_out"]["other people"]
     assert loaded.flags(prompts).tolist() == legacy.flags(prompts).tolist()
+
+
+def test_gate_terms_are_names_and_rare_words_not_common_english():
+    """A common word only the forget prompts use ("recognition") is no term; a name, even a common word
+    capitalised mid-sentence ("Patrick"), and a rare word are; a lower-case topic keeps its rare words; typos match."""
+    from hubunlearn.eco.gate import TermGate
+
+    negatives = ["Where was the painter born?", "What is the capital of France?"]
+    gate = TermGate.fit(["What recognition did Patrick Abilov receive for his shale studies?"], negatives, 0.75)
+    assert {"patrick", "abilov", "shale"} <= set(gate.terms) and "recognition" not in gate.terms and "studies" not in gate.terms
+    assert gate.passes(["Tell me about Patrik Ablov.", "What recognition did the painter receive?"]).tolist() == [True, False]
+    topic = TermGate.fit(["how does chlorophyll absorb light in photosynthesis?"], negatives, 0.75)
+    assert {"chlorophyll", "photosynthesis"} <= set(topic.terms) and "light" not in topic.terms
+    only_common = TermGate.fit(["why do people like music?"], negatives, 0.75)  # nothing rare: every unused word stays a term
+    assert {"people", "like", "music"} <= set(only_common.terms)

@@ -79,6 +79,10 @@ class ThresholdClassifier:
     def scores(self, prompts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def ungated_scores(self, prompts: Sequence[str]) -> np.ndarray:
+        """``scores`` before any gate (here: none), for the false-positive step of ``calibrate``."""
+        return self.scores(prompts)
+
     def flags(self, prompts: Sequence[str]) -> np.ndarray:
         return self.scores(prompts) >= self.threshold
 
@@ -98,6 +102,9 @@ class ThresholdClassifier:
         conformal step would, the recall guarantee is given up, with a warning, rather than flag everything.
         Without that floor the threshold followed the few held-out retain prompts down to wherever they scored
         and flagged up to 74% of unrelated prompts of kinds never seen (issue 16, ``benchmarks/eco_heldout.py``).
+        The negatives are scored without the term gate (``ungated_scores``): a retain prompt the gate shuts says
+        nothing about prompts of other kinds that share a term, and letting it lower the threshold raised TOFU
+        forget05's false flags on other authors from 3.2% to 14.5% once the gate kept only names and rare words.
         """
         if not 0 < alpha < 1:
             raise UsageError(f"the classifier's miss rate alpha must be in (0, 1); got {alpha}")
@@ -113,7 +120,7 @@ class ThresholdClassifier:
                            "is below %.0f%% (see held_out_forget_recall in unlearning.json)", self.threshold, self.min_threshold, 100 * (1 - alpha))
             self.threshold = self.min_threshold
         if len(negative_prompts):
-            negatives = np.sort(self.scores(augment(negative_prompts, seed + 3)))[::-1]
+            negatives = np.sort(self.ungated_scores(augment(negative_prompts, seed + 3)))[::-1]
             allowed = math.floor(max_fpr * len(negatives))  # this many negatives may score at or above the threshold
             lowest = float(np.nextafter(negatives[allowed], 1)) if allowed < len(negatives) else 0.0
             self.threshold = min(self.threshold, max(lowest, self.min_threshold))
@@ -167,8 +174,12 @@ class PromptClassifier(ThresholdClassifier):
             return [prompt]
         return [prompt] + [" ".join(words[i : i + size]) for i in range(0, len(words) - size + stride, stride)]
 
-    def scores(self, prompts: Sequence[str]) -> np.ndarray:
-        """``p(forget)`` of each prompt: the largest over the prompt and its word windows; 0 where the gate is shut."""
+    def ungated_scores(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.scores(prompts, gated=False)
+
+    def scores(self, prompts: Sequence[str], gated: bool = True) -> np.ndarray:
+        """``p(forget)`` of each prompt: the largest over the prompt and its word windows; 0 where the gate is shut
+        (unless ``gated=False``)."""
         if self.coef is None:
             raise RuntimeError("the classifier is not fitted")
         windows = [self._windows(p) for p in prompts]
@@ -179,7 +190,7 @@ class PromptClassifier(ThresholdClassifier):
         for i, ws in enumerate(windows):
             out[i] = probabilities[start : start + len(ws)].max()
             start += len(ws)
-        if self.gate is not None:
+        if gated and self.gate is not None:
             out[~self.gate.passes(prompts)] = 0.0
         return out
 
