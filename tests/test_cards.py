@@ -165,7 +165,7 @@ def test_recorded_evaluations_show_their_sizes_membership_inference_and_attacks(
     assert f"Evaluated on {', '.join(f'{n} {name}' for name, n in summary['examples'].items())} examples." in card
     assert summary["examples"]["holdout"] == 4 and "| attack | AUC (after) |" in card and "{" not in card.split("## Results")[1].split("##")[0]
     for attack, value in summary["aggregates"]["mia"]["auc"].items():
-        assert re.search(rf"^\| {attack.replace('_plus_plus', '++').replace('_', '-')} \| {value:.3f} \|$", card, re.M)
+        assert re.search(rf"^\| {re.escape(attack.replace('_plus_plus', '++').replace('_', '-'))} \| {value:.3f} \|$", card, re.M)
     prefix = summary["attacks"]["prefix"]
     assert (f"| prefix | after | probability | {prefix['clean']['probability']:.3f} | {prefix['attacked']['probability']:.3f} | "
             f"{prefix['recovered']['probability']:.3f} |") in card
