@@ -242,6 +242,8 @@ def training_summary(record: dict) -> str:
                  f"{utility['retain']['before']:.3g} → {utility['retain']['after']:.3g}; **utility lost: {utility['utility_lost']:.1%}**.")
         if "warning" in utility:
             text += f" **Warning: {utility['warning']}.**"
+        if "forgetting_warning" in utility:
+            text += f" **Warning: {utility['forgetting_warning']}.**"
     return text + (f"\n\nLibraries: {versions}." if versions else "")
 
 

@@ -73,6 +73,8 @@ def _local_data_files(spec: DataSpec) -> list[Path]:
     path = Path(spec.source)
     if path.is_file():
         return [path]
+    if not path.is_dir():
+        raise UsageError(f"{path} is neither a data file nor a folder: give a .jsonl, .json, .csv or .parquet file, or a folder of them")
     if spec.config is None:
         candidates = sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_BUILDERS or (p.is_dir() and not p.name.startswith(".")))
         if len(candidates) == 1 and candidates[0].is_file():

@@ -145,6 +145,9 @@ def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path
         ({"--warmup_steps": "-1"}, "warmup_steps >= 0"),
         ({"--method": "Grad-Descent"}, "unknown method 'Grad-Descent'"),
         ({"--retian": "x"}, "unrecognized argument --retian: did you mean --retain?"),
+        ({"--forget": "/dev/null"}, "/dev/null is neither a data file nor a folder"),
+        ({"--learning_rate": "-1"}, "--learning_rate must not be negative"),
+        ({"--max_steps": "-1", "--num_train_epochs": "0"}, "nothing to train: give --num_train_epochs above 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_dir, data_files, tmp_path, change, message):

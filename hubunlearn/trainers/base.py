@@ -49,6 +49,7 @@ RETAIN_LOSSES = ("nll", "kl", "none")
 LORA_INITS = ("default", "fila")
 LORA_EXPORTS = ("adapter", "merged")
 UTILITY_FLOOR = 0.8  # a run that keeps less of the retain answer probability than this share ends with a warning
+FORGOT_LITTLE = 0.9  # a run whose forget answer probability stays above this share of the original's ends with a warning
 
 
 @dataclass
@@ -109,6 +110,10 @@ class UnlearnConfig(TrainingArguments):
                 raise UsageError(f"unknown --{name} '{getattr(self, name)}'; choose one of: {', '.join(choices)}")
         if self.utility_budget is not None:
             check_budget(self.utility_budget)
+        if self.learning_rate < 0:
+            raise UsageError(f"--learning_rate must not be negative; got {self.learning_rate}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise UsageError("nothing to train: give --num_train_epochs above 0 or --max_steps above 0")
         if self.utility_probe_size < 1 or self.budget_check_steps < 0:
             raise UsageError("--utility_probe_size must be at least 1 and --budget_check_steps at least 0")
 
@@ -343,6 +348,12 @@ class UnlearnTrainer(Trainer):
                     "--utility_budget (e.g. 0.9 with --budget_check_steps 5) to stop early and mix back within the budget")
                 if self.is_world_process_zero():
                     logger.warning(utility["warning"])
+        if "forget" in after and after["forget"] > FORGOT_LITTLE * self._before["forget"]:
+            utility["forgetting_warning"] = (
+                f"the forget answer probability barely moved ({self._before['forget']:.3g} -> {after['forget']:.3g}): the run "
+                "forgot little. Raise --learning_rate or the steps (the defaults are conservative on small models)")
+            if self.is_world_process_zero():
+                logger.warning(utility["forgetting_warning"])
         self.record_extras["utility"] = utility
 
     def summary(self) -> str:
@@ -366,6 +377,9 @@ class UnlearnTrainer(Trainer):
             lines.append(f"utility budget {calibration['tau']}× ({calibration['metric']}): "
                          + (f"stopped at step {stopped} and restored the last state within it; " if stopped is not None else "")
                          + ("no mixing needed" if calibration["alpha"] == 1 else f"mixed back to α = {calibration['alpha']:.3g}"))
+        if utility and "forgetting_warning" in utility:
+            lines.append("WARNING: forgot little (forget answer probability kept above "
+                         f"{FORGOT_LITTLE:.0%} of the original's)")
         if utility and "warning" in utility:
             lines.append(f"WARNING: utility lost {utility['utility_lost']:.0%} (below {UTILITY_FLOOR:.0%} of the original's retain answer probability kept)")
         return "\n".join(lines)
