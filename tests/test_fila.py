@@ -105,12 +105,13 @@ def test_merged_export_is_a_full_checkpoint_with_the_same_function(model, tokeni
 
 
 @pytest.mark.parametrize("overrides, peft, retain, message", [
-    ({"lora_init": "fila"}, False, True, "--lora_init fila initialises a LoRA adapter: add --use_lora"),
-    ({"lora_export": "merged"}, False, True, "--lora_export merged merges a LoRA adapter"),
-    ({"lora_init": "fila", "retain_loss": "none"}, True, False, "--lora_init fila (its Fisher pass) needs a retain set"),
-    ({"lora_init": "pissa"}, True, True, "unknown --lora_init 'pissa'"),
+    ({"lora_init": "fila"}, False, True, "lora_init fila initialises a LoRA adapter: add use_lora (or pass peft_config)"),
+    ({"lora_export": "merged"}, False, True, "lora_export merged merges a LoRA adapter"),
+    ({"lora_init": "fila", "retain_loss": "none"}, True, False, "lora_init fila (its Fisher pass) needs a retain set"),
+    ({"lora_init": "pissa"}, True, True, "unknown lora_init 'pissa'"),
 ])
 def test_bad_fila_requests(model, tokenizer, forget_rows, retain_rows, tmp_path, overrides, peft, retain, message):
+    """From the Python API the message names the Python arguments, not the command's flags."""
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         IHLTrainer(model=model, args=config(IHLTrainer, tmp_path / "out", **overrides), forget_dataset=forget_rows,
                    retain_dataset=retain_rows if retain else None, processing_class=tokenizer, peft_config=lora() if peft else None)
