@@ -23,7 +23,10 @@ REPRESENTATION_SETTINGS = {"learning_rate": 1e-2}  # only a few layers train: KU
 # on this toy model (measured with transformers 5.24 / torch 2.13: forget 0.32, retain 0.84 after 12 steps; at 2.75e-4
 # forget 0.44, retain 0.92), so they take a slightly smaller step; the bounded methods keep 3e-4.
 METHOD_SETTINGS = {"kuda": REPRESENTATION_SETTINGS, "rmu": REPRESENTATION_SETTINGS,
-                   "ga": {"learning_rate": 2.75e-4}, "npo": {"learning_rate": 2.75e-4}}
+                   "ga": {"learning_rate": 2.75e-4}, "npo": {"learning_rate": 2.75e-4},
+                   # KL to the original over every real retain token (issue 16) holds the shared template tokens in place:
+                   # at 3e-4 the forget set barely moves on this toy model (0.995 -> 0.988 after 12 steps)
+                   "kl": {"learning_rate": 1e-3}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
