@@ -196,9 +196,7 @@ def world_case(data: Path) -> dict:
     from hubunlearn.world import World
 
     world = World.make(num_people=60, num_forget=3, seed=0)
-    rows = world.rows("all")
-    by_person = lambda people: [r for r in rows if r["person"] in {p.name for p in people}]  # noqa: E731
-    forget, retain, others = by_person(world.people[:3]), by_person(world.people[3:15]), by_person(world.people[15:])
+    forget, retain, others = world.rows_of(world.people[:3]), world.rows_of(world.people[3:15]), world.rows_of(world.people[15:])
     return {"forget": [r["question"] for r in forget], "retain": [r["question"] for r in retain],
             "paraphrases": [r["paraphrased_question"] for r in forget],
             "held_out": {"other_world_people": [r[k] for r in others for k in ("question", "paraphrased_question")],
@@ -218,9 +216,8 @@ def other_cases(data: Path) -> dict:
     cases = {}
     for seed, people, forget, retain in ((101, 50, 4, 12), (202, 60, 6, 10)):
         world = World.make(num_people=people, num_forget=forget, seed=seed)
-        rows = world.rows("all")
-        by_person = lambda chosen: [r for r in rows if r["person"] in {p.name for p in chosen}]  # noqa: E731
-        f, r, o = by_person(world.people[:forget]), by_person(world.people[forget : forget + retain]), by_person(world.people[forget + retain :])
+        f, r, o = (world.rows_of(world.people[:forget]), world.rows_of(world.people[forget : forget + retain]),
+                   world.rows_of(world.people[forget + retain :]))
         cases[f"world seed {seed}: {forget} forget, {retain} retain people"] = {
             "forget": [x["question"] for x in f], "retain": [x["question"] for x in r], "paraphrases": [x["paraphrased_question"] for x in f],
             "held_out": {"other_people": [x[k] for x in o for k in ("question", "paraphrased_question")], **general}}

@@ -99,10 +99,14 @@ class World:
         return cls(make_people(num_people, seed), num_forget)
 
     def rows(self, which: str = "all") -> list[dict]:
-        rng = random.Random(0)
         chosen = {"all": self.people, "forget": self.people[: self.num_forget], "retain": self.people[self.num_forget :]}[which]
-        facts = {p.name: facts_about(p, self.people, rng) for p in self.people}  # same draws whatever `which`
-        return [row for p in chosen for row in facts[p.name]]
+        return self.rows_of(chosen)
+
+    def rows_of(self, people: list) -> list[dict]:
+        """The question rows about ``people`` (any of the world's), the same rows whichever people are asked for."""
+        rng = random.Random(0)
+        facts = {p.name: facts_about(p, self.people, rng) for p in self.people}  # same draws whatever the selection
+        return [row for p in people for row in facts[p.name]]
 
     def corpus(self) -> list[str]:
         texts = []

@@ -32,9 +32,7 @@ def _questions(name):
 @pytest.fixture(scope="module")
 def case():
     world = World.make(num_people=50, num_forget=4, seed=101)
-    rows = world.rows("all")
-    of = lambda people: [r for r in rows if r["person"] in {p.name for p in people}]  # noqa: E731
-    forget, retain, others = of(world.people[:4]), of(world.people[4:16]), of(world.people[16:])
+    forget, retain, others = world.rows_of(world.people[:4]), world.rows_of(world.people[4:16]), world.rows_of(world.people[16:])
     return {"forget": [r["question"] for r in forget], "retain": [r["question"] for r in retain],
             "paraphrases": [r["paraphrased_question"] for r in forget],
             "held_out": {"other people": [r[k] for r in others for k in ("question", "paraphrased_question")],
