@@ -299,13 +299,18 @@ class UnlearnTrainer(Trainer):
 
     # ---- controls (Unlearning with Control) and the end of training ----------------------------------------------
 
-    def _probe_size(self) -> int:
-        """Rows in the probe: ``len()`` of a ``Dataset`` counts rows, of a slice of one its columns, so never slice."""
-        return min(self.args.utility_probe_size, len(self._probe_examples))
+    def _probe_size(self, rows) -> int:
+        """Rows of ``rows`` (a set's examples) in the probe: ``len()`` of a ``Dataset`` counts rows, of a slice of one
+        its columns, so never slice."""
+        return min(self.args.utility_probe_size, len(rows))
+
+    def _probe_rows(self, rows) -> list[dict]:
+        """The first ``--utility_probe_size`` rows, one by one."""
+        return [rows[i] for i in range(self._probe_size(rows))]
 
     def probe(self) -> float:
         """The ``--utility_metric`` of the current model on the first ``--utility_probe_size`` retain examples."""
-        examples = [self._probe_examples[i] for i in range(self._probe_size())]
+        examples = self._probe_rows(self._probe_examples)
         return probe_metric(self.accelerator.unwrap_model(self.model), self.processing_class, examples, self.args.utility_metric)
 
     def measure(self) -> dict[str, float]:
@@ -313,8 +318,8 @@ class UnlearnTrainer(Trainer):
         (``{"forget": p, "retain": p}``; no ``"retain"`` without a retain set): the run's before/after figures."""
         model = self.accelerator.unwrap_model(self.model)
         sets = {"forget": self.pairs.forget, "retain": self._probe_examples}
-        return {name: probe_metric(model, self.processing_class, [rows[i] for i in range(min(self.args.utility_probe_size, len(rows)))],
-                                   "probability") for name, rows in sets.items() if rows is not None}
+        return {name: probe_metric(model, self.processing_class, self._probe_rows(rows), "probability")
+                for name, rows in sets.items() if rows is not None}
 
     def train(self, *args, **kwargs):
         self._before = self.measure()
@@ -334,7 +339,7 @@ class UnlearnTrainer(Trainer):
         """Answer probability before and after, and the share of the retain one lost: in ``unlearning.json`` and on the
         card; below ``UTILITY_FLOOR`` of the original's it ends the run with a warning."""
         utility = {"metric": "answer probability",
-                   "examples": {name: min(self.args.utility_probe_size, len(rows)) for name, rows in
+                   "examples": {name: self._probe_size(rows) for name, rows in
                                 (("forget", self.pairs.forget), ("retain", self._probe_examples)) if rows is not None},
                    **{name: {"before": self._before[name], "after": value} for name, value in after.items()}}
         if "retain" in after and self._before["retain"] > 0:
@@ -356,10 +361,14 @@ class UnlearnTrainer(Trainer):
                 logger.warning(utility["forgetting_warning"])
         self.record_extras["utility"] = utility
 
+    def _train_runtime(self) -> float | None:
+        """Seconds the Trainer logged for the run (None before it ended)."""
+        return next((h["train_runtime"] for h in self.state.log_history if "train_runtime" in h), None)
+
     def summary(self) -> str:
         """A few lines a person reads at the end of a run: steps, time, final losses, answer probability before and after."""
         logged = next((h for h in reversed(self.state.log_history) if "forget_loss" in h), {})
-        runtime = next((h["train_runtime"] for h in self.state.log_history if "train_runtime" in h), None)
+        runtime = self._train_runtime()
         losses = ", ".join(f"{name} {logged[f'{name}_loss']:.4g}" for name in ("forget", "retain") if f"{name}_loss" in logged)
         lines = [f"{self._name}: {self.state.global_step} steps" + (f" in {runtime:.1f} s" if runtime is not None else "")
                  + (f"; final loss: {losses}" if losses else "")]
@@ -415,7 +424,7 @@ class UnlearnTrainer(Trainer):
         self._original_state = None
         stopping = getattr(self, "_early_stopping", None)
         self.record_extras["calibration"] = {
-            "tau": self.args.utility_budget, "metric": f"retain {self.args.utility_metric}", "probe_size": self._probe_size(),
+            "tau": self.args.utility_budget, "metric": f"retain {self.args.utility_metric}", "probe_size": self._probe_size(self._probe_examples),
             "original": self._probe_original, "alpha": alpha, "value": value,
             "curve": [{"alpha": a, "value": v} for a, v in curve],
             **({"early_stopping": {"every": self.args.budget_check_steps, "stopped_at_step": stopping.stopped_at,
@@ -530,7 +539,7 @@ class UnlearnTrainer(Trainer):
             "data": {name: describe(spec, rows, data_format) for name, (spec, rows) in self.data_sources.items()},
             "training": {
                 "global_steps": self.state.global_step,
-                "train_runtime_s": next((h["train_runtime"] for h in self.state.log_history if "train_runtime" in h), None),
+                "train_runtime_s": self._train_runtime(),
                 "precision": {"mixed": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else None, "tf32": self.args.tf32,
                               "weights": str(self.accelerator.unwrap_model(self.model).dtype).removeprefix("torch.")},
             },
