@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(BIN)/hubunlearn quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/hubunlearn bench run --data ../shared/data/tofu --readme README.md

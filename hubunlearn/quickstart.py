@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from .artifacts import RECORD_NAME, staging_dir
 from .data import DataFormat, tokenize_rows
@@ -52,15 +53,20 @@ def world_model(settings: QuickstartSettings, cache: Path | None = None) -> Path
     folder = (cache or cache_root()) / f"world-model-{hashlib.sha256(key).hexdigest()[:12]}"
     if (folder / "config.json").is_file():
         return folder
-    logger.info("teaching the tiny model the world, first run only (it is cached in %s)", folder.parent)
-    world = World.make(settings.num_people, settings.num_forget, settings.seed)
-    tokenizer = train_tokenizer(world.corpus())
-    model = tiny_llama(tokenizer, seed=settings.seed)
-    with staging_dir(folder) as staging:
-        teach(model, tokenizer, world.rows(), staging / "trainer", epochs=settings.teach_epochs, seed=settings.seed)
-        shutil.rmtree(staging / "trainer")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes sharing the cache (two quickstarts, parallel test workers) teach it once: the second waits.
+    with FileLock(folder.parent / f".{folder.name}.lock"):
+        if (folder / "config.json").is_file():
+            return folder
+        logger.info("teaching the tiny model the world, first run only (it is cached in %s)", folder.parent)
+        world = World.make(settings.num_people, settings.num_forget, settings.seed)
+        tokenizer = train_tokenizer(world.corpus())
+        model = tiny_llama(tokenizer, seed=settings.seed)
+        with staging_dir(folder) as staging:
+            teach(model, tokenizer, world.rows(), staging / "trainer", epochs=settings.teach_epochs, seed=settings.seed)
+            shutil.rmtree(staging / "trainer")
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return folder
 
 

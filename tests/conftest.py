@@ -9,6 +9,9 @@ from hubunlearn.testing import HubServer  # noqa: E402  (standard library only)
 
 # Before any Hugging Face import: the Hub is a loopback server, caches live in a throw-away folder.
 _HOME = tempfile.mkdtemp(prefix="hubunlearn-tests-")
+# pytest-xdist workers inherit the controller's environment: they share one HUBUNLEARN_CACHE (keyed by content and
+# locked, so the world model is taught once per run); each keeps its own Hub server and Hugging Face home.
+_SHARED_CACHE = os.environ.setdefault("HUBUNLEARN_TESTS_SHARED_CACHE", os.path.join(_HOME, "cache"))
 HUB_TOKEN = "hf_hubunlearn_tests_token"
 OTHER_TOKEN = "hf_someone_else"  # user "alice", for the refusals a real Hub gives
 HUB = HubServer(os.path.join(_HOME, "hub"), tokens={HUB_TOKEN: "tester", OTHER_TOKEN: "alice"}).start()
@@ -20,14 +23,15 @@ os.environ.update({
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HOME": os.path.join(_HOME, "hf"),
     "HF_DATASETS_OFFLINE": "1",  # the loopback Hub serves models, not `datasets` scripts
-    "HUBUNLEARN_CACHE": os.path.join(_HOME, "cache"),
+    "HUBUNLEARN_CACHE": _SHARED_CACHE,
 })
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The machine's cores, shared out among the xdist workers (tiny models gain little from intra-op threads).
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 REPO = Path(__file__).resolve().parents[1]
