@@ -196,7 +196,8 @@ def train_method(ctx: Context, method: str, lora: bool, checkpointing: bool, kee
     if keep:
         trainer.save_model()
         ctx.artifacts[keep] = output
-    details = {"steps": trainer.state.global_step, "loss": round(logged[-1]["loss"], 4), "tensors_moved": moved}
+    details = {"steps": trainer.state.global_step, "loss": round(logged[-1]["loss"], 4), "tensors_moved": moved,
+               "weights": str(next(unwrapped.parameters()).dtype).removeprefix("torch.")}
     for key in ("forget_loss", "retain_loss"):
         if key in logged[-1]:
             details[key] = round(logged[-1][key], 4)
@@ -233,7 +234,17 @@ def evaluation(ctx: Context) -> dict:
     numbers = {key: summary["aggregates"][key]["value"] for key in ("forget_quality", "model_utility")}
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values()):
         raise CheckFailed(f"missing aggregates: {numbers}")
-    return {key: round(value, 4) for key, value in numbers.items()}
+    from hubunlearn.evaluate import load_for_eval
+
+    device = str(next(load_for_eval(str(model))[0].parameters()).device)  # where run_eval's model computes
+    _on_the_gpu(device, "hubunlearn.evaluate.load_for_eval")
+    return {**{key: round(value, 4) for key, value in numbers.items()}, "device": device}
+
+
+def _on_the_gpu(device: str, where: str) -> None:
+    """With a GPU present, a model left on the CPU is a failure of the GPU path (it would run, slowly, on the CPU)."""
+    if _cuda() and not device.startswith("cuda"):
+        raise CheckFailed(f"{where} left the model on the {device} although a GPU is present")
 
 
 def space(ctx: Context, kind: str) -> dict:
@@ -250,7 +261,10 @@ def space(ctx: Context, kind: str) -> dict:
         for answer in models.stream(which, prompt, ctx.sizes.new_tokens, 0.0):
             pass
         answers[which] = answer[:120]
-    return {"answers": answers}
+    devices = {which: str(next(getattr(models, which).parameters()).device) for which in ("original", "unlearned")}
+    for device in devices.values():
+        _on_the_gpu(device, "hubunlearn.space.SideBySide.load")
+    return {"answers": answers, "devices": devices}
 
 
 def free_port() -> int:
