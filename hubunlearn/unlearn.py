@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,10 @@ from .errors import NonFiniteLossError, UsageError, did_you_mean
 from .resources import resource_dir
 from .modeling import hub_facts, load_model, load_tokenizer
 from .trainers import METHODS, UNLEARNING_METHODS, UnlearnConfig, canonical_method
+from .trainers import engines
 from .trainers.base import UTILITY_FLOOR
+
+logger = logging.getLogger(__name__)
 
 RECIPES = resource_dir("recipes", "trainers")
 # What `hubunlearn unlearn` adds to a method's defaults unless --utility_budget or --no_utility_guard is given.
@@ -98,7 +102,13 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
     if unknown:
         raise UsageError(f"recipe {known.config} has unknown keys: {', '.join(unknown)} (see hubunlearn unlearn --method {method} --help)")
     parser.set_defaults(**recipe)
-    arguments, config, unused = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    try:
+        arguments, config, unused = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ImportError as error:  # TrainingArguments needs the DeepSpeed package for --deepspeed
+        if "deepspeed" not in str(error).lower():
+            raise
+        raise UsageError("--deepspeed needs the DeepSpeed package, which is not installed: pip install deepspeed "
+                         "(on a machine with GPUs), or drop --deepspeed") from None
     if unused:
         raise UsageError(f"unrecognized argument {unused[0]}{did_you_mean(unused[0], parser)} (see hubunlearn unlearn --method "
                          f"{method or 'METHOD'} --help)")
@@ -108,7 +118,10 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
             raise UsageError(f"--{name} is required (on the command line or in the --config recipe)")
     if "--output_dir" not in argv and "output_dir" not in recipe:
         raise UsageError("--output_dir is required: the folder that will hold the artifact")
-    if arguments.utility_guard and config.utility_budget is None and arguments.retain and method in METHODS:
+    guard = arguments.utility_guard and config.utility_budget is None and arguments.retain and method in METHODS
+    if guard and engines.shards_weights(config):
+        logger.warning("no utility guard: it mixes whole weights, which FSDP and ZeRO-3 shard (the before/after measurement stays)")
+    elif guard:
         config.utility_budget, config.utility_metric = UTILITY_GUARD["utility_budget"], UTILITY_GUARD["utility_metric"]
         config.budget_check_steps = config.budget_check_steps or UTILITY_GUARD["budget_check_steps"]
     return arguments, config
@@ -143,7 +156,8 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
                     raise UsageError(f"the {name} set is empty: give at least one row")
                 config.data_format.shape_of(rows.column_names, f"the {name} set")
         tokenizer = load_tokenizer(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
-        model = load_model(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
+        with engines.whole_weights_at_load():  # ZeRO-3 partitions them when training starts
+            model = load_model(arguments.model_name_or_path, arguments.model_revision, arguments.trust_remote_code)
         trainer = UNLEARNING_METHODS[arguments.method](
             model=model,
             args=config,

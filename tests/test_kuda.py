@@ -52,8 +52,11 @@ def test_null_space_projection_makes_updates_vanish_on_retain_keys():
     keys = torch.randn(500, 6, generator=generator) @ basis + 1e-3 * torch.randn(500, 32, generator=generator)
     projector = null_space_projector(keys, threshold=1e-2)
     assert int(round(float(projector.trace()))) == 32 - 6 and torch.allclose(projector @ projector, projector, atol=1e-5)
-    weight = torch.nn.Parameter(torch.randn(16, 32, generator=generator))
-    projection = NullSpaceProjection([weight], [projector])
+    layer = torch.nn.Linear(32, 16, bias=False)
+    weight = layer.weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(16, 32, generator=generator))
+    projection = NullSpaceProjection([layer], [projector])
     with torch.no_grad():
         weight += torch.randn(16, 32, generator=generator)  # an unconstrained optimiser step
     assert relative_output_change(projection.originals[0], weight, keys) > 0.5

@@ -71,18 +71,33 @@ def relative_output_change(original: torch.Tensor, updated: torch.Tensor, keys: 
 
 
 class NullSpaceProjection(TrainerCallback):
-    """After every optimiser step: ``W ← W₀ + (W − W₀)·P`` for each projected weight (see the module docstring)."""
+    """After every optimiser step: ``W ← W₀ + (W − W₀)·P`` for each projected layer's weight (see the module docstring).
 
-    def __init__(self, weights: list[torch.nn.Parameter], projectors: list[torch.Tensor]):
-        self.weights = weights
-        self.projectors = [p.to(w.device, w.dtype) for w, p in zip(weights, projectors)]
-        self.originals = [w.detach().clone() for w in weights]
+    The layers are held, not their weights: FSDP2 replaces each parameter by a sharded ``DTensor`` when training
+    starts, so the weight is looked up at every step and read and written whole through :mod:`..trainers.engines`
+    (ZeRO-3 partitions gathered, FSDP2 shards all-gathered; every process computes the same update)."""
+
+    def __init__(self, layers: list[torch.nn.Linear], projectors: list[torch.Tensor]):
+        from ..trainers import engines  # not at the top: the trainers import this module
+
+        self.layers = layers
+        self.projectors = [p.to(layer.weight.device, layer.weight.dtype) for layer, p in zip(layers, projectors)]
+        self.originals = []
+        with engines.gathered([layer.weight for layer in layers]):
+            self.originals = [engines.full_value(layer.weight).detach().clone() for layer in layers]
         self.kept_dimensions = [int(round(float(p.trace()))) for p in projectors]
 
     @torch.no_grad()
     def project(self) -> None:
-        for weight, original, projector in zip(self.weights, self.originals, self.projectors):
-            weight.copy_(original + (weight - original) @ projector)
+        from ..trainers import engines
+
+        weights = [layer.weight for layer in self.layers]
+        with engines.gathered(weights, modify=True):
+            for i, (weight, original) in enumerate(zip(weights, self.originals)):
+                full = engines.full_value(weight)
+                if self.projectors[i].device != full.device:  # the engine moved the weights after the projection was built
+                    self.projectors[i], self.originals[i] = self.projectors[i].to(full.device), original.to(full.device)
+                engines.assign(weight, self.originals[i] + (full - self.originals[i]) @ self.projectors[i])
 
     def on_step_end(self, args, state, control, **kwargs):
         self.project()

@@ -15,7 +15,7 @@ from ..kuda.layers import FFNLayers
 from ..kuda.positions import TOKEN_RULES, token_positions
 from ..kuda.projection import NullSpaceProjection, collect_keys, null_space_projector, relative_output_change, subspace_energy
 from ..kuda.tracing import TRACE_RULES, plot_trace, trace
-from . import losses
+from . import engines, losses
 from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ class KUDATrainer(RepresentationTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         config, model = self.args, self.accelerator.unwrap_model(self.model)
+        engines.check_hooked_modules(config, model, self.ffn.mlps, self._name)  # before tracing: its FFN outputs are hooked
         self.trace_result = None
         layers = parse_layers(config.layers, "--layers")
         if layers is None:
@@ -188,7 +189,7 @@ class KUDATrainer(RepresentationTrainer):
             fit, held_out = holdout_split(retain, HELD_OUT_FRACTION, config.seed) if len(retain) >= 5 else (retain, [])
             keys = collect_keys(model, downs, self._batches(fit), config.retain_keys, config.seed)
             projectors = [null_space_projector(k, config.null_space_threshold) for k in keys]
-            self.projection = NullSpaceProjection([d.weight for d in downs], projectors)
+            self.projection = NullSpaceProjection(downs, projectors)
             self.add_callback(self.projection)
             record["projection"] = {"threshold": config.null_space_threshold, "retain_keys": [len(k) for k in keys],
                                     "kept_dimensions": self.projection.kept_dimensions,
@@ -236,7 +237,9 @@ class KUDATrainer(RepresentationTrainer):
 
     def retain_output_change(self, keys: list[torch.Tensor]) -> list[float]:
         """``‖ΔW·k‖ / ‖W₀·k‖`` of each edited layer on ``keys`` (e.g. held-out retain keys), against the original."""
-        return [relative_output_change(self.reference_ffn.downs[i].weight, self.ffn.downs[i].weight, k) for i, k in zip(self.layers, keys)]
+        pairs = [(self.reference_ffn.downs[i].weight, self.ffn.downs[i].weight) for i in self.layers]
+        with engines.gathered([w for pair in pairs for w in pair]):  # whole weights under FSDP2 and ZeRO-3
+            return [relative_output_change(engines.full_value(w0), engines.full_value(w), k) for (w0, w), k in zip(pairs, keys)]
 
     def save_weights(self, folder: str) -> None:
         super().save_weights(folder)
@@ -277,6 +280,7 @@ class RMUTrainer(RepresentationTrainer):
         trainable = parse_layers(config.trainable_layers, "--trainable_layers") or list(range(max(0, self.layer - 2), self.layer + 1))
         self.ffn.check_window([self.layer], "--layer")
         self.trainable_layers = self.ffn.check_window(trainable, "--trainable_layers")
+        engines.check_hooked_modules(config, model, self.watched(self.ffn), self._name)
         if max(self.trainable_layers) > self.layer:
             raise UsageError(f"--trainable_layers {self.trainable_layers} must not lie above the steered --layer {self.layer}: "
                              "later layers cannot change its activations")
