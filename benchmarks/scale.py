@@ -203,7 +203,7 @@ def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads:
 
     results = results if results and results.get("schema") == SCHEMA else {"models": {}}
     results.update(schema=SCHEMA, machine={**machine(), "threads": threads}, targets=TARGETS,
-                   settings={"batch": BATCH, "length": LENGTH, **SETTINGS})
+                   settings={"batch": BATCH, "length": LENGTH, **SETTINGS}, code=code_state())
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         tokenizer, rows = make_inputs(data, scratch, BATCH * (steps + warmup))
@@ -221,6 +221,15 @@ def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads:
                           f"  setup {figures['setup_seconds']:>6.1f} s  ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
             entry["ratios"] = ratios(entry["runs"])
     return results
+
+
+def code_state() -> dict:
+    """The commit measured, and the library files that differed from it (uncommitted work) when the run began."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.rstrip("\n")
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": [line[3:] for line in git("status", "--porcelain", "--", "hubunlearn").splitlines()]}
 
 
 def _median(runs: dict, name: str, key: str) -> float | None:
