@@ -197,6 +197,8 @@ def training_summary(record: dict) -> str:
     stopped = record.get("stopped")
     precision = precision_text(training.get("precision"))
     text = " ".join(p for p in parts if p) + (f", {precision}." if precision else ".")
+    if record.get("reference"):
+        text += reference_text(record["reference"])
     if stopped:
         text += f" **Training stopped early at step {stopped['step']} ({stopped['reason']}); these are the last good weights.**"
     if record.get("fila"):
@@ -245,6 +247,23 @@ def training_summary(record: dict) -> str:
         if "forgetting_warning" in utility:
             text += f" **Warning: {utility['forgetting_warning']}.**"
     return text + (f"\n\nLibraries: {versions}." if versions else "")
+
+
+def reference_text(reference: dict) -> str:
+    """How training used the frozen original (``unlearning.json``'s ``reference``, recorded since issue 18) as a
+    sentence with a leading space; '' when it used none."""
+    used = []
+    statistics = reference.get("statistics")
+    if statistics:
+        used.append(f"cached statistics of the frozen original (its summed log-likelihood of each {' and '.join(statistics['parts'])} "
+                    f"answer, computed once before training with {statistics['computed_with']})")
+    if reference.get("kind") == "model":
+        used.append(f"a frozen copy of the original on the {reference.get('device')}")
+    elif reference.get("kind") == "adapter_off_base":
+        used.append("the base model with the LoRA adapter switched off (no copy)")
+    if not used:
+        return ""
+    return " Training read " + " and ".join(used) + "." + (" No reference model was held in memory." if reference.get("kind") == "statistics" else "")
 
 
 def precision_text(precision: dict | None) -> str | None:

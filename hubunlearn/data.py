@@ -361,18 +361,45 @@ def pad_examples(examples: Sequence[dict[str, Any]], pad_token_id: int, padding_
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 
+def concatenate_batches(batches: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batches (:func:`pad_examples`) as one: each widened to the widest one's width (``input_ids``
+    with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with ``IGNORE_INDEX``), then stacked along the batch
+    axis in order. Other keys are left out. A causal LM gives every real token of a row the same logits either way
+    (right padding: padded positions come after the real ones and are masked), so one forward pass over the result
+    serves all the batches: split its logits with ``logits[start:end, :width]``."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fillers = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=filler) for b in batches])
+            for key, filler in fillers.items()}
+
+
+# Per-example figures a trainer stores beside the tokens (a column of the examples) and reads off the batch: the frozen
+# original's summed answer log-likelihood, cached before training for methods that need nothing else from it (NPO).
+EXAMPLE_STATISTICS = ("reference_log_prob",)
+
+
+def collate(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """:func:`pad_examples` (right padding), plus each :data:`EXAMPLE_STATISTICS` column the examples carry as a
+    float32 ``(batch,)`` tensor."""
+    batch = pad_examples(examples, pad_token_id)
+    for key in EXAMPLE_STATISTICS:
+        if key in examples[0]:
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+    return batch
+
+
 @dataclass
 class ForgetRetainCollator:
-    """Collates :class:`ForgetRetainDataset` items into ``{"forget": batch, "retain": batch, ...}``."""
+    """Collates :class:`ForgetRetainDataset` items into ``{"forget": batch, "retain": batch, ...}`` (:func:`collate`)."""
 
     pad_token_id: int
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch = {
-            "forget": pad_examples([i["forget"] for i in items], self.pad_token_id),
+            "forget": collate([i["forget"] for i in items], self.pad_token_id),
             "forget_index": torch.tensor([i["forget_index"] for i in items]),
         }
         if "retain" in items[0]:
-            batch["retain"] = pad_examples([i["retain"] for i in items], self.pad_token_id)
+            batch["retain"] = collate([i["retain"] for i in items], self.pad_token_id)
             batch["retain_index"] = torch.tensor([i["retain_index"] for i in items])
         return batch

@@ -1,8 +1,15 @@
 """``UnlearnConfig`` / ``UnlearnTrainer``: the shared machinery of every gradient unlearning method.
 
 The trainer draws a forget batch and a retain batch each step (see :class:`~hubunlearn.data.ForgetRetainDataset`),
-asks its method for the forget loss, adds the retain term (``nll`` on retain data or ``kl`` to the frozen
-reference), stops on a non-finite loss, and saves a self-describing artifact.
+runs them through the model in one forward pass (methods whose terms read only the logits), asks its method for the
+forget loss, adds the retain term (``nll`` on retain data or ``kl`` to the frozen reference), stops on a non-finite
+loss, and saves a self-describing artifact.
+
+The frozen original enters three ways: as cached statistics (a method that needs only its summed log-likelihood of
+each forget answer, NPO, declares ``reference_statistics``: they are computed once before training and travel with
+the examples, and no reference model is held), as the base with the LoRA adapter switched off, or as a frozen copy
+(full fine-tuning with the retain KL, and the representation methods) on the training device or, with
+``--reference_device cpu``, on the CPU.
 """
 
 from __future__ import annotations
@@ -32,22 +39,25 @@ from ..data import (
     DataSpec,
     ForgetRetainCollator,
     ForgetRetainDataset,
+    concatenate_batches,
     count_overlap,
     describe,
     load_rows,
+    pad_examples,
     tokenize_rows,
     with_question_answer,
 )
 from ..controls import UTILITY_METRICS, ModelMixer, UtilityBudgetStopping, calibrate, check_budget, probe_metric
 from ..errors import NonFiniteLossError, UsageError
 from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer
-from . import losses
+from . import engines, losses
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 RETAIN_LOSSES = ("nll", "kl", "none")
 LORA_INITS = ("default", "fila")
 LORA_EXPORTS = ("adapter", "merged")
+REFERENCE_DEVICES = ("same", "cpu")
 UTILITY_FLOOR = 0.8  # a run that keeps less of the retain answer probability than this share ends with a warning
 FORGOT_LITTLE = 0.9  # a run whose forget answer probability stays above this share of the original's ends with a warning
 
@@ -85,6 +95,14 @@ class UnlearnConfig(TrainingArguments):
                 "--utility_budget metric are measured on."})
     record_examples: int = field(default=3, metadata={
         "help": "Questions (never answers) of each set recorded in unlearning.json as demo prompts for the Space (0: none)."})
+    reference_device: str | None = field(default=None, metadata={
+        "help": "Where a full fine-tuning run keeps the frozen copy of the original it reads logits from (--retain_loss kl; "
+                "KUDA and RMU need 'same'): 'same' (default: the training device) or 'cpu', which frees one copy of the "
+                "weights on the accelerator (2 bytes per parameter in bf16: 16 GB for an 8B model) at the cost of a CPU "
+                "forward pass of each retain batch every step and the copy of its logits back (batch x length x vocabulary "
+                "x 4 bytes), typically slower than the GPU step itself. NPO holds no reference model (it caches the "
+                "original's forget answer likelihoods once) and LoRA runs switch the adapter off instead: there this "
+                "option is refused.", "choices": list(REFERENCE_DEVICES)})
     budget_check_steps: int = field(default=0, metadata={
         "help": "With --utility_budget: check the retain probe every N steps; stop, and restore the last state within "
                 "budget, when it is crossed (0: off)."})
@@ -110,6 +128,8 @@ class UnlearnConfig(TrainingArguments):
                 raise UsageError(f"unknown --{name} '{getattr(self, name)}'; choose one of: {', '.join(choices)}")
         if self.utility_budget is not None:
             check_budget(self.utility_budget)
+        if self.reference_device is not None and self.reference_device not in REFERENCE_DEVICES:
+            raise UsageError(f"unknown --reference_device '{self.reference_device}'; choose one of: {', '.join(REFERENCE_DEVICES)}")
         if self.learning_rate < 0:
             raise UsageError(f"--learning_rate must not be negative; got {self.learning_rate}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -185,8 +205,9 @@ class UnlearnTrainer(Trainer):
         forget_dataset / retain_dataset: a data spec string (see :mod:`hubunlearn.data`), a ``datasets.Dataset``
             or a list of rows, of question-answer pairs or raw text.
         processing_class: the tokenizer (loaded from ``model`` when omitted).
-        ref_model: the frozen original for ``kl`` and NPO (a copy of ``model`` when omitted; with LoRA,
-            the base model with the adapter switched off, so no copy is made).
+        ref_model: the frozen original for ``kl``, NPO's cached statistics and the representation methods (a copy of
+            ``model`` when omitted and a model is needed; with LoRA, the base model with the adapter switched off; for
+            NPO's statistics, ``model`` itself before training: no copy is made).
         peft_config: a ``peft.LoraConfig`` to unlearn through an adapter instead of all weights.
     """
 
@@ -194,7 +215,10 @@ class UnlearnTrainer(Trainer):
     _name = "Unlearn"
     _paper: dict | None = None  # {"id": arXiv id, "title", "authors": "A and B", "year"}: feeds the card's citation
     config_class = UnlearnConfig
-    uses_reference = False  # the forget loss itself needs the frozen original (NPO)
+    uses_reference = False  # the method reads a frozen copy of the original directly (KUDA, RMU: its activations)
+    # Parts of each batch whose examples carry the frozen original's summed answer log-likelihood, ``reference_log_prob``,
+    # cached once before training (NPO: ("forget",)); a method that needs nothing else from the original holds no copy.
+    reference_statistics: ClassVar[tuple[str, ...]] = ()
     keeps_retain_rows = False  # the method reads the retain rows even when no retain loss is trained on (ECO)
 
     def __init__(
@@ -230,6 +254,7 @@ class UnlearnTrainer(Trainer):
         if processing_class is None:
             processing_class = load_tokenizer(model.config._name_or_path)
         ensure_pad_token(processing_class)
+        engines.check(model, args, self._name)  # checkpointing support, FSDP/DeepSpeed settings, before any work
 
         data_format = args.data_format
         self.data_sources = {}
@@ -241,9 +266,13 @@ class UnlearnTrainer(Trainer):
 
         self.base_model_id = model.config._name_or_path
         self.base_model_facts: dict | None = None  # commit and license on the Hub, looked up at save time if unset
-        needs_reference = self.uses_reference or args.retain_loss == "kl"
+        self._reference_given = ref_model is not None
+        self._reference_logits_needed = self.uses_reference or args.retain_loss == "kl"
         # With FILA the base holds W - s·B·A during training, so switching the adapter off is not the original.
-        if needs_reference and ref_model is None and (peft_config is None or args.lora_init == "fila"):
+        self._adapter_off_reference = peft_config is not None and args.lora_init != "fila"
+        copies = self._reference_logits_needed and ref_model is None and not self._adapter_off_reference
+        self._check_reference_device(args, holds_copy=copies or ref_model is not None)
+        if copies:
             ref_model = copy.deepcopy(model)
         self._original_state = None  # what full-model mixing interpolates from
         if args.utility_budget is not None and peft_config is None:
@@ -274,9 +303,18 @@ class UnlearnTrainer(Trainer):
         self.pop_callback(PrinterCallback)
         self.loss_is_scaled_for_ga = False
         self._before: dict[str, float] | None = None
-        self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True) if ref_model is not None else None
+        self.reference_on_cpu = args.reference_device == "cpu"
+        if ref_model is not None and self.reference_on_cpu:
+            ref_model = ref_model.to("cpu")  # never prepared: the accelerator would move it to the training device
+        elif ref_model is not None:
+            ref_model = engines.prepare_reference(ref_model, self.accelerator)  # TRL's helpers under DeepSpeed/FSDP
+        self.ref_model = ref_model
+        # Forget and retain through one forward pass when both terms read only the policy's logits (the method
+        # implements forget_loss_from_logits and keeps the base retain_term); KUDA and RMU read activations.
+        self.one_pass = (type(self).forget_loss is UnlearnTrainer.forget_loss and type(self).retain_term is UnlearnTrainer.retain_term)
         self.unlearning_metrics: dict[str, Any] = {}
         self.record_extras: dict[str, Any] = {}  # anything else the caller wants in unlearning.json
+        self.record_extras["engine"] = engines.describe(self)
         self._logged = defaultdict(list)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names + [self._name.lower()])
@@ -288,6 +326,21 @@ class UnlearnTrainer(Trainer):
             self._fila_initial = fila.initialise(self.model, self._fisher_batches(), seed=args.seed)
             self.record_extras["fila"] = {"fisher_pairs": len(self.pairs.forget), "exported": "standard LoRA adapter of rank 2r for the unmodified base"
                                           if args.lora_export == "adapter" else "merged into a full checkpoint"}
+
+    def _check_reference_device(self, args: UnlearnConfig, holds_copy: bool) -> None:
+        """``--reference_device`` places a frozen copy: refused where none is held, and ``cpu`` where the method reads
+        the copy's activations on the training device (KUDA, RMU)."""
+        if args.reference_device is None:
+            return
+        if not holds_copy:
+            how = ("switches the LoRA adapter off for the original's logits" if self._adapter_off_reference and args.retain_loss == "kl"
+                   else f"caches the original's {' and '.join(self.reference_statistics)} answer likelihoods" if self.reference_statistics
+                   else "needs no reference model")
+            raise UsageError(f"--reference_device places a frozen reference model, and {self._name} with --retain_loss "
+                             f"{args.retain_loss} holds none (it {how}): drop --reference_device")
+        if args.reference_device == "cpu" and self.uses_reference:
+            raise UsageError(f"--reference_device cpu: {self._name} reads the reference model's activations on the training "
+                             "device; drop the option (or give 'same')")
 
     def _fisher_batches(self):
         """The forget/retain pairs of one epoch, collated and on the training device, for FILA's Fisher pass."""
@@ -322,6 +375,7 @@ class UnlearnTrainer(Trainer):
                 for name, rows in sets.items() if rows is not None}
 
     def train(self, *args, **kwargs):
+        self.cache_reference_statistics()
         self._before = self.measure()
         if self.args.utility_budget is not None:
             probability = self.args.utility_metric == "probability" and "retain" in self._before
@@ -459,35 +513,118 @@ class UnlearnTrainer(Trainer):
         if overlap:
             logger.warning("%d forget examples also appear in the retain set: they are pushed both ways", overlap)
 
+    # ---- the frozen original's statistics ------------------------------------------------------------------------
+
+    def cache_reference_statistics(self) -> None:
+        """Store the frozen original's summed answer log-likelihood of every example of each part named in
+        ``reference_statistics`` as its ``reference_log_prob`` column (once; the collator carries it into batches).
+
+        The original is the reference model when one was given, else the model itself before its first step (LoRA and
+        FILA adapters start as the identity). Batched (``--per_device_eval_batch_size``) without gradients, in eval
+        mode and under the run's mixed precision; under ``accelerate`` each process computes an equal share of the
+        rows (the last row repeated to even them, so every process runs as many forward passes) and the shares are
+        gathered. A method that needs nothing else from the original then holds no reference model."""
+        for part in self.reference_statistics:
+            examples = getattr(self.pairs, part)
+            if "reference_log_prob" not in examples.column_names:
+                setattr(self.pairs, part, examples.add_column("reference_log_prob", self._original_log_probs(examples)))
+        if self.reference_statistics and not self._reference_logits_needed:
+            self.ref_model = None  # a given reference model served the statistics only: free it
+
+    def _original_log_probs(self, examples) -> list[float]:
+        """``log π_ref(answer | prompt)`` summed over each example's labelled tokens, in float32, in row order."""
+        model = self.ref_model if self._reference_given else self.accelerator.unwrap_model(self.model)
+        device = next(model.parameters()).device
+        size, was_training = self.args.per_device_eval_batch_size, model.training
+        model.eval()
+        try:
+            with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as mine:
+                values = []
+                for start in range(0, len(mine), size):
+                    batch = {k: v.to(device) for k, v in pad_examples([examples[i] for i in mine[start : start + size]], self.processing_class.pad_token_id).items()}
+                    with torch.no_grad(), self.accelerator.autocast():
+                        values.append(losses.sequence_log_prob(self.logits(model, batch), batch["labels"])[0].float())
+        finally:
+            model.train(was_training)
+        indices = self.accelerator.gather(torch.tensor(mine, device=self.args.device))
+        values = self.accelerator.gather(torch.cat(values).to(self.args.device))
+        table = torch.zeros(len(examples), dtype=torch.float64)
+        table[indices.cpu()] = values.cpu().double()
+        return table.tolist()
+
+    def reference_usage(self) -> dict[str, Any]:
+        """How the run used the frozen original, for ``unlearning.json`` and the card: ``kind`` is where its logits or
+        activations came from during training (``model``: a frozen copy on ``device``; ``adapter_off_base``: the base
+        with the LoRA adapter switched off; ``statistics``: nowhere, only cached statistics; ``none``), and
+        ``statistics`` the parts whose answer log-likelihoods were cached before training."""
+        if self.ref_model is not None:
+            kind, device = "model", "cpu" if self.reference_on_cpu else self.args.device.type
+        elif self._reference_logits_needed:
+            kind, device = "adapter_off_base", self.args.device.type
+        else:
+            kind, device = ("statistics" if self.reference_statistics else "none"), None
+        usage: dict[str, Any] = {"kind": kind, "device": device}
+        if self.reference_statistics:
+            usage["statistics"] = {"parts": list(self.reference_statistics), "value": "summed answer log-likelihood",
+                                   "computed_with": "the reference model given" if self._reference_given else "the model before training"}
+        return usage
+
     # ---- losses -----------------------------------------------------------------------------------------------
 
-    def forget_loss(self, model, forget: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The method's loss on a forget batch (``input_ids``, ``attention_mask``, ``labels``)."""
+    def forget_loss_from_logits(self, logits: torch.Tensor, forget: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The method's loss from the policy's logits ``(batch, length, vocab)`` on a forget batch (``input_ids``,
+        ``attention_mask``, ``labels``, and ``reference_log_prob`` for a method with ``reference_statistics``)."""
         raise NotImplementedError
+
+    def forget_loss(self, model, forget: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The method's loss on a forget batch; a method that reads more than the logits (activations) overrides this."""
+        return self.forget_loss_from_logits(self.logits(model, forget), forget)
 
     def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
+    def joint_logits(self, model, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's logits on the forget and the retain batch from one forward pass over both, each padded to the
+        wider one's width (right padding: real tokens get the same logits as in their own batch), split back to each
+        batch's rows and width."""
+        joint = concatenate_batches([forget, retain], self.processing_class.pad_token_id)
+        logits = self.logits(model, joint)
+        size, forget_width, retain_width = forget["input_ids"].shape[0], forget["input_ids"].shape[1], retain["input_ids"].shape[1]
+        return logits[:size, :forget_width], logits[size:, :retain_width]
+
     @torch.no_grad()
     def reference_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of the frozen original: the reference model, or the base with the adapter switched off."""
-        if self.ref_model is not None:
+        """Logits of the frozen original: the reference model (on the CPU with ``--reference_device cpu``: the batch
+        goes there and the logits come back), or the base with the adapter switched off."""
+        if self.ref_model is None:
+            with self.accelerator.unwrap_model(self.model).disable_adapter():
+                return self.logits(self.model, batch)
+        if not self.reference_on_cpu:
             return self.logits(self.ref_model, batch)
-        with self.accelerator.unwrap_model(self.model).disable_adapter():
-            return self.logits(self.model, batch)
+        on_cpu = {key: batch[key].to("cpu") for key in ("input_ids", "attention_mask")}
+        return self.logits(self.ref_model, on_cpu).to(batch["input_ids"].device)
 
-    def retain_term(self, model, retain: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.logits(model, retain)
+    def retain_loss_from_logits(self, logits: torch.Tensor, retain: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The retain term from the policy's logits on a retain batch: KL to the original, or NLL."""
         if self.args.retain_loss == "kl":
             return losses.kl_to_reference(logits, self.reference_logits(retain), retain["attention_mask"])
         return losses.nll_loss(logits, retain["labels"])
 
+    def retain_term(self, model, retain: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.retain_loss_from_logits(self.logits(model, retain), retain)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget_loss = self.forget_loss(model, inputs["forget"])
+        forget, retain = inputs["forget"], inputs.get("retain")
+        if self.one_pass and retain is not None:
+            forget_logits, retain_logits = self.joint_logits(model, forget, retain)
+            forget_loss = self.forget_loss_from_logits(forget_logits, forget)
+            retain_loss = self.retain_loss_from_logits(retain_logits, retain)
+        else:
+            forget_loss = self.forget_loss(model, forget)
+            retain_loss = self.retain_term(model, retain) if retain is not None else None
         loss = self.args.forget_weight * forget_loss
         self._logged["forget_loss"].append(forget_loss.item())
-        if "retain" in inputs:
-            retain_loss = self.retain_term(model, inputs["retain"])
+        if retain_loss is not None:
             loss = loss + self.args.retain_weight * retain_loss
             self._logged["retain_loss"].append(retain_loss.item())
         if model.training:
@@ -549,6 +686,7 @@ class UnlearnTrainer(Trainer):
                 "num_processes": self.args.world_size,
                 "cpu_count": os.cpu_count(),
             },
+            "reference": self.reference_usage(),
             "metrics": self.unlearning_metrics,
             "examples": self._examples(),
             "versions": library_versions(),

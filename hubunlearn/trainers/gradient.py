@@ -32,10 +32,10 @@ class GradAscentTrainer(UnlearnTrainer):
               "authors": "Joel Jang and Dongkeun Yoon and Sohee Yang and Sungmin Cha and Moontae Lee and Lajanugen Logeswaran and Minjoon Seo", "year": 2022}
     config_class = GradAscentConfig
 
-    def forget_loss(self, model, forget):
+    def forget_loss_from_logits(self, logits, forget):
         if self.args.nll_cap is not None:
-            return losses.capped_gradient_ascent_loss(self.logits(model, forget), forget["labels"], self.args.nll_cap)
-        return losses.gradient_ascent_loss(self.logits(model, forget), forget["labels"])
+            return losses.capped_gradient_ascent_loss(logits, forget["labels"], self.args.nll_cap)
+        return losses.gradient_ascent_loss(logits, forget["labels"])
 
 
 @dataclass
@@ -86,5 +86,5 @@ class IHLTrainer(UnlearnTrainer):
               "authors": "Sungmin Cha and Sungjun Cho and Dasol Hwang and Moontae Lee", "year": 2024}
     config_class = IHLConfig
 
-    def forget_loss(self, model, forget):
-        return losses.inverted_hinge_loss(self.logits(model, forget), forget["labels"])
+    def forget_loss_from_logits(self, logits, forget):
+        return losses.inverted_hinge_loss(logits, forget["labels"])

@@ -18,18 +18,18 @@ class NPOConfig(UnlearnConfig):
 class NPOTrainer(UnlearnTrainer):
     """Negative Preference Optimization (Zhang et al., "Negative Preference Optimization: From Catastrophic
     Collapse to Effective Unlearning", arXiv 2404.05868): a bounded loss on the forget likelihood ratio to
-    the frozen original."""
+    the frozen original. The original enters only through its summed log-likelihood of each forget answer, cached
+    once before training (``reference_statistics``): no reference model is held for the forget term."""
 
     _name = "NPO"
     _paper = {"id": "2404.05868", "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
               "authors": "Ruiqi Zhang and Licong Lin and Yu Bai and Song Mei", "year": 2024}
     config_class = NPOConfig
-    uses_reference = True
+    reference_statistics = ("forget",)
 
-    def forget_loss(self, model, forget):
-        policy, _ = losses.sequence_log_prob(self.logits(model, forget), forget["labels"])
-        reference, _ = losses.sequence_log_prob(self.reference_logits(forget), forget["labels"])
-        return losses.npo_loss(policy, reference, self.args.beta)
+    def forget_loss_from_logits(self, logits, forget):
+        policy, _ = losses.sequence_log_prob(logits, forget["labels"])
+        return losses.npo_loss(policy, forget["reference_log_prob"].to(policy.device), self.args.beta)
 
 
 @dataclass
@@ -49,6 +49,6 @@ class SimNPOTrainer(UnlearnTrainer):
               "authors": "Chongyu Fan and Jiancheng Liu and Licong Lin and Jinghan Jia and Ruiqi Zhang and Song Mei and Sijia Liu", "year": 2024}
     config_class = SimNPOConfig
 
-    def forget_loss(self, model, forget):
-        policy, num_tokens = losses.sequence_log_prob(self.logits(model, forget), forget["labels"])
+    def forget_loss_from_logits(self, logits, forget):
+        policy, num_tokens = losses.sequence_log_prob(logits, forget["labels"])
         return losses.simnpo_loss(policy, num_tokens, self.args.beta, self.args.gamma)
