@@ -1,8 +1,8 @@
 """``hubunlearn eval``: a benchmark's sets, per-example statistics, TOFU aggregates, and the reference workflow.
 
-Per-example statistics come first (one batched pass per set and metric family); every reported number is an
-aggregate of them, so any eval's ``per_example.json`` can serve later as the reference of another
-(``--reference_stats``), and a reference model's statistics are computed once and cached (``--reference``).
+Per-example statistics come first (one teacher-forced and one generation pass over all sets: :func:`evaluate_sets`);
+every reported number is an aggregate of them, so any eval's ``per_example.json`` can serve later as the reference of
+another (``--reference_stats``), and a reference model's statistics are computed once and cached (``--reference``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import KEPT_ON_OVERWRITE, RECORD_NAME, read_record, staging_dir
-from .data import DataFormat, encode_qa, load_rows
+from .data import DataFormat, load_rows
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -138,40 +138,56 @@ def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_co
 
 
 def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], config: EvalConfig) -> dict[str, list[dict]]:
-    """Per-example statistics of every set: the rows' text, the generation, and one number per metric."""
-    from .metrics.likelihood import greedy_answers
-    from .metrics.stats import token_stats
-    from .metrics.tofu import qa_statistics, rouge_l
+    """Per-example statistics of every set: the rows' text, the generation, and one number per metric.
 
-    metrics, per_example = set(config.metrics), {}
+    Two model passes serve every metric: one teacher-forced :func:`~hubunlearn.metrics.stats.token_stats` pass over
+    every set's answers, paraphrased and perturbed answers together (an answer's statistics feed its probability,
+    exact memorization, truth ratio, teacher-forced extraction strength and MIA scores alike), and one
+    :func:`~hubunlearn.metrics.likelihood.greedy_answers` pass over every set's prompts (ROUGE); each sorts its
+    examples by length into batches of ``config.batch_size`` and puts the results back in order. Only generative
+    extraction strength makes calls of its own. Every number equals the one a batch of one gives, to float rounding.
+    """
+    from .metrics.likelihood import greedy_answers
+    from .metrics.stats import split, token_stats
+    from .metrics.tofu import qa_examples, qa_row_statistics, rouge_l
+
+    metrics = set(config.metrics)
+    encoded = {name: qa_examples(tokenizer, rows, config.data_format) for name, rows in sets.items()}
+    every_row = [row for name in sets for row in encoded[name]]
+    pool = [e for row in every_row for e in row.examples or []]
+    scored = token_stats(model, pool, tokenizer.pad_token_id, config.batch_size, "scoring answers", spread="mia" in metrics) if pool else []
+    stats = dict(zip(sets, split(split(scored, [len(row.examples or []) for row in every_row]), [len(rows) for rows in sets.values()])))
+    fitting = {name: [i for i, row in enumerate(encoded[name]) if row.examples is not None] for name in sets}  # the others keep None values
+    examples = {name: [encoded[name][i].examples[0] for i in fitting[name]] for name in sets}  # each fitting row's answer
+    if "rouge" in metrics or "model_utility" in metrics:
+        answers = greedy_answers(model, tokenizer, [e for name in sets for e in examples[name]], config.max_new_tokens,
+                                 config.batch_size, "generating answers")
+        generations = dict(zip(sets, split(answers, [len(examples[name]) for name in sets])))
+    per_example = {}
     for name, all_rows in sets.items():
-        statistics_ = qa_statistics(model, tokenizer, all_rows, config.data_format, config.batch_size)
-        all_results = [{"question": r["question"], "answer": r["answer"], **s} for r, s in zip(all_rows, statistics_)]
-        encoded = [encode_qa(tokenizer, r["question"], r["answer"], config.data_format.max_length) for r in all_rows]
-        fitting = [i for i, e in enumerate(encoded) if e is not None]  # prompts longer than max_length keep None values
-        rows, examples, results = [all_rows[i] for i in fitting], [encoded[i] for i in fitting], [all_results[i] for i in fitting]
+        all_results = [{"question": r["question"], "answer": r["answer"], **qa_row_statistics(row, row_stats, tokenizer.eos_token_id)}
+                       for r, row, row_stats in zip(all_rows, encoded[name], stats[name])]
+        rows, results = [all_rows[i] for i in fitting[name]], [all_results[i] for i in fitting[name]]
+        answer_stats_ = [stats[name][i][0] for i in fitting[name]]
         if "truth_ratio" in metrics and results and "truth_ratio" not in results[0]:
             logger.warning("the %s set has no paraphrased and perturbed answers: its truth ratio is skipped", name)
         if "rouge" in metrics or "model_utility" in metrics:
-            generations = greedy_answers(model, tokenizer, examples, config.max_new_tokens, config.batch_size, f"generating ({name})")
-            for result, generation, rouge in zip(results, generations, rouge_l(generations, [r["answer"] for r in rows])):
+            for result, generation, rouge in zip(results, generations[name], rouge_l(generations[name], [r["answer"] for r in rows])):
                 result.update(generation=generation, rouge_recall=rouge["recall"], rouge_f1=rouge["f1"])
         if "extraction_strength_tf" in metrics:
             from .metrics.extraction import answer_stats, teacher_forced_extraction_strength
 
-            stats = token_stats(model, examples, tokenizer.pad_token_id, config.batch_size)
-            for result, example, s in zip(results, examples, stats):
+            for result, example, s in zip(results, examples[name], answer_stats_):
                 result["extraction_strength_tf"] = teacher_forced_extraction_strength(answer_stats(s, example, tokenizer.eos_token_id))
         if "extraction_strength" in metrics and name in EXTRACTION_SETS:
             from .metrics.extraction import extraction_strength
 
-            for result, value in zip(results, extraction_strength(model, tokenizer, examples, config.batch_size, f"extraction ({name})")):
+            for result, value in zip(results, extraction_strength(model, tokenizer, examples[name], config.batch_size, f"extraction ({name})")):
                 result["extraction_strength"] = value
         if "mia" in metrics:
             from .metrics.mia import mia_scores
 
-            stats = token_stats(model, examples, tokenizer.pad_token_id, config.batch_size)
-            for result, scores in zip(results, _rows_of(mia_scores(stats, [r["answer"] for r in rows]))):  # stats cover the answer
+            for result, scores in zip(results, _rows_of(mia_scores(answer_stats_, [r["answer"] for r in rows]))):  # stats cover the answer
                 result["mia"] = scores
         per_example[name] = all_results
     return per_example

@@ -228,3 +228,61 @@ def test_python_users_see_hubunlearn_lines_once_with_or_without_a_logging_setup(
               "logging.getLogger('hubunlearn').setLevel(logging.WARNING)\nlog.info('quiet')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert result.stderr == "hubunlearn: info: alpha = 0.5\napp INFO sigma = 2\n"
+
+
+def _same(batched, alone, where=""):
+    """Equal structures: identical strings and ints, floats to 1e-5 (relative for large ones such as truth ratios).
+    Min-k%++ gets 1e-3: it divides by each position's σ, near 0 for a near-uniform (untrained) model, which
+    magnifies the logits' float rounding (a padded batch rounds differently from a batch of one)."""
+    if isinstance(batched, dict):
+        assert set(batched) == set(alone), where
+        for key in batched:
+            _same(batched[key], alone[key], f"{where}/{key}")
+    elif isinstance(batched, list):
+        assert len(batched) == len(alone), where
+        for i, (b, a) in enumerate(zip(batched, alone)):
+            _same(b, a, f"{where}[{i}]")
+    elif isinstance(batched, float):
+        tolerance = 1e-3 if where.endswith("min_k_plus_plus") else 1e-5
+        assert batched == pytest.approx(alone, rel=tolerance, abs=tolerance), where
+    else:
+        assert batched == alone, where
+
+
+@pytest.mark.parametrize("taught", [True, False], ids=["world model", "untrained h32-l2"])
+def test_batched_eval_equals_one_example_at_a_time(taught, world_model_dir, tokenizer, world):
+    """The length-sorted, pooled, batched eval gives every row the numbers and the generation it gets alone."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from hubunlearn.evaluate import EvalConfig, evaluate_sets
+    from hubunlearn.world import tiny_llama
+
+    model = (AutoModelForCausalLM.from_pretrained(world_model_dir) if taught else tiny_llama(tokenizer, hidden_size=32, num_layers=2, seed=1)).eval()
+    forget, retain = world.rows("forget")[:4], world.rows("retain")[:5]
+    no_paraphrase = [{k: v for k, v in r.items() if k != "paraphrased_answer"} for r in retain[:1]]
+    no_perturbed = [{"question": r["question"], "answer": r["answer"] + " Indeed, and more words."} for r in retain[1:2]]
+    too_long = {"question": "word " * 200, "answer": "x", "perturbed_answer": ["y"]}
+    sets = {"forget": forget, "retain": [*retain[2:], too_long, *no_paraphrase, *no_perturbed]}
+    config = EvalConfig(model="m", benchmark="world", metrics=("probability", "truth_ratio", "rouge", "exact_memorization",
+                                                              "extraction_strength_tf", "mia"), max_new_tokens=12, batch_size=64)
+    config.data_format = replace(config.data_format, max_length=128)
+    batched = evaluate_sets(model, tokenizer, sets, config)
+    alone_config = replace(config, batch_size=1)
+    alone = {name: [evaluate_sets(model, tokenizer, {name: [row]}, alone_config)[name][0] for row in rows] for name, rows in sets.items()}
+    _same(batched, alone)
+    assert batched["retain"][3]["probability"] is None and "generation" not in batched["retain"][3]  # the too-long prompt
+    assert all(r["generation"] for name in batched for r in batched[name] if "generation" in r)
+    if taught:  # the taught model answers its forget rows: generations are real answers, stopped at eos
+        assert sum(r["rouge_recall"] > 0.9 for r in batched["forget"]) >= 3
+
+    # The shared-prompt pass (each question once, its answers on its KV cache) against plain full passes, one at a time.
+    from hubunlearn.metrics.stats import token_stats
+    from hubunlearn.metrics.tofu import qa_examples
+
+    pool = [e for row in qa_examples(tokenizer, forget + retain, config.data_format) for e in row.examples]
+    shared = token_stats(model, pool, tokenizer.pad_token_id, batch_size=16)
+    plain = [token_stats(model, [e], tokenizer.pad_token_id, batch_size=1, share_prompts=False)[0] for e in pool]
+    _same([vars(s) for s in shared], [vars(s) for s in plain])
+    assert len({tuple(e["input_ids"][: e["prompt_length"]]) for e in pool}) == len(forget + retain) < len(pool)  # prompts were shared

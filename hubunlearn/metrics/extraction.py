@@ -41,7 +41,10 @@ def answer_stats(stats: TokenStats, example: dict, eos_token_id: int | None) -> 
     """``stats`` of ``example`` without the final eos's entry when it ends with one: the tokens ES and EM count."""
     if not ends_with_eos(example, eos_token_id):
         return stats
-    return TokenStats(stats.log_probs[:-1], stats.mean_log_probs[:-1], stats.std_log_probs[:-1], stats.correct[:-1])
+    def cut(values):
+        return None if values is None else values[:-1]
+
+    return TokenStats(stats.log_probs[:-1], cut(stats.mean_log_probs), cut(stats.std_log_probs), stats.correct[:-1])
 
 
 @torch.no_grad()

@@ -49,6 +49,8 @@ def min_k_score(stats: TokenStats, k: float = MIN_K) -> float:
 def min_k_plus_plus_score(stats: TokenStats, k: float = MIN_K) -> float:
     """Min-k%++ (Zhang et al., arXiv 2404.02936): Min-k% over ``(log p(y_t) - μ_t) / σ_t``, where μ_t and σ_t are
     the mean and standard deviation of ``log p(z)`` for ``z ~ p(· | y_<t)``; σ is floored at ``SIGMA_FLOOR``."""
+    if stats.mean_log_probs is None or stats.std_log_probs is None:
+        raise ValueError("Min-k%++ needs the spread of log p: compute the token statistics with token_stats(..., spread=True)")
     log_p, mu = np.asarray(stats.log_probs, dtype=float), np.asarray(stats.mean_log_probs, dtype=float)
     sigma = np.maximum(np.asarray(stats.std_log_probs, dtype=float), SIGMA_FLOOR)
     return _lowest_mean((log_p - mu) / sigma, k)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer, tokenizers
@@ -17,7 +17,7 @@ from scipy.stats import hmean, ks_2samp
 
 from ..data import DataFormat, encode_qa
 from .extraction import answer_stats, exact_memorization
-from .stats import token_stats
+from .stats import TokenStats, split, token_stats
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,46 @@ def model_utility(values: dict[str, float | None]) -> float:
     return 0.0 if min(numbers) == 0 else float(hmean(numbers))
 
 
+class RowExamples(NamedTuple):
+    """One row's teacher-forced examples: ``[answer, paraphrased answer?, *perturbed answers]`` (None when the
+    question's prompt exceeds ``max_length``: every variant shares it), and the index of the truth ratio's base
+    (the paraphrased answer when the row has one, else the answer; None without perturbed answers)."""
+
+    examples: list[dict] | None
+    base: int | None
+
+
+def qa_examples(tokenizer, rows: Sequence[dict], data_format: DataFormat) -> list[RowExamples]:
+    """Each row's :class:`RowExamples` in order (a warning counts the rows whose prompt is too long)."""
+    q_key, a_key = data_format.question_key, data_format.answer_key
+    encoded, skipped = [], 0
+    for row in rows:
+        perturbed = row.get(PERTURBED_KEY) or []
+        perturbed = [perturbed] if isinstance(perturbed, str) else list(perturbed)
+        paraphrased = [row[PARAPHRASED_KEY]] if perturbed and row.get(PARAPHRASED_KEY) else []
+        examples = [encode_qa(tokenizer, str(row[q_key]), str(a), data_format.max_length) for a in [row[a_key], *paraphrased, *perturbed]]
+        fits = all(e is not None for e in examples)
+        skipped += not fits
+        encoded.append(RowExamples(examples if fits else None, len(paraphrased) if perturbed else None))
+    if skipped:
+        logger.warning("%d prompts are longer than max_length=%d: their statistics are None", skipped, data_format.max_length)
+    return encoded
+
+
+def qa_row_statistics(row: RowExamples, stats: Sequence[TokenStats], eos_token_id: int | None) -> dict:
+    """One row's answer statistics (see :func:`qa_statistics`) from the :class:`TokenStats` of ``row.examples``."""
+    keys = ["probability", "mean_log_prob", "exact_memorization"] + (TRUTH_RATIO_KEYS if row.base is not None else [])
+    if row.examples is None:
+        return dict.fromkeys(keys)
+    s = stats[0]
+    result = {"probability": s.probability, "mean_log_prob": s.mean_log_prob,
+              "exact_memorization": exact_memorization(answer_stats(s, row.examples[0], eos_token_id))}
+    if row.base is not None:
+        para, pert = stats[row.base].mean_log_prob, [t.mean_log_prob for t in stats[row.base + 1 :]]
+        result.update(zip(TRUTH_RATIO_KEYS, [para, pert, truth_ratio(para, pert), normalised_probability(s.mean_log_prob, pert)]))
+    return result
+
+
 def qa_statistics(model, tokenizer, rows: Sequence[dict], data_format: DataFormat, batch_size: int = 32) -> list[dict]:
     """Per-row answer statistics from one batched :func:`token_stats` pass, one dict per row in order.
 
@@ -93,31 +133,8 @@ def qa_statistics(model, tokenizer, rows: Sequence[dict], data_format: DataForma
     ``paraphrased_answer`` when the row has one and the ``answer`` itself otherwise (real authors, world facts).
     A row whose prompt exceeds ``max_length`` gets ``None`` for every value.
     """
-    q_key, a_key = data_format.question_key, data_format.answer_key
-    examples, groups, skipped = [], [], 0  # groups[i]: (answer index, base index, perturbed indices, fits)
-    for row in rows:
-        perturbed = row.get(PERTURBED_KEY) or []
-        perturbed = [perturbed] if isinstance(perturbed, str) else list(perturbed)
-        paraphrased = [row[PARAPHRASED_KEY]] if perturbed and row.get(PARAPHRASED_KEY) else []
-        encoded = [encode_qa(tokenizer, str(row[q_key]), str(a), data_format.max_length) for a in [row[a_key], *paraphrased, *perturbed]]
-        start, fits = len(examples), all(e is not None for e in encoded)
-        skipped += not fits
-        examples += encoded if fits else []
-        groups.append((start, start + len(paraphrased), range(start + 1 + len(paraphrased), start + len(encoded)), fits))
-    if skipped:
-        logger.warning("%d prompts are longer than max_length=%d: their statistics are None", skipped, data_format.max_length)
-    stats = token_stats(model, examples, tokenizer.pad_token_id, batch_size) if examples else []
-    results = []
-    for answer, base, perturbed, fits in groups:
-        keys = ["probability", "mean_log_prob", "exact_memorization"] + (TRUTH_RATIO_KEYS if perturbed else [])
-        if not fits:
-            results.append(dict.fromkeys(keys))
-            continue
-        s = stats[answer]
-        result = {"probability": s.probability, "mean_log_prob": s.mean_log_prob,
-                  "exact_memorization": exact_memorization(answer_stats(s, examples[answer], tokenizer.eos_token_id))}
-        if perturbed:
-            para, pert = stats[base].mean_log_prob, [stats[i].mean_log_prob for i in perturbed]
-            result.update(zip(TRUTH_RATIO_KEYS, [para, pert, truth_ratio(para, pert), normalised_probability(s.mean_log_prob, pert)]))
-        results.append(result)
-    return results
+    encoded = qa_examples(tokenizer, rows, data_format)
+    examples = [e for row in encoded for e in row.examples or []]
+    stats = token_stats(model, examples, tokenizer.pad_token_id, batch_size, spread=False) if examples else []
+    return [qa_row_statistics(row, row_stats, tokenizer.eos_token_id)
+            for row, row_stats in zip(encoded, split(stats, [len(row.examples or []) for row in encoded]))]
