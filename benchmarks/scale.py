@@ -34,6 +34,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def worker(spec: dict) -> dict:
             "baseline_mib": round(baseline, 1), "peak_rss_mib": round(memory["VmHWM"], 1),
             "peak_mib": round(memory["VmHWM"] - baseline, 1), "step_seconds": [round(t, 3) for t in timer.times],
             "median_step_seconds": round(statistics.median(timed), 3), "setup_seconds": round(timer.first_begin - start, 2),
-            "steps": len(timer.times)}
+            "steps": len(timer.times), "library": str(Path(sys.modules["hubunlearn"].__file__).parent)}
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------------------
@@ -187,9 +188,12 @@ def make_inputs(data: Path, folder: Path, rows_needed: int) -> tuple[Path, Path]
 
 
 def run_one(spec: dict, folder: Path) -> dict:
+    """One run in a fresh process, importing the library from the snapshot taken when the benchmark began (the
+    checkout may change under a long run)."""
     spec_path, out_path = folder / "spec.json", folder / "out.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(folder / "code"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     result = subprocess.run([sys.executable, __file__, "--worker", str(spec_path), str(out_path)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{spec['run']} on {spec['model']} failed:\n{result.stderr[-3000:]}")
@@ -206,6 +210,7 @@ def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads:
                    settings={"batch": BATCH, "length": LENGTH, **SETTINGS}, code=code_state())
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
+        shutil.copytree(ROOT / "hubunlearn", scratch / "code" / "hubunlearn", ignore=shutil.ignore_patterns("__pycache__"))
         tokenizer, rows = make_inputs(data, scratch, BATCH * (steps + warmup))
         for name in models:
             entry = results["models"][name] = {**MODELS[name], "steps": steps, "warmup": warmup, "rounds": rounds, "runs": {}}
