@@ -207,13 +207,14 @@ def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads:
 
     results = results if results and results.get("schema") == SCHEMA else {"models": {}}
     results.update(schema=SCHEMA, machine={**machine(), "threads": threads}, targets=TARGETS,
-                   settings={"batch": BATCH, "length": LENGTH, **SETTINGS}, code=code_state())
+                   settings={"batch": BATCH, "length": LENGTH, **SETTINGS})
+    code = code_state()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         shutil.copytree(ROOT / "hubunlearn", scratch / "code" / "hubunlearn", ignore=shutil.ignore_patterns("__pycache__"))
         tokenizer, rows = make_inputs(data, scratch, BATCH * (steps + warmup))
         for name in models:
-            entry = results["models"][name] = {**MODELS[name], "steps": steps, "warmup": warmup, "rounds": rounds, "runs": {}}
+            entry = results["models"][name] = {**MODELS[name], "steps": steps, "warmup": warmup, "rounds": rounds, "code": code, "runs": {}}
             for round_ in range(rounds):
                 for run_name in runs:
                     spec = {"run": run_name, "model": name, "shape": MODELS[name], "tokenizer": str(tokenizer), "rows": str(rows),
@@ -233,8 +234,12 @@ def code_state() -> dict:
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.rstrip("\n")
 
+    import hashlib
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "hubunlearn").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": [line[3:] for line in git("status", "--porcelain", "--", "hubunlearn").splitlines()]}
+            "uncommitted": {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:16] if (ROOT / path).is_file() else None
+                            for path in changed}}
 
 
 def _median(runs: dict, name: str, key: str) -> float | None:
