@@ -286,3 +286,30 @@ def test_batched_eval_equals_one_example_at_a_time(taught, world_model_dir, toke
     plain = [token_stats(model, [e], tokenizer.pad_token_id, batch_size=1, share_prompts=False)[0] for e in pool]
     _same([vars(s) for s in shared], [vars(s) for s in plain])
     assert len({tuple(e["input_ids"][: e["prompt_length"]]) for e in pool}) == len(forget + retain) < len(pool)  # prompts were shared
+
+
+def test_token_stats_without_a_selectable_cache_take_the_plain_path(tokenizer, world):
+    """A model that returns no KV cache still gets every example scored, the plain way (same numbers)."""
+    import torch
+
+    from hubunlearn.data import DataFormat
+    from hubunlearn.metrics.stats import token_stats
+    from hubunlearn.metrics.tofu import qa_examples
+    from hubunlearn.world import tiny_llama
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            output = self.inner(**kwargs)
+            output["cache"] = output["past_key_values"] = None
+            return output
+
+    model = tiny_llama(tokenizer, hidden_size=32, num_layers=2, seed=2).eval()
+    pool = [e for row in qa_examples(tokenizer, world.rows("forget")[:3], DataFormat(max_length=128)) for e in row.examples]
+    fallback = token_stats(NoCache(model), pool, tokenizer.pad_token_id, batch_size=8)
+    plain = token_stats(model, pool, tokenizer.pad_token_id, batch_size=8, share_prompts=False)
+    assert all(s is not None for s in fallback)
+    _same([vars(s) for s in fallback], [vars(s) for s in plain])

@@ -111,7 +111,7 @@ def _shared_prompt_units(examples: Sequence[dict], indices: Sequence[int], batch
         yield batch
 
 
-def _shared_prompt_stats(model, examples: Sequence[dict], units, pad_token_id: int, spread: bool, device) -> dict[int, TokenStats]:
+def _shared_prompt_stats(model, examples: Sequence[dict], units, pad_token_id: int, spread: bool, device) -> dict[int, TokenStats] | None:
     """One batch of :func:`_shared_prompt_units`: each distinct prompt runs once (left-padded, with the KV cache),
     its cache is repeated for the examples that continue it, and their continuations run on it (right-padded,
     positions continuing the prompt's). The first continuation token is scored by the prompt's last logits."""
@@ -123,7 +123,9 @@ def _shared_prompt_stats(model, examples: Sequence[dict], units, pad_token_id: i
     output = model(input_ids=first["input_ids"].to(device), attention_mask=prompt_mask, use_cache=True,
                    position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))  # positions from 0 at each prompt's first token, as generate
     cache_name = "cache" if getattr(output, "cache", None) is not None else "past_key_values"  # transformers >= 5.24 calls it cache
-    cache, last_logits = getattr(output, cache_name), output.logits[:, -1:, :]
+    cache, last_logits = getattr(output, cache_name, None), output.logits[:, -1:, :]
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None  # a model that returns no selectable cache: the caller scores these examples the plain way
     cache.batch_select_indices(owner)  # one copy of its prompt's keys and values per continuation
     continuations = pad_examples([{"input_ids": examples[i]["input_ids"][len(prompts[u]) :], "labels": examples[i]["labels"][len(prompts[u]) :]}
                                   for i, u in zip(members, owner.tolist())], pad_token_id)
@@ -163,7 +165,11 @@ def token_stats(model, examples: Sequence[dict], pad_token_id: int, batch_size: 
         plain_set = set(plain)
         batches_ = list(_shared_prompt_units(examples, [i for i in range(len(examples)) if i not in plain_set], batch_size))
         for units in tqdm(batches_, desc=description, disable=description is None, leave=False):
-            for i, stats in _shared_prompt_stats(model, examples, units, pad_token_id, spread, device).items():
+            scored = _shared_prompt_stats(model, examples, units, pad_token_id, spread, device)
+            if scored is None:  # no usable cache: every remaining example takes the plain path
+                plain = [i for i in range(len(examples)) if results[i] is None]
+                break
+            for i, stats in scored.items():
                 results[i] = stats
     for chunk_indices in longest_first([len(examples[i]["input_ids"]) for i in plain], batch_size, description):
         indices = [plain[k] for k in chunk_indices]
