@@ -95,12 +95,22 @@ def check_deepspeed_config(config: dict, method: str) -> None:
                          "stage3_gather_16bit_weights_on_model_save to true in the DeepSpeed config")
 
 
+def fsdp_state_dict_type(fsdp_plugin_args: dict | None) -> str:
+    """The state dict type FSDP will save: from ``--fsdp_config`` (transformers' default FULL_STATE_DICT), else from
+    ``accelerate launch``'s environment, where accelerate defaults FSDP2 to SHARDED_STATE_DICT."""
+    if fsdp_plugin_args is not None:
+        return str(fsdp_plugin_args.get("state_dict_type", "FULL_STATE_DICT"))
+    version = os.environ.get("FSDP_VERSION", "1")
+    return os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT")
+
+
 def check_fsdp_config(fsdp_plugin_args: dict | None, method: str) -> None:
-    """Only a FULL_STATE_DICT is gathered into an artifact that ``from_pretrained`` loads."""
-    kind = str((fsdp_plugin_args or {}).get("state_dict_type", "FULL_STATE_DICT"))
+    """Only a FULL_STATE_DICT is gathered into an artifact that ``from_pretrained`` loads (the Trainer saves no
+    weights at all for a SHARDED_STATE_DICT)."""
+    kind = fsdp_state_dict_type(fsdp_plugin_args)
     if "FULL_STATE_DICT" not in kind:
-        raise UsageError(f"{method} under FSDP saves a full checkpoint: set fsdp_config state_dict_type to FULL_STATE_DICT "
-                         f"(not {kind})")
+        raise UsageError(f"{method} under FSDP saves a full checkpoint: set fsdp_config state_dict_type (an accelerate "
+                         f"config's fsdp_state_dict_type) to FULL_STATE_DICT, not {kind}")
 
 
 def check_sharded(args, method: str, engine: str | None, deepspeed_config: dict | None = None,
