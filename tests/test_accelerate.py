@@ -72,13 +72,14 @@ def test_fila_and_the_utility_budget_under_two_processes(world_model_dir, forget
     assert mean_answer_probability(loaded, forget_rows) < mean_answer_probability(original, forget_rows) - 0.05
 
 
-def test_kuda_under_two_processes_traces_the_same_layers_and_edits_only_them(world_model_dir, forget_rows, retain_rows,
-                                                                           mean_answer_probability, tmp_path):
+def test_kuda_under_two_processes_with_checkpointing_traces_the_same_layers_and_edits_only_them(
+        world_model_dir, forget_rows, retain_rows, mean_answer_probability, tmp_path):
     from safetensors.torch import load_file
 
     output = tmp_path / "ddp-kuda"
     ranks = launch(world_model_dir, output, tmp_path / "records", mode="kuda")
     assert ranks[0]["layers"] == ranks[1]["layers"] and ranks[0]["kept"] == ranks[1]["kept"]  # same trace and projector
+    assert ranks[0]["engine"] == {"engine": "ddp", "activation_checkpointing": True}
     record = json.loads((output / "unlearning.json").read_text())
     assert record["hardware"]["num_processes"] == 2 and record["kuda"]["layers"] == ranks[0]["layers"]
     original, edited = load_file(str(world_model_dir / "model.safetensors")), load_file(str(output / "model.safetensors"))

@@ -20,15 +20,17 @@ class RecordingGradDiff(GradDiffTrainer):
 
 def main(model_dir: str, output_dir: str, record_dir: str, mode: str = "full") -> None:
     """``mode`` "full": plain GradDiff; "fila": through a FILA-initialised LoRA adapter with a utility budget;
-    "kuda": KUDA (causal tracing and the projection on every rank)."""
+    "kuda": KUDA (causal tracing and the projection on every rank) with gradient checkpointing."""
     world = World.make(num_forget=4)  # 20 forget rows: 2 ranks x 5 per step divide them evenly (no padding repeats)
     if mode == "kuda":
-        args = KUDAConfig(output_dir=output_dir, num_train_epochs=6, per_device_train_batch_size=5, seed=1, disable_tqdm=True)
+        args = KUDAConfig(output_dir=output_dir, num_train_epochs=6, per_device_train_batch_size=5, seed=1, disable_tqdm=True,
+                          gradient_checkpointing=True)  # hooks inside checkpointed layers, under DDP
         trainer = KUDATrainer(model=model_dir, args=args, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"))
         trainer.train()
         trainer.save_model()
         Path(record_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(
-            {"world_size": trainer.accelerator.num_processes, "layers": trainer.layers, "kept": trainer.projection.kept_dimensions}))
+            {"world_size": trainer.accelerator.num_processes, "layers": trainer.layers, "kept": trainer.projection.kept_dimensions,
+             "engine": trainer.record_extras["engine"]}))
         return
     extra = {"lora_init": "fila", "utility_budget": 0.9, "utility_metric": "probability", "budget_check_steps": 2} if mode == "fila" else {}
     args = GradDiffConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=3, per_device_train_batch_size=5,
