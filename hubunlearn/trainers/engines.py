@@ -130,7 +130,7 @@ def check_sharded(args, method: str, engine: str | None, deepspeed_config: dict 
     if asked:
         name = "ZeRO-3" if engine == "deepspeed" else "FSDP"
         raise UsageError(f"{asked[0]} needs full weights in one process, which {name} shards: run it with ZeRO stage 2 or "
-                         f"plain data parallelism (or drop it{'; hubunlearn unlearn: --no_utility_guard' if 'budget' in asked[0] else ''})")
+                         "plain data parallelism, or drop it")
 
 
 def deepspeed_config(args) -> dict | None:
