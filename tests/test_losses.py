@@ -124,3 +124,75 @@ def test_nll_and_sequence_log_prob_follow_the_causal_lm_conventions():
     summed = torch.nn.functional.cross_entropy(output.logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none").sum(-1)
     log_prob, count = losses.sequence_log_prob(output.logits, labels)
     assert torch.allclose(log_prob, -summed, rtol=1e-5) and count.tolist() == [6, 3, 1]
+
+
+def full_gold_log_probs(logits, targets):
+    """The memory-hungry formula the lean one replaces: a float32 log-softmax over the vocabulary, then a gather."""
+    return torch.gather(logits.float().log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def values_and_gradients(function, logits):
+    leaf = logits.detach().clone().requires_grad_()
+    value = function(leaf)
+    weights = torch.linspace(-1, 1, value.numel()).reshape(value.shape) if value.dim() else torch.tensor(1.0)
+    (value.float() * weights).sum().backward()
+    return value.detach().float(), leaf.grad.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 17, 301), (2, 9, 1000)])
+def test_memory_lean_log_probs_equal_the_full_log_softmax(dtype, shape):
+    """TRL's selective log-softmax (float32) and the chunked float32 upcast (bfloat16 on a CPU) give the full
+    log-softmax's gold-token log-probabilities and gradients; so do NLL and the sequence sums built on them."""
+    torch.manual_seed(sum(shape))
+    logits = (4 * torch.randn(shape)).to(dtype)
+    labels = torch.randint(0, shape[2], shape[:2])
+    labels[:, :3], labels[0, -2:] = -100, -100
+    targets = labels.clamp(min=0)
+
+    def old_token_log_probs(x):
+        shifted, target, mask = losses.shift(x, labels)
+        return full_gold_log_probs(shifted, target) * mask
+
+    pairs = [(lambda x: losses.gold_log_probs(x, targets), lambda x: full_gold_log_probs(x, targets)),
+             (lambda x: losses.gold_log_probs(x, targets, chunk_positions=4), lambda x: full_gold_log_probs(x, targets)),
+             (lambda x: losses.token_log_probs(x, labels)[0], old_token_log_probs),
+             (lambda x: losses.sequence_log_prob(x, labels)[0], lambda x: old_token_log_probs(x).sum(-1)),
+             (lambda x: losses.nll_loss(x, labels), lambda x: -old_token_log_probs(x).sum() / (labels[:, 1:] != -100).sum())]
+    for lean, full in pairs:
+        (lean_value, lean_grad), (full_value, full_grad) = values_and_gradients(lean, logits), values_and_gradients(full, logits)
+        assert lean_value.dtype == torch.float32
+        torch.testing.assert_close(lean_value, full_value, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(lean_grad, full_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_kl_and_inverted_hinge_equal_the_whole_sequence_at_once(dtype):
+    """Chunks of positions (each chunk's float32 softmax recomputed in the backward, its gradient written into one
+    buffer) give the same values and gradients as one chunk, including a last chunk shorter than the others."""
+    torch.manual_seed(0)
+    logits, reference = (3 * torch.randn(3, 23, 257)).to(dtype), (3 * torch.randn(3, 23, 257)).to(dtype)
+    labels = torch.randint(0, 257, (3, 23))
+    labels[:, :5] = -100
+    attention = torch.ones(3, 23, dtype=torch.long)
+    attention[2, 15:] = 0
+    for loss in (lambda x, n: losses.kl_to_reference(x, reference, attention, chunk_positions=n),
+                 lambda x, n: losses.inverted_hinge_loss(x, labels, chunk_positions=n)):
+        whole_value, whole_grad = values_and_gradients(lambda x: loss(x, 10**6), logits)
+        assert whole_value.abs() > 1e-3 and whole_grad.abs().max() > 0
+        for chunk in (1, 5, 22):
+            value, grad = values_and_gradients(lambda x: loss(x, chunk), logits)
+            torch.testing.assert_close(value, whole_value, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(grad, whole_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_chunk_size_follows_the_vocabulary():
+    """Automatic chunks hold at most CHUNK_ELEMENTS float32 values: a 128k vocabulary at batch 4 is cut in chunks
+    of 64 positions, a small one not at all."""
+    seen = []
+    logits = torch.zeros(4, 130, 128 * 1024, dtype=torch.bfloat16)
+    losses.chunked(lambda x: seen.append(x.shape[1]) or x[..., 0].float(), logits)
+    assert seen == [64, 64, 2] and 4 * 64 * 128 * 1024 == losses.CHUNK_ELEMENTS
+    seen.clear()
+    losses.chunked(lambda x: seen.append(x.shape[1]) or x[..., 0].float(), torch.zeros(4, 130, 1000))
+    assert seen == [130]

@@ -2,14 +2,80 @@
 
 Conventions: ``logits`` is ``(batch, length, vocab)``, ``labels`` is ``(batch, length)`` with ``-100`` on
 tokens that do not count (prompt, padding). Position ``t`` of the logits predicts token ``t + 1``.
+
+Memory: a full float32 log-softmax is ``batch × length × vocab × 4`` bytes (512 MiB for 4 × 256 tokens of a
+128k vocabulary), kept for the backward pass. Losses that need only the gold token's log-probability use TRL's
+``selective_log_softmax`` (a fused kernel on GPUs; elsewhere a log-sum-exp on chunks of positions) and never build
+it; losses that need the whole distribution (KL, IHL) work through :func:`chunked`, one chunk of positions at a
+time, recomputing each chunk's float32 intermediates in the backward pass instead of storing them, and writing its
+gradient into one buffer (``benchmarks/logprob_memory.py``).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 2**25  # float32 values (128 MiB) a chunked loss upcasts at a time: chunk = this / (batch × vocab) positions
+
+
+class _Chunked(torch.autograd.Function):
+    """A per-position ``function`` over chunks of positions whose backward recomputes one chunk at a time and writes
+    its gradient into a single buffer the size of the logits (slicing under autograd, or checkpointing each chunk,
+    would allocate a full-size zero gradient per chunk)."""
+
+    @staticmethod
+    def forward(ctx, function, step, logits, *others):
+        ctx.function, ctx.step = function, step
+        ctx.save_for_backward(logits, *others)
+        return torch.cat([function(logits[:, s : s + step], *(o[:, s : s + step] for o in others))
+                          for s in range(0, logits.shape[1], step)], 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, *others = ctx.saved_tensors
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        for s in range(0, logits.shape[1], ctx.step):
+            part = logits[:, s : s + ctx.step].detach().requires_grad_()
+            with torch.enable_grad():
+                value = ctx.function(part, *(o[:, s : s + ctx.step] for o in others))
+            grad[:, s : s + ctx.step] = torch.autograd.grad(value, part, grad_output[:, s : s + ctx.step])[0]
+        return (None, None, grad, *([None] * len(others)))
+
+
+def chunked(function: Callable[..., torch.Tensor], logits: torch.Tensor, *others: torch.Tensor,
+            chunk_positions: int | None = None) -> torch.Tensor:
+    """``function(logits, *others)`` computed over chunks of positions (dimension 1 of each ``(batch, length, ...)``
+    tensor) and concatenated along dimension 1; ``function`` maps ``(batch, c, ...)`` slices to a ``(batch, c)``
+    result. Gradients flow to ``logits`` only (``others``: targets, a frozen reference's logits).
+
+    ``chunk_positions`` defaults to :data:`CHUNK_ELEMENTS` ``/ (batch × vocab)``. The forward keeps no chunk's
+    intermediates (a float32 softmax over the vocabulary); the backward recomputes them one chunk at a time and writes
+    each chunk's gradient into one buffer, so the peak holds the logits' gradient and one chunk's intermediates, not
+    the whole sequence's. The result and its gradients equal the unchunked computation's (up to float rounding)."""
+    batch, length, vocab = logits.shape
+    step = chunk_positions or max(1, CHUNK_ELEMENTS // max(1, batch * vocab))
+    if step >= length:
+        return function(logits, *others)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _Chunked.apply(function, step, logits, *others)
+    return torch.cat([function(logits[:, s : s + step], *(o[:, s : s + step] for o in others)) for s in range(0, length, step)], 1)
+
+
+def gold_log_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
+    """``log softmax(logits)[..., target]`` in float32, ``(batch, length)`` for ``(batch, length, vocab)`` logits,
+    without a full log-softmax: TRL's ``selective_log_softmax``, on the whole tensor where its fused Triton kernel runs
+    (CUDA/XPU; it accumulates in float32), elsewhere on float32 chunks of positions (:func:`chunked`; TRL's CPU path
+    would keep a full-size gather gradient, and take bfloat16 logits' log-softmax in bfloat16)."""
+    from transformers.utils import is_triton_available
+    from trl.trainer.utils import selective_log_softmax
+
+    if logits.device.type in ("cuda", "xpu") and is_triton_available():
+        return selective_log_softmax(logits, targets).float()
+    return chunked(lambda part, index: selective_log_softmax(part.float(), index), logits, targets, chunk_positions=chunk_positions)
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -19,11 +85,20 @@ def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return logits, targets.masked_fill(~mask, 0), mask
 
 
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, mask)``, ``(batch, length)`` each, aligned with every position of the logits: position ``t``'s
+    target is label ``t + 1`` (0 where masked), the last position masked. Unlike :func:`shift` the logits are not
+    sliced, so a chunked loss gets the whole tensor and hands back its gradient without a full-size copy."""
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
+    mask = targets != IGNORE_INDEX
+    return targets.masked_fill(~mask, 0), mask
+
+
 def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``log p(y_t)`` of the labelled tokens (0 elsewhere) and the mask of labelled tokens."""
-    logits, targets, mask = shift(logits, labels)
-    log_probs = torch.gather(logits.float().log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
-    return log_probs * mask, mask
+    """Per-token ``log p(y_t)`` of the labelled tokens (0 elsewhere; float32) and the mask of labelled tokens,
+    ``(batch, length - 1)`` each (position ``t`` predicts token ``t + 1``)."""
+    targets, mask = next_token_targets(labels)
+    return (gold_log_probs(logits, targets) * mask)[:, :-1], mask[:, :-1]
 
 
 def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,21 +144,34 @@ def simnpo_loss(policy_log_prob: torch.Tensor, num_tokens: torch.Tensor, beta: f
     return -(2.0 / beta) * F.logsigmoid(-beta * normalised - gamma).mean()
 
 
-def inverted_hinge_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Inverted Hinge Loss (Cha et al., arXiv 2408.06621), mean over labelled tokens.
-
-    Per token ``1 + p(y_t) - max_{v≠y_t} p(v)``, in ``[0, 2]``: it pushes the true token down and the
-    runner-up up, instead of spreading gradient ascent's push over the whole vocabulary.
-    """
-    logits, targets, mask = shift(logits, labels)
+def _inverted_hinge(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position ``1 + p(y) - max_{v≠y} p(v)``: ``(batch, c)`` from ``(batch, c, vocab)`` logits."""
     probs = logits.float().softmax(-1)
     true_prob = torch.gather(probs, -1, targets.unsqueeze(-1)).squeeze(-1)
     other_probs = probs.scatter(-1, targets.unsqueeze(-1), -1.0)
-    per_token = 1.0 + true_prob - other_probs.max(-1).values
+    return 1.0 + true_prob - other_probs.max(-1).values
+
+
+def inverted_hinge_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
+    """Inverted Hinge Loss (Cha et al., arXiv 2408.06621), mean over labelled tokens.
+
+    Per token ``1 + p(y_t) - max_{v≠y_t} p(v)``, in ``[0, 2]``: it pushes the true token down and the
+    runner-up up, instead of spreading gradient ascent's push over the whole vocabulary. Computed in chunks of
+    positions (:func:`chunked`).
+    """
+    targets, mask = next_token_targets(labels)
+    per_token = chunked(_inverted_hinge, logits, targets, chunk_positions=chunk_positions)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _kl(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Per position ``KL(p_ref || p_θ)`` over the vocabulary: ``(batch, c)``."""
+    reference_log_probs = reference_logits.float().log_softmax(-1)
+    return F.kl_div(logits.float().log_softmax(-1), reference_log_probs, log_target=True, reduction="none").sum(-1)
+
+
+def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, attention_mask: torch.Tensor,
+                    chunk_positions: int | None = None) -> torch.Tensor:
     """``KL(p_ref || p_θ)`` of the next-token distributions, mean over the predictions of every real token of the
     sequences, question and answer alike; padding never counts.
 
@@ -92,12 +180,11 @@ def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, attent
     over each whole retain sequence). OpenUnlearning's code averages over every position of the padded batch,
     padding included, so the term's weight shifts with the batch's padding (and, on the models of
     ``benchmarks/parity_graddiff.py``, unlearning all but stops); hubunlearn counted the answer tokens only before
-    issue 16, leaving the rest of the sequence's predictions unconstrained.
+    issue 16, leaving the rest of the sequence's predictions unconstrained. Computed in chunks of positions
+    (:func:`chunked`).
     """
-    logits, reference_logits = logits[:, :-1, :], reference_logits[:, :-1, :]
-    mask = attention_mask[:, 1:] != 0
-    reference_log_probs = reference_logits.float().log_softmax(-1)
-    per_token = F.kl_div(logits.float().log_softmax(-1), reference_log_probs, log_target=True, reduction="none").sum(-1)
+    mask = torch.cat([attention_mask[:, 1:] != 0, attention_mask.new_zeros((attention_mask.shape[0], 1), dtype=torch.bool)], 1)
+    per_token = chunked(_kl, logits, reference_logits, chunk_positions=chunk_positions)  # the last position is masked
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
