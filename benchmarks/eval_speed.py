@@ -247,9 +247,10 @@ def table(results: dict) -> str:
                      f"{shape['ratio']:.2f}× |")
     m = results["machine"]
     lines.append("")
-    lines.append(f"Medians of {results['repeats']} interleaved repeats in one process, greedy answers of up to "
-                 f"{results['max_new_tokens']} new tokens on both sides, {m['threads']} torch thread(s), torch {m['torch']}, "
-                 f"{m['device']}, {m['cores']} cores.")
+    lines.append(f"Medians of {results['repeats']} repeats, the two tools interleaved in one process per model, on TOFU's "
+                 f"{results['forget_split']} sets; greedy answers of up to {results['max_new_tokens']} new tokens on both sides "
+                 f"(the models stop at eos well before), {m['threads']} torch thread, torch {m['torch']}, {m['device']}, "
+                 f"{m['cores']} cores{'; ' + results['note'] if results.get('note') else ''}.")
     return "\n".join(lines)
 
 
