@@ -32,7 +32,8 @@ def test_eval_writes_both_files_with_every_requested_metric(run_cli, world_model
     assert "unavailable: no reference model" in out and "truth_ratio" in out
 
 
-def test_reference_workflow_and_forget_quality(run_cli, world_model_dir, world_reference_dir, tmp_path):
+def test_reference_workflow_and_forget_quality(run_cli, world_model_dir, world_reference_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HUBUNLEARN_CACHE", str(tmp_path / "cache"))  # cold: other tests (other xdist workers) fill the shared one
     code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--reference", world_reference_dir,
                            "--metrics", "probability,truth_ratio,extraction_strength,forget_quality", "--output_dir", tmp_path / "target")
     assert code == 0, err
