@@ -17,6 +17,13 @@ from .conftest import HUB_TOKEN
 ARGS = ("--benchmark", "world", "--metrics", "truth_ratio,forget_quality", "--max_examples", "8")
 
 
+@pytest.fixture(autouse=True)
+def cold_cache(tmp_path, monkeypatch):
+    """Each test starts from an empty cache: what it finds there is what it wrote (other xdist workers share the
+    session's cache and may have cached the same reference under the same settings)."""
+    monkeypatch.setenv("HUBUNLEARN_CACHE", str(tmp_path / "cache"))
+
+
 def evaluate(run_cli, model, output, *args):
     code, _, err = run_cli("eval", "--model", model, *ARGS, "--output_dir", output, *args)
     assert code == 0, err
