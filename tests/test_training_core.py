@@ -174,11 +174,11 @@ ONE_PASS_CASES = ([("llama-32x2", m, {}) for m in LOGIT_METHODS] + [("llama-32x2
 def test_one_pass_and_two_passes_give_the_same_loss_and_gradients(shape, method, overrides, tokenizer, few, tmp_path):
     trainer = make(METHODS[method], SHAPES[shape](tokenizer), tokenizer, few, tmp_path,
                    **({"retain_loss": "nll"} if method == "ga" else {}), **overrides)
-    trainer.cache_reference_statistics()
-    with torch.no_grad():  # away from the original, so KL and NPO have gradients
+    batch = first_batch(trainer)  # the loader caches the original's statistics first (NPO)
+    assert ("reference_log_prob" in batch["forget"]) == (method == "npo")
+    with torch.no_grad():  # then away from the original, so KL and NPO have gradients
         for parameter in trainer.model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
-    batch = first_batch(trainer)
     assert trainer.one_pass
     one_loss, one_grads = loss_and_gradients(trainer, batch)
     trainer.one_pass = False

@@ -531,6 +531,12 @@ class UnlearnTrainer(Trainer):
         if self.reference_statistics and not self._reference_logits_needed:
             self.ref_model = None  # a given reference model served the statistics only: free it
 
+    def get_train_dataloader(self):
+        """The Trainer's loader, over examples that carry their reference statistics (computed here if ``train()`` has
+        not done it yet, e.g. when a caller draws batches itself)."""
+        self.cache_reference_statistics()
+        return super().get_train_dataloader()
+
     def _original_log_probs(self, examples) -> list[float]:
         """``log π_ref(answer | prompt)`` summed over each example's labelled tokens, in float32, in row order."""
         model = self.ref_model if self._reference_given else self.accelerator.unwrap_model(self.model)
