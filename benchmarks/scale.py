@@ -164,6 +164,91 @@ def worker(spec: dict) -> dict:
             "steps": len(timer.times), "library": str(Path(sys.modules["hubunlearn"].__file__).parent)}
 
 
+# ---- where the step's memory goes: the gold-token log-probabilities' backward -------------------------------------
+
+class GoldLogProb:
+    """A candidate for ``losses.gold_log_probs`` (not used by the library): ``log softmax(logits)[target]`` and its
+    gradient, computed ``chunk`` positions at a time into one preallocated gradient; the logits are never sliced by a
+    tensor that needs gradients, so no full-size zero-filled gradient is made per slice. ``targets`` are aligned with
+    the logits (the caller shifts the targets, not the logits)."""
+
+    @staticmethod
+    def apply(logits, targets, chunk: int = 32):
+        import torch
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, logits, targets):
+                lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+                out = torch.empty_like(lse)
+                for i in range(0, logits.shape[1], chunk):
+                    part = logits[:, i : i + chunk].float()
+                    lse[:, i : i + chunk] = torch.logsumexp(part, -1)
+                    out[:, i : i + chunk] = part.gather(-1, targets[:, i : i + chunk, None]).squeeze(-1) - lse[:, i : i + chunk]
+                ctx.save_for_backward(logits, targets, lse)
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                logits, targets, lse = ctx.saved_tensors
+                result = torch.empty_like(logits)
+                for i in range(0, logits.shape[1], chunk):
+                    g = grad[:, i : i + chunk, None]
+                    part = (logits[:, i : i + chunk].float() - lse[:, i : i + chunk, None]).exp_().mul_(-g)
+                    result[:, i : i + chunk] = part.scatter_add_(-1, targets[:, i : i + chunk, None], g)
+                return result, None
+
+        return Function.apply(logits, targets)
+
+
+LOSS_WAYS = {  # how the gold-token log-probabilities of a joint forget + retain batch are computed
+    "hubunlearn": "losses.token_log_probs on the joint logits sliced into forget and retain parts (as the trainers do)",
+    "reference": "F.cross_entropy on each part, as OpenUnlearning (the model's loss)",
+    "chunked_function": "GoldLogProb above on the unsliced logits, the targets shifted instead",
+}
+
+
+LOSS_WAY_LABELS = {"hubunlearn": "hubunlearn (sliced joint logits, TRL's selective_log_softmax)",
+                   "reference": "OpenUnlearning's (cross-entropy per part)", "chunked_function": "chunked function (`GoldLogProb`)"}
+
+
+def loss_memory_worker(way: str, vocab: int) -> dict:
+    """Peak resident memory above the logits of one loss forward + backward on ``2 × BATCH × LENGTH`` float32 logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from hubunlearn.trainers import losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(2 * BATCH, LENGTH, vocab, requires_grad=True)
+    labels = torch.randint(0, vocab, (2 * BATCH, LENGTH))
+    before = memory_mib()["VmRSS"]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    if way == "hubunlearn":
+        parts = [losses.token_log_probs(logits[rows], labels[rows])[0] for rows in (slice(0, BATCH), slice(BATCH, None))]
+        loss = -(parts[0].sum() + parts[1].sum())
+    elif way == "reference":
+        loss = sum(F.cross_entropy(logits[rows, :-1].transpose(1, 2), labels[rows, 1:]) for rows in (slice(0, BATCH), slice(BATCH, None)))
+    else:
+        targets = torch.roll(labels, -1, 1)  # position t predicts token t + 1; the last position is left out below
+        loss = -GoldLogProb.apply(logits, targets)[:, :-1].sum()
+    loss.backward()
+    return {"way": way, "vocab": vocab, "logits_mib": round(logits.numel() * 4 / 2**20), "peak_above_logits_mib": round(memory_mib()["VmHWM"] - before)}
+
+
+def loss_memory(vocabs=(32000,)) -> list[dict]:
+    rows = []
+    for vocab in vocabs:
+        for way in LOSS_WAYS:
+            result = subprocess.run([sys.executable, __file__, "--loss-worker", way, str(vocab)], capture_output=True, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr[-2000:])
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 # ---- the benchmark -----------------------------------------------------------------------------------------------
 
 def make_inputs(data: Path, folder: Path, rows_needed: int) -> tuple[Path, Path]:
@@ -289,6 +374,16 @@ def table(results: dict) -> str:
             label = {"hubunlearn": "hubunlearn", "reference": "OpenUnlearning's"}[tool] + " " + method.replace("+lora", " (LoRA r=8)")
             lines.append(f"| {name} | {label} | {_median(entry['runs'], run_name, 'peak_mib'):.0f} | "
                          f"{_median(entry['runs'], run_name, 'median_step_seconds'):.2f} | {_median(entry['runs'], run_name, 'setup_seconds'):.1f} |")
+    if "loss_memory" in results:
+        memory = results["loss_memory"]
+        lines += ["", f"The gold-token log-probabilities' forward + backward alone, on {memory['batch']} × {memory['length']} float32 logits "
+                  "(`--loss-memory`, one process each): peak resident memory above the logits.", "",
+                  "| vocabulary | logits (MiB) | " + " | ".join(LOSS_WAY_LABELS[w] for w in memory["ways"]) + " |",
+                  "|---|---|" + "---|" * len(memory["ways"])]
+        for vocab in sorted({r["vocab"] for r in memory["runs"]}):
+            by_way = {r["way"]: r for r in memory["runs"] if r["vocab"] == vocab}
+            logits = next(iter(by_way.values()))["logits_mib"]
+            lines.append(f"| {vocab:,} | {logits} | " + " | ".join(f"+{by_way[w]['peak_above_logits_mib']}" for w in memory["ways"]) + " |")
     return "\n".join(lines)
 
 
@@ -304,14 +399,24 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only rewrite the README table from the results JSON")
     parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON, kept for the models not run now (the README "
                         "table is rewritten only for the default)")
+    parser.add_argument("--loss-memory", action="store_true", help="only measure the log-probability loss's peak memory, "
+                        "three ways (LOSS_WAYS), into the results JSON")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: SPEC.json OUT.json, one run
+    parser.add_argument("--loss-worker", nargs=2, help=argparse.SUPPRESS)  # internal: WAY VOCAB
     args = parser.parse_args()
+    if args.loss_worker:
+        print(json.dumps(loss_memory_worker(args.loss_worker[0], int(args.loss_worker[1]))))
+        return
     if args.worker:
         spec_path, out_path = map(Path, args.worker)
         out_path.write_text(json.dumps(worker(json.loads(spec_path.read_text()))))
         return
     if args.table:
         results = json.loads(args.output.read_text())
+    elif args.loss_memory:
+        results = json.loads(args.output.read_text())
+        results["loss_memory"] = {"ways": LOSS_WAYS, "batch": 2 * BATCH, "length": LENGTH, "runs": loss_memory((32000, 128256))}
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
     else:
         previous = json.loads(args.output.read_text()) if args.output.is_file() else None
         results = run(args.data, args.models, args.runs, args.steps, args.warmup, args.rounds, args.threads, previous)
