@@ -166,50 +166,19 @@ def worker(spec: dict) -> dict:
 
 # ---- where the step's memory goes: the gold-token log-probabilities' backward -------------------------------------
 
-class GoldLogProb:
-    """A candidate for ``losses.gold_log_probs`` (not used by the library): ``log softmax(logits)[target]`` and its
-    gradient, computed ``chunk`` positions at a time into one preallocated gradient; the logits are never sliced by a
-    tensor that needs gradients, so no full-size zero-filled gradient is made per slice. ``targets`` are aligned with
-    the logits (the caller shifts the targets, not the logits)."""
-
-    @staticmethod
-    def apply(logits, targets, chunk: int = 32):
-        import torch
-
-        class Function(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, logits, targets):
-                lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-                out = torch.empty_like(lse)
-                for i in range(0, logits.shape[1], chunk):
-                    part = logits[:, i : i + chunk].float()
-                    lse[:, i : i + chunk] = torch.logsumexp(part, -1)
-                    out[:, i : i + chunk] = part.gather(-1, targets[:, i : i + chunk, None]).squeeze(-1) - lse[:, i : i + chunk]
-                ctx.save_for_backward(logits, targets, lse)
-                return out
-
-            @staticmethod
-            def backward(ctx, grad):
-                logits, targets, lse = ctx.saved_tensors
-                result = torch.empty_like(logits)
-                for i in range(0, logits.shape[1], chunk):
-                    g = grad[:, i : i + chunk, None]
-                    part = (logits[:, i : i + chunk].float() - lse[:, i : i + chunk, None]).exp_().mul_(-g)
-                    result[:, i : i + chunk] = part.scatter_add_(-1, targets[:, i : i + chunk, None], g)
-                return result, None
-
-        return Function.apply(logits, targets)
-
-
 LOSS_WAYS = {  # how the gold-token log-probabilities of a joint forget + retain batch are computed
-    "hubunlearn": "losses.token_log_probs on the joint logits sliced into forget and retain parts (as the trainers do)",
+    "hubunlearn": "losses.token_log_probs on each part of the joint logits split by rows with torch.split, at the joint width "
+                  "(as the trainers do): losses.GoldLogProb on the CPU",
+    "joint": "losses.token_log_probs on the joint logits, unsplit (the floor: one gradient buffer)",
     "reference": "F.cross_entropy on each part, as OpenUnlearning (the model's loss)",
-    "chunked_function": "GoldLogProb above on the unsliced logits, the targets shifted instead",
 }
 
 
-LOSS_WAY_LABELS = {"hubunlearn": "hubunlearn (sliced joint logits, TRL's selective_log_softmax)",
-                   "reference": "OpenUnlearning's (cross-entropy per part)", "chunked_function": "chunked function (`GoldLogProb`)"}
+LOSS_WAY_LABELS = {"hubunlearn": "hubunlearn (joint logits split by rows, `GoldLogProb`)", "joint": "one call on the unsplit joint logits",
+                   "reference": "OpenUnlearning's (cross-entropy per part)"}
+# glibc keeps freed blocks below its (rising) mmap threshold resident; a fixed threshold makes the resident peak the
+# peak of live tensors (as benchmarks/logprob_memory.py)
+LOSS_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def loss_memory_worker(way: str, vocab: int) -> dict:
@@ -225,13 +194,12 @@ def loss_memory_worker(way: str, vocab: int) -> dict:
     before = memory_mib()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
     if way == "hubunlearn":
-        parts = [losses.token_log_probs(logits[rows], labels[rows])[0] for rows in (slice(0, BATCH), slice(BATCH, None))]
+        parts = [losses.token_log_probs(part, rows)[0] for part, rows in zip(logits.split(BATCH), labels.split(BATCH))]
         loss = -(parts[0].sum() + parts[1].sum())
     elif way == "reference":
         loss = sum(F.cross_entropy(logits[rows, :-1].transpose(1, 2), labels[rows, 1:]) for rows in (slice(0, BATCH), slice(BATCH, None)))
     else:
-        targets = torch.roll(labels, -1, 1)  # position t predicts token t + 1; the last position is left out below
-        loss = -GoldLogProb.apply(logits, targets)[:, :-1].sum()
+        loss = -losses.token_log_probs(logits, labels)[0].sum()
     loss.backward()
     return {"way": way, "vocab": vocab, "logits_mib": round(logits.numel() * 4 / 2**20), "peak_above_logits_mib": round(memory_mib()["VmHWM"] - before)}
 
@@ -241,7 +209,7 @@ def loss_memory(vocabs=(32000,)) -> list[dict]:
     for vocab in vocabs:
         for way in LOSS_WAYS:
             result = subprocess.run([sys.executable, __file__, "--loss-worker", way, str(vocab)], capture_output=True, text=True,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", **LOSS_MALLOC})
             if result.returncode != 0:
                 raise RuntimeError(result.stderr[-2000:])
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))

@@ -366,7 +366,8 @@ def concatenate_batches(batches: Sequence[dict[str, torch.Tensor]], pad_token_id
     with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with ``IGNORE_INDEX``), then stacked along the batch
     axis in order. Other keys are left out. A causal LM gives every real token of a row the same logits either way
     (right padding: padded positions come after the real ones and are masked), so one forward pass over the result
-    serves all the batches: split its logits with ``logits[start:end, :width]``."""
+    serves all the batches: split its logits by rows with ``torch.split`` (never slice them: see
+    ``UnlearnTrainer.joint_logits``)."""
     width = max(b["input_ids"].shape[1] for b in batches)
     fillers = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     return {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=filler) for b in batches])

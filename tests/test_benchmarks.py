@@ -73,22 +73,3 @@ def test_a_failing_gpu_check_is_recorded_and_the_next_one_still_runs():
     assert [(c["status"], c.get("error") or c.get("reason")) for c in checks] == [
         ("failed", "ZeroDivisionError: division by zero"), ("skipped", "needs two GPUs, found 0"), ("ok", None)]
     assert checks[2]["steps"] == 2
-
-
-@pytest.mark.parametrize("shape", [(3, 7, 50), (2, 40, 11)])
-def test_the_scale_benchmarks_chunked_gold_log_prob_equals_the_full_log_softmax(shape):
-    """GoldLogProb (benchmarks/scale.py's candidate for a leaner gold-token log-probability) against log_softmax + gather:
-    values and gradients, with chunks that do not divide the length."""
-    import torch
-
-    scale = load_benchmark("scale")
-    torch.manual_seed(0)
-    logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, shape[-1], shape[:2])
-    weights = torch.randn(shape[:2], dtype=torch.float64)
-    ours = scale.GoldLogProb.apply(logits.float(), targets, chunk=3)
-    (ours.double() * weights).sum().backward()
-    ours_grad, logits.grad = logits.grad.clone(), None
-    full = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    (full * weights).sum().backward()
-    assert torch.allclose(ours.double(), full, atol=1e-5) and torch.allclose(ours_grad, logits.grad, atol=1e-5)

@@ -196,3 +196,43 @@ def test_chunk_size_follows_the_vocabulary():
     seen.clear()
     losses.chunked(lambda x: seen.append(x.shape[1]) or x[..., 0].float(), torch.zeros(4, 130, 1000))
     assert seen == [130]
+
+
+def vocabulary_slices(tensor, vocab):
+    """Names of the autograd nodes between ``tensor`` and the leaves that slice, select or index a tensor whose last
+    dimension is ``vocab`` (the logits): each such node's backward fills a full-size zero gradient."""
+    found, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        sizes = getattr(node, "_saved_self_sym_sizes", None)
+        if sizes is not None and int(sizes[-1]) == vocab and any(k in node.name() for k in ("Slice", "Select", "Index")):
+            found.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("vocab", [301, 1000])
+def test_no_loss_slices_logits_that_carry_gradients(vocab):
+    """Every logits loss (on a row-split part of joint logits, as the one-pass trainer hands them) reaches the logits
+    through TRL's kernel, GoldLogProb or the chunked function, never through a slice of the logits (whose backward
+    would add a full-size zero-filled gradient per slice), and its gradient equals the unsplit computation's."""
+    torch.manual_seed(vocab)
+    joint = torch.randn(5, 11, vocab, requires_grad=True)
+    labels, attention = torch.randint(0, vocab, (5, 11)), torch.ones(5, 11, dtype=torch.long)
+    labels[:, :2], labels[3:, 8:], attention[3:, 8:] = -100, -100, 0  # the second part's rows are padded to the joint width
+    reference = torch.randn(5, 11, vocab)
+    for loss in (lambda x, rows: losses.nll_loss(x, labels[rows]), lambda x, rows: losses.sequence_log_prob(x, labels[rows])[0].sum(),
+                 lambda x, rows: losses.capped_gradient_ascent_loss(x, labels[rows], 3.0),
+                 lambda x, rows: losses.inverted_hinge_loss(x, labels[rows], chunk_positions=4),
+                 lambda x, rows: losses.kl_to_reference(x, reference[rows], attention[rows], chunk_positions=4)):
+        forget, retain = joint.split([3, 2])
+        value = loss(forget, slice(0, 3)) + 2 * loss(retain, slice(3, 5))
+        assert vocabulary_slices(value, vocab) == []
+        split_grad, = torch.autograd.grad(value, joint)
+        whole = [loss(joint[:3], slice(0, 3)), loss(joint[3:], slice(3, 5))]  # slicing here: the reference computation
+        assert vocabulary_slices(whole[0], vocab) != []  # the check sees a slice where there is one
+        whole_grad, = torch.autograd.grad(whole[0] + 2 * whole[1], joint)
+        torch.testing.assert_close(split_grad, whole_grad, rtol=1e-6, atol=1e-6)

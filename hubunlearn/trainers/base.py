@@ -589,14 +589,22 @@ class UnlearnTrainer(Trainer):
     def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    def joint_logits(self, model, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def joint_logits(self, model, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The policy's logits on the forget and the retain batch from one forward pass over both, each padded to the
-        wider one's width (right padding: real tokens get the same logits as in their own batch), split back to each
-        batch's rows and width."""
+        wider one's width (right padding: real tokens get the same logits as in their own batch, padding has labels
+        ``-100`` and attention 0), as ``(forget_logits, retain_logits, forget, retain)``: the logits split by rows,
+        both at the joint width, and the batches at that width (their other keys, such as ``reference_log_prob``,
+        kept). The logits are split with ``torch.split``, never sliced along the positions: the backward of a slice
+        fills a full-size zero gradient per part, ``torch.split``'s concatenates the parts' gradients once."""
         joint = concatenate_batches([forget, retain], self.processing_class.pad_token_id)
-        logits = self.logits(model, joint)
-        size, forget_width, retain_width = forget["input_ids"].shape[0], forget["input_ids"].shape[1], retain["input_ids"].shape[1]
-        return logits[:size, :forget_width], logits[size:, :retain_width]
+        sizes = [forget["input_ids"].shape[0], retain["input_ids"].shape[0]]
+        parts = [dict(batch) for batch in (forget, retain)]
+        for key, value in joint.items():
+            for part, rows in zip(parts, value.split(sizes)):
+                part[key] = rows
+        forget_logits, retain_logits = self.logits(model, joint).split(sizes)
+        return forget_logits, retain_logits, parts[0], parts[1]
 
     @torch.no_grad()
     def reference_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -622,7 +630,7 @@ class UnlearnTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget, retain = inputs["forget"], inputs.get("retain")
         if self.one_pass and retain is not None:
-            forget_logits, retain_logits = self.joint_logits(model, forget, retain)
+            forget_logits, retain_logits, forget, retain = self.joint_logits(model, forget, retain)
             forget_loss = self.forget_loss_from_logits(forget_logits, forget)
             retain_loss = self.retain_loss_from_logits(retain_logits, retain)
         else:

@@ -5,8 +5,9 @@ tokens that do not count (prompt, padding). Position ``t`` of the logits predict
 
 Memory: a full float32 log-softmax is ``batch × length × vocab × 4`` bytes (512 MiB for 4 × 256 tokens of a
 128k vocabulary), kept for the backward pass. Losses that need only the gold token's log-probability use TRL's
-``selective_log_softmax`` (a fused kernel on GPUs; elsewhere a log-sum-exp on chunks of positions) and never build
-it; losses that need the whole distribution (KL, IHL) work through :func:`chunked`, one chunk of positions at a
+``selective_log_softmax`` where its fused kernel runs (GPUs), elsewhere :class:`GoldLogProb` (a log-sum-exp on chunks of
+positions, the gradient written into one buffer), and never build it; no loss slices logits that carry gradients
+(the targets are shifted instead: :func:`next_token_targets`); losses that need the whole distribution (KL, IHL) work through :func:`chunked`, one chunk of positions at a
 time, recomputing each chunk's float32 intermediates in the backward pass instead of storing them, and writing its
 gradient into one buffer (``benchmarks/logprob_memory.py``).
 """
@@ -65,17 +66,56 @@ def chunked(function: Callable[..., torch.Tensor], logits: torch.Tensor, *others
     return torch.cat([function(logits[:, s : s + step], *(o[:, s : s + step] for o in others)) for s in range(0, length, step)], 1)
 
 
-def gold_log_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
-    """``log softmax(logits)[..., target]`` in float32, ``(batch, length)`` for ``(batch, length, vocab)`` logits,
-    without a full log-softmax: TRL's ``selective_log_softmax``, on the whole tensor where its fused Triton kernel runs
-    (CUDA/XPU; it accumulates in float32), elsewhere on float32 chunks of positions (:func:`chunked`; TRL's CPU path
-    would keep a full-size gather gradient, and take bfloat16 logits' log-softmax in bfloat16)."""
-    from transformers.utils import is_triton_available
-    from trl.trainer.utils import selective_log_softmax
+class GoldLogProb(torch.autograd.Function):
+    """``log softmax(logits)[..., target]`` in float32 and its gradient, ``step`` positions at a time.
 
-    if logits.device.type in ("cuda", "xpu") and is_triton_available():
+    The forward keeps only the logits (saved, not copied) and one float32 log-sum-exp per position; the backward
+    writes ``onehot(target) - softmax(logits)`` (times the incoming gradient) chunk by chunk into one preallocated
+    gradient the size of the logits. No slice of the logits is taken under autograd (each such slice would get a
+    full-size zero-filled gradient in the backward) and no row-by-row stack of gradients is built (TRL's CPU path), so
+    the backward's peak is the logits' gradient plus one chunk's float32 softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, step):
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        out = torch.empty_like(lse)
+        for s in range(0, logits.shape[1], step):
+            part = logits[:, s : s + step].float()
+            lse[:, s : s + step] = torch.logsumexp(part, -1)
+            out[:, s : s + step] = part.gather(-1, targets[:, s : s + step, None]).squeeze(-1) - lse[:, s : s + step]
+        ctx.step = step
+        ctx.save_for_backward(logits, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        for s in range(0, logits.shape[1], ctx.step):
+            g = grad_output[:, s : s + ctx.step, None].float()
+            part = (logits[:, s : s + ctx.step].float() - lse[:, s : s + ctx.step, None]).exp_().mul_(-g)
+            grad[:, s : s + ctx.step] = part.scatter_add_(-1, targets[:, s : s + ctx.step, None], g)
+        return grad, None, None
+
+
+def gold_log_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
+    """``log softmax(logits)[..., target]`` in float32, ``(batch, length)`` for ``(batch, length, vocab)`` logits
+    and ``(batch, length)`` targets aligned with them (shift the targets, never the logits: see
+    :func:`next_token_targets`), without a full log-softmax.
+
+    Where TRL's fused Triton kernel runs (``selective_log_softmax`` on CUDA/XPU; it accumulates in float32) it is
+    used on the whole tensor; elsewhere :class:`GoldLogProb`, chunks of ``chunk_positions`` positions (default
+    :data:`CHUNK_ELEMENTS` ``/ (batch × vocab)``) upcast to float32 one at a time. TRL's fallback (a gather plus a
+    row-by-row log-sum-exp) would keep a full-size gather gradient and a stack of per-row ones, and take bfloat16
+    logits' log-softmax in bfloat16."""
+    from transformers.utils import is_triton_available
+    from trl.trainer.utils import _supports_trl_loss_kernel, selective_log_softmax
+
+    if is_triton_available() and _supports_trl_loss_kernel(logits, targets):
         return selective_log_softmax(logits, targets).float()
-    return chunked(lambda part, index: selective_log_softmax(part.float(), index), logits, targets, chunk_positions=chunk_positions)
+    batch, _, vocab = logits.shape
+    step = chunk_positions or max(1, CHUNK_ELEMENTS // max(1, batch * vocab))
+    return GoldLogProb.apply(logits, targets, step)
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
