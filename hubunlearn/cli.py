@@ -87,6 +87,7 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--trust_remote_code", action="store_true", help="Run the model repository's own code.")
+    parser.add_argument("--device", default="auto", help="Where the model computes: auto (default: the GPU when there is one), cpu, cuda or cuda:N.")
     args = parser.parse_args(argv)
     if args.record_to:  # before the evaluation, not after it
         from .artifacts import read_record
@@ -97,7 +98,8 @@ def _eval(argv: list[str]) -> int:
                         data=args.data, metrics=args.metrics, max_examples=args.max_examples, reference=args.reference,
                         reference_stats=args.reference_stats, holdout=args.holdout, attacks=args.attack,
                         relearn_steps=args.relearn_steps, relearn_learning_rate=args.relearn_learning_rate,
-                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
+                        device=args.device)
     summary = run_eval(config, args.output_dir)
     print(format_summary(summary))
     print(f"hubunlearn: wrote summary.json and per_example.json to {args.output_dir}")
@@ -292,6 +294,7 @@ def _space(argv: list[str]) -> int:
     parser.add_argument("--deploy", metavar="ORG/NAME", help="Create or update this Hub Space instead of running locally.")
     parser.add_argument("--hardware", default="cpu-basic", help="Suggested Space hardware (e.g. cpu-basic, t4-small, zero-a10g).")
     parser.add_argument("--private", action="store_true", help="Create the Space as private.")
+    parser.add_argument("--device", default="auto", help="Where the local app's models compute: auto (default: the GPU when there is one), cpu, cuda or cuda:N.")
     args = parser.parse_args(argv)
     check_artifact(args.unlearned)
     if args.deploy:
@@ -303,7 +306,7 @@ def _space(argv: list[str]) -> int:
 
     check_port(args.port)
     quiet_weight_loading()
-    build_demo(SideBySide.load(args.unlearned, args.original)).launch(server_port=args.port)
+    build_demo(SideBySide.load(args.unlearned, args.original, args.device)).launch(server_port=args.port)
     return 0
 
 

@@ -57,6 +57,7 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 64
     trust_remote_code: bool = False
+    device: str = "auto"  # where the model (and the reference model) compute: auto (the accelerator if any), cpu, cuda[:N]
     data_format: DataFormat = field(default_factory=lambda: DataFormat(max_length=512))
 
     def __post_init__(self):
@@ -72,6 +73,9 @@ class EvalConfig:
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown:
             raise UsageError(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(ATTACKS)}")
+        from .modeling import resolve_device
+
+        resolve_device(self.device)  # a device this machine lacks is refused before anything loads
 
 
 def load_sets(config: EvalConfig) -> dict[str, list[dict]]:
@@ -108,10 +112,12 @@ def is_eco_bundle(name_or_path: str, revision: str | None = None) -> bool:
     return True
 
 
-def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_code: bool = False, revision: str | None = None):
+def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
+                  device: str | None = "auto"):
     """Model (at ``revision`` of a Hub repo; with an adapter applied when given, or wrapped by an ECO bundle when
-    ``name_or_path`` is one, local or on the Hub) and tokenizer, checked against each other."""
-    from .modeling import load_model, load_tokenizer
+    ``name_or_path`` is one, local or on the Hub) and tokenizer, checked against each other. The model is placed on
+    ``device`` (:func:`~hubunlearn.modeling.resolve_device`: ``auto`` is the GPU when there is one), in eval mode."""
+    from .modeling import load_model, load_tokenizer, place
 
     if is_eco_bundle(name_or_path, revision):
         from .eco import ECOModel
@@ -119,7 +125,7 @@ def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_co
         if adapter:
             raise UsageError(f"{name_or_path} is an ECO bundle: it wraps its base model and takes no --adapter")
         tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code=trust_remote_code)  # a bundle carries its tokenizer
-        return ECOModel.from_pretrained(name_or_path, tokenizer=tokenizer, revision=revision).eval(), tokenizer
+        return place(ECOModel.from_pretrained(name_or_path, tokenizer=tokenizer, revision=revision), device).eval(), tokenizer
 
     tokenizer = load_tokenizer(name_or_path, revision, trust_remote_code=trust_remote_code)
     model = load_model(name_or_path, revision, trust_remote_code=trust_remote_code)
@@ -134,7 +140,7 @@ def load_for_eval(name_or_path: str, adapter: str | None = None, trust_remote_co
     if len(tokenizer) > embeddings:
         raise UsageError(f"the tokenizer ({len(tokenizer)} tokens) does not match the model ({embeddings} embeddings): "
                          "use the tokenizer saved with the model")
-    return model.eval(), tokenizer
+    return place(model, device).eval(), tokenizer
 
 
 def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], config: EvalConfig) -> dict[str, list[dict]]:
@@ -146,6 +152,8 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], config: EvalCon
     :func:`~hubunlearn.metrics.likelihood.greedy_answers` pass over every set's prompts (ROUGE); each sorts its
     examples by length into batches of ``config.batch_size`` and puts the results back in order. Only generative
     extraction strength makes calls of its own. Every number equals the one a batch of one gives, to float rounding.
+    The passes run where the model is (each batch is moved to its first parameter's device; the results come back as
+    Python numbers and strings): place it first (:func:`load_for_eval` does, by ``config.device``).
     """
     from .metrics.likelihood import greedy_answers
     from .metrics.stats import split, token_stats
@@ -469,7 +477,8 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tup
         if reference is not None:
             logger.info("reusing the reference statistics of %s cached in %s", describe_reference(source), path)
         else:
-            model, tokenizer = load_for_eval(config.reference, trust_remote_code=config.trust_remote_code, revision=source.get("commit"))
+            model, tokenizer = load_for_eval(config.reference, trust_remote_code=config.trust_remote_code, revision=source.get("commit"),
+                                             device=config.device)
             reference = evaluate_sets(model, tokenizer, sets, config)
             if path:
                 _write_atomically(path, {"key": key, "reference_source": source, "per_example": reference,
@@ -492,14 +501,16 @@ def check_eval_output(output_dir: Path) -> None:
 def run_eval(config: EvalConfig, output_dir: str | Path) -> dict[str, Any]:
     """Evaluate, write ``summary.json`` and ``per_example.json`` atomically, and return the summary."""
     from .attacks import run_attacks
+    from .modeling import model_device
 
     output_dir = Path(output_dir)
     check_eval_output(output_dir)
     sets = load_sets(config)
     reference, source = reference_statistics(config, sets)
-    model, tokenizer = load_for_eval(config.model, config.adapter, config.trust_remote_code, config.revision)
+    model, tokenizer = load_for_eval(config.model, config.adapter, config.trust_remote_code, config.revision, config.device)
     per_example = evaluate_sets(model, tokenizer, sets, config)
     summary = summarize(per_example, config, reference)
+    summary["device"] = str(model_device(model))  # where the model computed (config.device says what was asked)
     if reference is not None:
         summary["reference"] = {name: summarize_set(name, results) for name, results in reference.items()}
         summary["reference_source"] = source

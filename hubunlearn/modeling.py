@@ -90,3 +90,47 @@ def base_model_view(peft_model):
     view.load_state_dict(state, strict=True, assign=True)
     view.generation_config = base.generation_config
     return view.to(base.device).eval()
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(device: str | None = "auto"):
+    """The ``torch.device`` a ``--device`` value names: ``auto`` (or None) is the machine's accelerator when one is
+    available (a CUDA GPU, else ``torch.accelerator``'s: MPS, XPU, ...) and the CPU otherwise; ``cpu``; ``cuda`` or
+    ``cuda:N``. Raises :class:`UsageError` (one line) for any other value, for ``cuda`` on a machine whose torch sees
+    no CUDA GPU, and for a GPU index that does not exist."""
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":  # CUDA asked first: ZeroGPU's ``spaces`` package makes torch.cuda report its GPU
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return torch.device(accelerator.type) if accelerator else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UsageError(f"unknown --device '{device}': choose {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__} sees none): "
+                         "use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1}): choose one of them")
+    return torch.device("cuda", int(index)) if index else torch.device("cuda")
+
+
+def place(model, device: str | None = "auto"):
+    """``model`` moved to :func:`resolve_device`'s device (a PEFT model with its adapter; an ECO bundle with its base
+    model: its prompt classifier stays where it computes, on the CPU); a model already spread over devices by
+    ``device_map`` (``hf_device_map``) stays where it is. Returns the model."""
+    if getattr(model, "hf_device_map", None) or getattr(getattr(model, "model", None), "hf_device_map", None):
+        return model
+    return model.to(resolve_device(device))
+
+
+def model_device(model):
+    """The device a model computes on: its first parameter's (what the metrics move their batches to)."""
+    return next(model.parameters()).device

@@ -39,9 +39,13 @@ class SideBySide:
     plots: list[Path]
 
     @classmethod
-    def load(cls, unlearned: str, original: str | None = None) -> "SideBySide":
+    def load(cls, unlearned: str, original: str | None = None, device: str | None = "auto") -> "SideBySide":
+        """Both models on ``device`` (:func:`~hubunlearn.modeling.resolve_device`: ``auto`` is the GPU when there
+        is one; a bad value or a missing GPU is a one-line :class:`UsageError` before anything loads)."""
         from .hub import load
-        from .modeling import base_model_view, load_model, load_tokenizer
+        from .modeling import base_model_view, load_model, load_tokenizer, place, resolve_device
+
+        resolve_device(device)
 
         folder = Path(unlearned)
         if not folder.is_dir():
@@ -55,12 +59,12 @@ class SideBySide:
                                  "(check the path, the repo id, and HF_TOKEN for private repositories)") from error
         record = read_record(folder)
         kind = record["artifact"]
-        model = load(unlearned)
+        model = place(load(unlearned), device)
         tokenizer = load_tokenizer(unlearned)  # every artifact folder carries its tokenizer
         if kind == "full" or original:
-            other = load_model(original or record["base_model"]["name_or_path"]).eval()
+            other = place(load_model(original or record["base_model"]["name_or_path"]), device).eval()
         elif kind == "lora":
-            other = base_model_view(model)
+            other = base_model_view(model)  # on the adapter model's device
         else:  # an ECO bundle's base model: its hook corrupts only the calls made through the bundle
             other = model.model
         plots = [folder / name for name in record.get("plots") or [] if (folder / name).is_file()]
@@ -78,6 +82,7 @@ class SideBySide:
         from transformers import TextIteratorStreamer
 
         from .data import prompt_inputs
+        from .modeling import model_device
 
         if which not in ("original", "unlearned"):
             raise ValueError(f"which must be 'original' or 'unlearned', not {which!r}")
@@ -92,6 +97,7 @@ class SideBySide:
         else:
             model = self.unlearned
             extra = {"prompts": [prompt]} if self.kind == "eco" else {}
+        inputs = {key: value.to(model_device(model)) for key, value in inputs.items()}  # where the model computes
         errors = []
 
         def run():

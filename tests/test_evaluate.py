@@ -7,6 +7,7 @@ import pytest
 from hubunlearn.evaluate import METRICS
 
 ALL_SET_METRICS = "probability,truth_ratio,rouge,exact_memorization,extraction_strength,extraction_strength_tf"
+NO_GPU = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
 
 
 def read(folder):
@@ -127,6 +128,9 @@ def test_recording_into_an_artifact_updates_its_record_and_card(run_cli, world_m
     (["--max_examples", "many"], "invalid int value: 'many'"),
     (["--stage", "beforee"], "argument --stage: invalid choice: 'beforee'"),
     (["--record_to", "{tmp}/not-an-artifact"], "has no unlearning.json: it is not a hubunlearn artifact"),
+    (["--device", "tpu"], "unknown --device 'tpu': choose auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "--device cuda: no CUDA GPU is available here", marks=NO_GPU),
+    pytest.param(["--device", "cuda:1"], "--device cuda:1: no CUDA GPU is available here", marks=NO_GPU),
 ])
 def test_bad_eval_input(run_cli, world_model_dir, tmp_path, args, message):
     code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--output_dir", tmp_path / "e",
@@ -314,3 +318,57 @@ def test_token_stats_without_a_selectable_cache_take_the_plain_path(tokenizer, w
     plain = token_stats(model, pool, tokenizer.pad_token_id, batch_size=8, share_prompts=False)
     assert all(s is not None for s in fallback)
     _same([vars(s) for s in fallback], [vars(s) for s in plain])
+
+
+def test_device_choice():
+    """auto is the accelerator when there is one and the CPU otherwise; cpu is the CPU; cuda needs a CUDA GPU; anything
+    else is refused with one line naming the choices."""
+    import torch
+
+    from hubunlearn.errors import UsageError
+    from hubunlearn.modeling import resolve_device
+
+    accelerator = "cuda" if torch.cuda.is_available() else \
+        torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
+    assert resolve_device("auto").type == resolve_device(None).type == accelerator
+    assert resolve_device("cpu") == resolve_device(" CPU ") == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "cuda:-1", "mps:0"):
+        with pytest.raises(UsageError, match=f"unknown (--)?device '{bad}'"):  # Python callers read "device", the CLI "--device"
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == torch.device("cuda", 0)
+        with pytest.raises(UsageError, match="choose one of them"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        for asked in ("cuda", "cuda:0"):
+            with pytest.raises(UsageError, match=f"(--)?device {asked}: no CUDA GPU is available here .*use (--)?device cpu or auto") as error:
+                resolve_device(asked)
+            assert "\n" not in str(error.value)
+
+
+def test_eval_on_the_device_asked_gives_the_same_numbers(run_cli, world_model_dir, tmp_path):
+    """`--device cpu` and the default `auto` evaluate where they say (summary.json records it) and, on the same
+    device, give the same per-example numbers and generations; on a GPU machine auto computes there (to 1e-4)."""
+    from hubunlearn.evaluate import load_for_eval
+    from hubunlearn.modeling import model_device, resolve_device
+
+    results = {}
+    for device in ("cpu", "auto"):
+        code, _, err = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--max_examples", "4", "--max_new_tokens", "8",
+                               "--metrics", "probability,truth_ratio,rouge,exact_memorization,extraction_strength,extraction_strength_tf,mia",
+                               "--device", device, "--output_dir", tmp_path / device)
+        assert code == 0, err
+        results[device] = read(tmp_path / device)
+        assert results[device][0]["config"]["device"] == device
+    assert results["cpu"][0]["device"] == "cpu"
+    assert results["auto"][0]["device"].split(":")[0] == resolve_device("auto").type
+    cpu, auto = results["cpu"][1], results["auto"][1]
+    assert cpu.keys() == auto.keys() and all(len(cpu[name]) == len(auto[name]) == 4 for name in cpu)
+    for name in cpu:
+        for row_cpu, row_auto in zip(cpu[name], auto[name]):
+            for key, value in row_cpu.items():
+                if isinstance(value, float):
+                    assert row_auto[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (name, key)
+                elif key != "mia":
+                    assert row_auto[key] == value, (name, key)
+    assert model_device(load_for_eval(world_model_dir, device="cpu")[0]).type == "cpu"

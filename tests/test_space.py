@@ -113,6 +113,26 @@ def test_overlapping_requests_each_get_the_answer_their_model_gives_alone(reques
     assert not wrong, f"{len(wrong)} of {len(overlapping)} overlapping answers differ from the model's own: {wrong[:2]}"
 
 
+@pytest.mark.parametrize("kind", ["full", "lora", "eco"])
+def test_both_models_compute_on_the_device_asked(request, kind, world):
+    """SideBySide.load puts the unlearned model and its original on the device asked (the default auto: the GPU when
+    there is one) and generation runs there: on an accelerator, the answers equal those of --device cpu."""
+    from hubunlearn.modeling import model_device, resolve_device
+    from hubunlearn.space import SideBySide
+
+    artifact = str(request.getfixturevalue(f"{kind}_artifact"))
+    models = SideBySide.load(artifact)
+    wanted = resolve_device("auto").type
+    assert {model_device(getattr(models, which)).type for which in ("original", "unlearned")} == {wanted}
+    prompt = world.rows("forget")[0]["question"]
+    answers = {which: final(models.stream(which, prompt, 12, 0.0)) for which in ("original", "unlearned")}
+    assert answers["original"] and answers["original"] != answers["unlearned"]
+    if wanted != "cpu":
+        on_cpu = SideBySide.load(artifact, device="cpu")
+        assert {model_device(on_cpu.original).type, model_device(on_cpu.unlearned).type} == {"cpu"}
+        assert answers == {which: final(on_cpu.stream(which, prompt, 12, 0.0)) for which in ("original", "unlearned")}
+
+
 def test_app_serves_overlapping_submits_with_each_models_own_answer(serve, lora_artifact, world):
     from gradio_client import Client
 
@@ -319,6 +339,9 @@ def test_deploy_without_a_token_or_without_rights_is_one_line(run_cli, monkeypat
     (["--unlearned", "{artifact}", "--port", "{taken}"], "is taken"),
     (["--unlearned", "outputs/no-such-artifact"], "neither a local folder nor a Hub repository you can read"),
     (["--unlearned", "{artifact}", "--prot", "7860"], "unrecognized arguments: --prot"),
+    (["--unlearned", "{artifact}", "--device", "gpu"], "unknown --device 'gpu': choose auto, cpu, cuda or cuda:N"),
+    pytest.param(["--unlearned", "{artifact}", "--device", "cuda"], "--device cuda: no CUDA GPU is available here",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal needs a machine without a GPU")),
 ])
 def test_space_bad_input(run_cli, lora_artifact, argv, message):
     with socket.socket() as listener:
