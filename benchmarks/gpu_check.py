@@ -6,9 +6,10 @@ layers (a short teaching: the checks need a working model, not a memorising one)
 * every method of ``hubunlearn.trainers.METHODS``, full and LoRA, each without and with gradient checkpointing
   (a few steps each; a method that has no LoRA mode by design, KUDA and RMU, is ``skipped`` with its own refusal);
 * ECO (classifier, strength search, bundle);
-* ``hubunlearn.evaluate.run_eval`` on a small slice of the sets, against the TOFU-mini reference;
+* ``hubunlearn.evaluate.run_eval`` on a small slice of the sets: the NPO checkpoint against the TOFU-mini reference,
+  and the ECO bundle; with its default ``device="auto"``, so on a GPU machine the model must compute on the GPU;
 * the Space's generation (``SideBySide.stream``, what its ``generate`` calls) on the original and the unlearned
-  model of a full checkpoint, a LoRA adapter and an ECO bundle;
+  model of a full checkpoint, a LoRA adapter and an ECO bundle (both models on the GPU when there is one);
 * ``accelerate launch`` on two GPUs (DDP, FSDP with NPO's frozen reference and with KUDA's hooks) when two GPUs
   exist, ``skipped`` with the reason otherwise.
 
@@ -222,23 +223,30 @@ def eco(ctx: Context) -> dict:
             "forget_probability": [round(search["forget_probability_before"], 4), round(search["forget_probability_after"], 4)]}
 
 
-def evaluation(ctx: Context) -> dict:
+def evaluation(ctx: Context, kind: str = "full") -> dict:
+    """``run_eval`` with its default ``device="auto"`` on the NPO full checkpoint (against the TOFU-mini reference:
+    forget quality and model utility must be numbers) or on the ECO bundle (its classifier reads each prompt, its
+    hook corrupts the base model's embeddings where that computes); on a GPU machine the model must compute there."""
     from hubunlearn.evaluate import EvalConfig, run_eval
 
-    model = ctx.artifacts.get("full")
+    model = ctx.artifacts.get(kind)
     if model is None:
-        raise CheckFailed("no full artifact to evaluate (the NPO full run failed)")
-    config = EvalConfig(model=str(model), data=str(ctx.mini.data_dir), forget_split=ctx.mini.forget_split,
-                        max_examples=ctx.sizes.eval_examples, max_new_tokens=ctx.sizes.new_tokens, reference=str(ctx.mini.reference_dir))
-    summary = run_eval(config, ctx.work / "eval")
-    numbers = {key: summary["aggregates"][key]["value"] for key in ("forget_quality", "model_utility")}
+        raise CheckFailed(f"no {kind} artifact to evaluate (its run failed)")
+    settings = dict(model=str(model), data=str(ctx.mini.data_dir), forget_split=ctx.mini.forget_split,
+                    max_examples=ctx.sizes.eval_examples, max_new_tokens=ctx.sizes.new_tokens)
+    if kind == "full":
+        config = EvalConfig(**settings, reference=str(ctx.mini.reference_dir))
+    else:
+        config = EvalConfig(**settings, metrics=("probability", "truth_ratio", "rouge", "exact_memorization", "extraction_strength_tf"))
+    summary = run_eval(config, ctx.work / f"eval-{kind}")
+    _on_the_gpu(summary["device"], "hubunlearn.evaluate.run_eval (device auto)")
+    if kind == "full":
+        numbers = {key: summary["aggregates"][key]["value"] for key in ("forget_quality", "model_utility")}
+    else:
+        numbers = {f"{name}_probability": summary["sets"][name]["probability"] for name in ("forget", "retain")}
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values()):
-        raise CheckFailed(f"missing aggregates: {numbers}")
-    from hubunlearn.evaluate import load_for_eval
-
-    device = str(next(load_for_eval(str(model))[0].parameters()).device)  # where run_eval's model computes
-    _on_the_gpu(device, "hubunlearn.evaluate.load_for_eval")
-    return {**{key: round(value, 4) for key, value in numbers.items()}, "device": device}
+        raise CheckFailed(f"missing numbers: {numbers}")
+    return {**{key: round(value, 4) for key, value in numbers.items()}, "device": summary["device"]}
 
 
 def _on_the_gpu(device: str, where: str) -> None:
@@ -253,7 +261,7 @@ def space(ctx: Context, kind: str) -> dict:
     artifact = ctx.artifacts.get(kind)
     if artifact is None:
         raise CheckFailed(f"no {kind} artifact (its run failed)")
-    models = SideBySide.load(str(artifact))
+    models = SideBySide.load(str(artifact))  # device "auto": the GPU when there is one
     prompt = ctx.forget_all[0]["question"]
     answers = {}
     for which in ("original", "unlearned"):
@@ -356,7 +364,8 @@ def run_checks(sizes: Sizes, data: Path, sizes_name: str = "gpu", work: Path | N
                     name = f"{method} {'lora' if lora else 'full'}{' +gc' if checkpointing else ''}"
                     run_check(name, lambda m=method, l=lora, c=checkpointing, k=keep: train_method(ctx, m, l, c, k), checks)
         run_check("eco", lambda: eco(ctx), checks)
-        run_check("eval (npo full vs reference)", lambda: evaluation(ctx), checks)
+        run_check("eval (npo full vs reference)", lambda: evaluation(ctx, "full"), checks)
+        run_check("eval (eco bundle)", lambda: evaluation(ctx, "eco"), checks)
         for kind in ("full", "lora", "eco"):
             run_check(f"space generation ({kind})", lambda k=kind: space(ctx, k), checks)
         for engine, method in (("ddp", "npo"), ("fsdp", "npo"), ("fsdp", "kuda")):

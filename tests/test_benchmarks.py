@@ -54,12 +54,17 @@ def test_gpu_check_runs_end_to_end_on_a_cpu_with_its_tiny_configuration(tmp_path
         "kuda lora", "kuda lora +gc", "2 GPUs ddp npo", "2 GPUs fsdp npo", "2 GPUs fsdp kuda"}  # no LoRA mode; one GPU at most
     assert {name for name, s in status.items() if s == "ok"} == {
         "build TOFU-mini", "npo full", "npo full +gc", "npo lora", "npo lora +gc", "kuda full", "kuda full +gc", "eco",
-        "eval (npo full vs reference)", "space generation (full)", "space generation (lora)", "space generation (eco)"}
-    assert results["counts"] == {"ok": 12, "failed": 0, "skipped": 5}
+        "eval (npo full vs reference)", "eval (eco bundle)", "space generation (full)", "space generation (lora)", "space generation (eco)"}
+    assert results["counts"] == {"ok": 13, "failed": 0, "skipped": 5}
     assert all(c["seconds"] >= 0 and c["peak_memory_mib"] > 0 for c in results["checks"])
     runs = {c["name"]: c for c in results["checks"]}
     assert runs["npo full"]["steps"] == check.TINY.steps and runs["npo lora +gc"]["tensors_moved"] > 0
     assert set(runs["space generation (lora)"]["answers"]) == {"original", "unlearned"}
+    from hubunlearn.modeling import resolve_device
+
+    here = resolve_device("auto").type  # eval and Space place their models here by default (the GPU on a GPU machine)
+    assert runs["eval (npo full vs reference)"]["device"].split(":")[0] == runs["eval (eco bundle)"]["device"].split(":")[0] == here
+    assert {d.split(":")[0] for kind in ("full", "lora", "eco") for d in runs[f"space generation ({kind})"]["devices"].values()} == {here}
     assert "table" not in results and "npo lora +gc" in check.table(results)
     json.dumps(results)
 

@@ -143,8 +143,9 @@ class ECOModel(torch.nn.Module):
     def generate(self, input_ids, attention_mask=None, prompts: Sequence[str] | None = None, flags=None, **kwargs):
         """Generation with only the prefill corrupted (the KV cache is kept on, so decoding steps are clean)."""
         attention_mask, flags = self._prepare(input_ids, attention_mask, prompts, flags)
+        kwargs["use_cache"] = True  # always (a caller's use_cache=True too, as the metrics pass it): decoding steps read the cache
         with self._selecting(self._select(input_ids, attention_mask, flags)):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ---- the bundle -----------------------------------------------------------------------------------------
 
