@@ -1,5 +1,5 @@
 """Peak memory of the log-probability losses with a 128k-token vocabulary: the full float32 log-softmax (before
-issue 18) against hubunlearn's memory-lean versions (TRL's selective_log_softmax for gold-token log-probabilities;
+issue 18) against hubunlearn's memory-lean versions (losses.gold_log_probs for gold-token log-probabilities;
 KL and IHL in checkpointed chunks of positions).
 
 Each case runs in its own process on the CPU: it makes the logits (and the reference logits for KL), resets the
