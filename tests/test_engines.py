@@ -112,9 +112,30 @@ class NoCheckpointingLlama(LlamaForCausalLM):
 
 def test_a_model_that_cannot_checkpoint_is_named(tokenizer, tmp_path):
     args = GradDiffConfig(output_dir=str(tmp_path / "out"), gradient_checkpointing=True, use_cpu=True, report_to="none")
-    with pytest.raises(UsageError, match=r"^gradient_checkpointing: NoCheckpointingLlama does not support gradient checkpointing"):
+    with pytest.raises(UsageError, match=r"^activation_checkpointing \(gradient_checkpointing\): NoCheckpointingLlama does not support"):
         GradDiffTrainer(model=tiny(tokenizer, cls=NoCheckpointingLlama), args=args, forget_dataset=WORLD.rows("forget"),
                         retain_dataset=WORLD.rows("retain"), processing_class=tokenizer)
+
+
+def test_checkpointing_options_must_be_a_json_object(tokenizer, tmp_path):
+    for given in ("notjson", "[1, 2]"):
+        args = GradDiffConfig(output_dir=str(tmp_path / "out"), gradient_checkpointing=True, gradient_checkpointing_kwargs=given,
+                              use_cpu=True, report_to="none")
+        with pytest.raises(UsageError, match=r"checkpointing_kwargs\) must be a JSON object"):
+            engines.check(tiny(tokenizer), args, "GradDiff")
+    args = GradDiffConfig(output_dir=str(tmp_path / "out"), gradient_checkpointing=True,
+                          gradient_checkpointing_kwargs='{"use_reentrant": true}', use_cpu=True, report_to="none")
+    engines.check(tiny(tokenizer), args, "GradDiff")
+    assert engines.reentrant(args)  # parsed, so the reentrant refusals see it
+
+
+def test_fsdp_in_one_process_says_to_launch_several(tokenizer, tmp_path):
+    fsdp = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "state_dict_type": "FULL_STATE_DICT"}
+    args = GradDiffConfig(output_dir=str(tmp_path / "out"), fsdp="full_shard", fsdp_config=fsdp, use_cpu=True, report_to="none")
+    with pytest.raises(UsageError, match="fsdp shards the model over several processes: run under `accelerate launch`"):
+        GradDiffTrainer(model=tiny(tokenizer), args=args, forget_dataset=WORLD.rows("forget"), retain_dataset=WORLD.rows("retain"),
+                        processing_class=tokenizer)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- FSDP and DeepSpeed: what can run on a CPU -------------------------------------------------------------------

@@ -222,7 +222,7 @@ def test_the_record_and_card_say_how_the_reference_was_used(tokenizer, few, tmp_
     lora = LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")
     npo = make(NPOTrainer, model, tokenizer, few, tmp_path / "npo")
     assert npo.reference_usage() == {"kind": "statistics", "device": None, "statistics": {
-        "parts": ["forget"], "value": "summed answer log-likelihood", "computed_with": "the model before training"}}
+        "parts": ["forget"], "value": "summed answer log-likelihood", "computed_with": "the starting weights"}}
     assert "cached statistics of the frozen original (its summed log-likelihood of each forget answer" in training_summary({"reference": npo.reference_usage()})
     assert make(KLTrainer, model, tokenizer, few, tmp_path / "kl").reference_usage() == {"kind": "model", "device": "cpu"}
     lora_kl = make(KLTrainer, copy.deepcopy(model), tokenizer, few, tmp_path / "lora", peft_config=lora)

@@ -572,7 +572,7 @@ class UnlearnTrainer(Trainer):
         usage: dict[str, Any] = {"kind": kind, "device": device}
         if self.reference_statistics:
             usage["statistics"] = {"parts": list(self.reference_statistics), "value": "summed answer log-likelihood",
-                                   "computed_with": "the reference model given" if self._reference_given else "the model before training"}
+                                   "computed_with": "the reference model given" if self._reference_given else "the starting weights"}
         return usage
 
     # ---- losses -----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ in eval mode and without gradients (the frozen reference, the adapter-off base, 
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from typing import Any
@@ -47,11 +48,32 @@ def reentrant(args) -> bool:
 
 
 def check_checkpointing(model, args) -> None:
-    """``--gradient_checkpointing`` on a model class that cannot checkpoint: one line naming the class (transformers
-    would raise only when training starts, after the reference copy and the statistics pass)."""
+    """``--activation_checkpointing`` (``--gradient_checkpointing``) on a model class that cannot checkpoint, or with
+    options that are not a JSON object: one line (transformers would raise only when training starts, after the
+    reference copy and the statistics pass)."""
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                setattr(args, name, json.loads(value))
+            except ValueError:
+                pass
+            if not isinstance(getattr(args, name), dict):
+                raise UsageError("--activation_checkpointing_kwargs (--gradient_checkpointing_kwargs) must be a JSON object, "
+                                 f"e.g. '{{\"use_reentrant\": false}}'; got {value!r}")
     if uses_checkpointing(args) and not getattr(model, "supports_gradient_checkpointing", False):
-        raise UsageError(f"--gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing "
-                         "(supports_gradient_checkpointing is False); drop the flag")
+        raise UsageError(f"--activation_checkpointing (--gradient_checkpointing): {type(model).__name__} does not support "
+                         "activation checkpointing (supports_gradient_checkpointing is False); drop the flag")
+
+
+def check_distributed(args, engine: str | None) -> None:
+    """FSDP (``--fsdp``) shards over processes: in a single process transformers stops with a traceback once the
+    Trainer is built; say so first."""
+    from transformers.training_args import ParallelMode
+
+    if engine == "fsdp" and getattr(args, "fsdp", None) and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise UsageError("--fsdp shards the model over several processes: run under `accelerate launch` (or torchrun) "
+                         "with two or more processes, or drop --fsdp")
 
 
 def check_hooked_modules(args, model, modules: list[torch.nn.Module], method: str) -> None:
@@ -169,6 +191,7 @@ def check(model, args, method: str) -> None:
     """Everything this module refuses, before the trainer does any work (see the module docstring)."""
     check_checkpointing(model, args)
     check_sharded(args, method, sharding(args), deepspeed_config(args), getattr(args, "fsdp_plugin_args", None))
+    check_distributed(args, sharding(args))
     check_partitioned(model, method)
 
 
