@@ -154,7 +154,7 @@ def test_tags_and_paper_feed_the_card(model, tokenizer, forget_rows, retain_rows
     assert "- npo" in card and "- unlearning" in card and "arXiv:2404.05868" in card and "| `beta` | `0.1` |" in card
     assert "base_model" not in card.split("---")[1]  # a local base path never goes into the Hub metadata
     assert "| `lr_scheduler_type` | `constant` |" in card and "Libraries: hubunlearn" in card
-    assert "summed log-likelihood of each forget answer, computed once before training" in card
+    assert "summed log-likelihood of each forget answer, computed once before the first step" in card
     assert "No reference model was held in memory" in card and trainer.ref_model is None  # NPO's reference: cached statistics
 
 
