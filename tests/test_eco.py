@@ -178,7 +178,9 @@ def test_unlearn_method_eco_writes_a_bundle_that_loads_and_forgets(run_cli, hub_
         assert code == 0, err
         summaries[name] = json.loads((tmp_path / f"eval-{name}" / "summary.json").read_text())["sets"]
     assert summaries["eco"]["forget"]["rouge_recall"] < summaries["base"]["forget"]["rouge_recall"] - 0.5
-    assert summaries["eco"]["retain"] == summaries["base"]["retain"]
+    # Same numbers to float32 rounding: a plain model's answers are scored on its prompt's KV cache, the bundle's through
+    # full passes (its prefill may be corrupted), so the sums round differently in the last digits (bit for bit above).
+    assert summaries["eco"]["retain"] == pytest.approx(summaries["base"]["retain"], rel=1e-6)
 
     # published with `hubunlearn push` (the base's Hub id given for the local path), loaded back from the Hub
     from huggingface_hub import HfApi
