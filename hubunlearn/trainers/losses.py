@@ -109,9 +109,12 @@ def gold_log_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_positions:
     row-by-row log-sum-exp) would keep a full-size gather gradient and a stack of per-row ones, and take bfloat16
     logits' log-softmax in bfloat16."""
     from transformers.utils import is_triton_available
-    from trl.trainer.utils import _supports_trl_loss_kernel, selective_log_softmax
 
-    if is_triton_available() and _supports_trl_loss_kernel(logits, targets):
+    try:  # TRL's own test of where its kernel runs is private: a TRL without it takes the chunked path
+        from trl.trainer.utils import _supports_trl_loss_kernel, selective_log_softmax
+    except ImportError:
+        _supports_trl_loss_kernel = None
+    if _supports_trl_loss_kernel is not None and is_triton_available() and _supports_trl_loss_kernel(logits, targets):
         return selective_log_softmax(logits, targets).float()
     batch, _, vocab = logits.shape
     step = chunk_positions or max(1, CHUNK_ELEMENTS // max(1, batch * vocab))
