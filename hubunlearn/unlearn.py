@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -78,13 +79,32 @@ def _usage_error(message: str):
     raise UsageError(f"{message} (see hubunlearn unlearn --method METHOD --help)")
 
 
+def check_deepspeed_config_argument(value: Any) -> None:
+    """``--deepspeed`` takes a DeepSpeed JSON config file (or a JSON object): a missing file or broken JSON is said in one
+    line before anything imports DeepSpeed."""
+    if isinstance(value, dict):
+        return
+    path = Path(str(value))
+    text = path.read_text() if path.is_file() else str(value)
+    try:
+        config = json.loads(text)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        what = "is not a JSON object" if path.is_file() else "is neither a file nor a JSON object"
+        raise UsageError(f"--deepspeed {value} {what}: give the path of a DeepSpeed JSON config (e.g. ds_zero3.json)")
+
+
 def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig]:
     """Two passes: find the method (flag or recipe), then parse everything into that method's config."""
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--method")
     peek.add_argument("--config")
+    peek.add_argument("--deepspeed")
     known, _ = peek.parse_known_args(argv)
     recipe = load_recipe(known.config) if known.config else {}
+    if known.deepspeed or recipe.get("deepspeed"):
+        check_deepspeed_config_argument(known.deepspeed or recipe["deepspeed"])
     method = known.method or recipe.get("method")
     wants_help = any(a in ("-h", "--help") for a in argv)
     if method is None and not wants_help:

@@ -2,6 +2,7 @@
 refusals and reference preparation, and KUDA's projection on FSDP2-sharded weights. Tiny Llamas built from a config
 and a tokenizer trained on the spot: no session fixture, a few seconds in all."""
 
+import json
 import logging
 
 import pytest
@@ -226,3 +227,21 @@ def test_kuda_projection_and_hooks_on_fsdp2_sharded_weights(tokenizer, tmp_path)
         assert (moved @ basis.T).norm() < 1e-4 * basis.norm() and moved.norm() > 1e-3
     finally:
         dist.destroy_process_group()
+
+
+def test_deepspeed_argument_is_checked_before_deepspeed_is_needed(tmp_path):
+    from hubunlearn.unlearn import parse_unlearn_args
+
+    broken = tmp_path / "ds.json"
+    broken.write_text("{not json")
+    base = ["--method", "npo", "--model_name_or_path", "m", "--forget", "f.jsonl", "--output_dir", str(tmp_path / "out")]
+    for value, said in ((str(tmp_path / "missing.json"), "is neither a file nor a JSON object"), (str(broken), "is not a JSON object")):
+        with pytest.raises(UsageError, match=f"deepspeed .* {said}: give the path of a DeepSpeed JSON config"):
+            parse_unlearn_args([*base, "--deepspeed", value])
+    good = tmp_path / "zero2.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:  # this machine: a valid config reaches the missing-package line
+        with pytest.raises(UsageError, match="deepspeed needs the DeepSpeed package"):
+            parse_unlearn_args([*base, "--deepspeed", str(good)])
