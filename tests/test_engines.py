@@ -245,3 +245,13 @@ def test_deepspeed_argument_is_checked_before_deepspeed_is_needed(tmp_path):
     except ImportError:  # this machine: a valid config reaches the missing-package line
         with pytest.raises(UsageError, match="deepspeed needs the DeepSpeed package"):
             parse_unlearn_args([*base, "--deepspeed", str(good)])
+
+
+def test_eco_refuses_checkpointing_it_would_never_use(tokenizer, tmp_path):
+    from hubunlearn.trainers import ECOConfig, ECOTrainer
+
+    args = ECOConfig(output_dir=str(tmp_path / "out"), gradient_checkpointing=True, use_cpu=True, report_to="none")
+    with pytest.raises(UsageError, match=r"ECO does not train the model's weights: drop activation_checkpointing \(gradient_checkpointing\)"):
+        ECOTrainer(model=tiny(tokenizer), args=args, forget_dataset=WORLD.rows("forget"), retain_dataset=WORLD.rows("retain"),
+                   processing_class=tokenizer)
+    assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ from ..eco.model import CorruptionSpec, ECOModel, base_model_record, find_embedd
 from ..eco.selection import TOKEN_RULES
 from ..eco.search import zeroth_order_search
 from ..errors import UsageError
-from . import losses
+from . import engines, losses
 from .base import UnlearnConfig, UnlearnTrainer
 
 logger = logging.getLogger(__name__)
@@ -80,12 +80,15 @@ class ECOTrainer(UnlearnTrainer):
 
     keeps_retain_rows = True  # the retain prompts are the classifier's negatives, whatever retain_loss says
 
-    def __init__(self, *args, peft_config=None, **kwargs):
+    def __init__(self, model, args: ECOConfig | None = None, forget_dataset=None, retain_dataset=None, *rest, peft_config=None, **kwargs):
+        # Refused before the Trainer is built (it creates the output folder).
         if peft_config is not None:
             raise UsageError("ECO does not train the model's weights: drop --use_lora")
-        super().__init__(*args, **kwargs)
-        if self._probe_examples is None:
+        if args is not None and engines.uses_checkpointing(args):
+            raise UsageError("ECO does not train the model's weights: drop --activation_checkpointing (--gradient_checkpointing)")
+        if retain_dataset is None:
             raise UsageError("ECO needs a retain set: its prompts are the classifier's negatives (pass --retain SPEC)")
+        super().__init__(model, args, forget_dataset, retain_dataset, *rest, **kwargs)
         find_embedding_module(self.accelerator.unwrap_model(self.model), self.args.embedding_module)
         self.eco_model: ECOModel | None = None
 
