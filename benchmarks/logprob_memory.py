@@ -34,12 +34,6 @@ REPEATS = 1
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def _resident() -> tuple[int, int]:
-    """(current, peak) resident memory of this process in bytes."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
-
 def _old_losses():
     """The formulas before issue 18: a full float32 log-softmax (or softmax) over the vocabulary, kept for backward."""
     import torch
@@ -80,6 +74,8 @@ def run_case(variant: str, loss: str, dtype: str) -> dict:
     """One measurement, in this process (called in a fresh one by :func:`main`)."""
     import torch
 
+    from hubunlearn.benchmarking import reset_peak_memory, resident_memory_mib
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     function = (_old_losses() if variant == "old" else _new_losses())[loss]
@@ -93,16 +89,16 @@ def run_case(variant: str, loss: str, dtype: str) -> dict:
     seconds, value = [], None
     for repeat in range(REPEATS):
         logits.grad = None
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
-        before, _ = _resident()
+        reset_peak_memory()
+        before, _ = resident_memory_mib()
         start = time.perf_counter()
         result = function(logits, second, attention)
         result.backward()
         seconds.append(time.perf_counter() - start)
-        _, peak = _resident()
+        _, peak = resident_memory_mib()
         if repeat == 0:
             extra, value, gradient = peak - before, result.item(), logits.grad.float().abs().sum().item()
-    return {"variant": variant, "loss": loss, "dtype": dtype, "peak_extra_bytes": extra, "median_s": statistics.median(seconds),
+    return {"variant": variant, "loss": loss, "dtype": dtype, "peak_extra_bytes": round(extra * 2**20), "median_s": statistics.median(seconds),
             "value": value, "gradient_abs_sum": gradient, "logits_gradient_bytes": logits.numel() * logits.element_size()}
 
 

@@ -75,16 +75,6 @@ def parity_module():
     return module
 
 
-def memory_mib() -> dict[str, float]:
-    """The process's resident set now (``VmRSS``) and its peak so far (``VmHWM``), in MiB (Linux)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024  # kB
-    return fields
-
-
 def build_model(shape: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -126,10 +116,11 @@ def worker(spec: dict) -> dict:
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainingArguments
 
+    from hubunlearn.benchmarking import resident_memory_mib
     from hubunlearn.trainers import METHODS
 
     parity = parity_module()
-    baseline = memory_mib()["VmRSS"]  # everything imported, nothing built
+    baseline, _ = resident_memory_mib()  # everything imported, nothing built
     tool, _, rest = spec["run"].partition(":")
     method, _, variant = rest.partition("+")
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
@@ -155,11 +146,11 @@ def worker(spec: dict) -> dict:
         trainer = trainer_class(model=model, args=config, forget_dataset=rows["forget"], retain_dataset=rows["retain"],
                                 processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     trainer.train()
-    memory = memory_mib()
+    _, peak = resident_memory_mib()
     timed = timer.times[spec["warmup"]:]
     return {"parameters": parameters, "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            "baseline_mib": round(baseline, 1), "peak_rss_mib": round(memory["VmHWM"], 1),
-            "peak_mib": round(memory["VmHWM"] - baseline, 1), "step_seconds": [round(t, 3) for t in timer.times],
+            "baseline_mib": round(baseline, 1), "peak_rss_mib": round(peak, 1),
+            "peak_mib": round(peak - baseline, 1), "step_seconds": [round(t, 3) for t in timer.times],
             "median_step_seconds": round(statistics.median(timed), 3), "setup_seconds": round(timer.first_begin - start, 2),
             "steps": len(timer.times), "library": str(Path(sys.modules["hubunlearn"].__file__).parent)}
 
@@ -186,13 +177,14 @@ def loss_memory_worker(way: str, vocab: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from hubunlearn.benchmarking import reset_peak_memory, resident_memory_mib
     from hubunlearn.trainers import losses
 
     torch.manual_seed(0)
     logits = torch.randn(2 * BATCH, LENGTH, vocab, requires_grad=True)
     labels = torch.randint(0, vocab, (2 * BATCH, LENGTH))
-    before = memory_mib()["VmRSS"]
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    before, _ = resident_memory_mib()
+    reset_peak_memory()
     if way == "hubunlearn":
         parts = [losses.token_log_probs(part, rows)[0] for part, rows in zip(logits.split(BATCH), labels.split(BATCH))]
         loss = -(parts[0].sum() + parts[1].sum())
@@ -201,7 +193,7 @@ def loss_memory_worker(way: str, vocab: int) -> dict:
     else:
         loss = -losses.token_log_probs(logits, labels)[0].sum()
     loss.backward()
-    return {"way": way, "vocab": vocab, "logits_mib": round(logits.numel() * 4 / 2**20), "peak_above_logits_mib": round(memory_mib()["VmHWM"] - before)}
+    return {"way": way, "vocab": vocab, "logits_mib": round(logits.numel() * 4 / 2**20), "peak_above_logits_mib": round(resident_memory_mib()[1] - before)}
 
 
 def loss_memory(vocabs=(32000,)) -> list[dict]:

@@ -19,6 +19,17 @@ def machine() -> dict:
             "device": "cuda" if torch.cuda.is_available() else "cpu", "platform": platform.platform()}
 
 
+def resident_memory_mib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB: ``VmRSS`` and ``VmHWM`` of ``/proc/self/status`` (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024  # kB
+
+
+def reset_peak_memory() -> None:
+    """Start the peak (``VmHWM``) again from the current resident size (Linux ``/proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def replace_between(readme: Path, begin: str, end: str, text: str) -> None:
     """Put ``text`` between the ``begin`` and ``end`` markers of ``readme`` (a generated table, never hand-typed)."""
     content = readme.read_text()
