@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import UsageError
+from ..modeling import model_device
 from .layers import FFNLayers
 
 
@@ -26,7 +27,7 @@ def collect_keys(model, modules: list[torch.nn.Module], batches, max_tokens: int
     optionally ``positions``, a bool mask of the tokens to keep), a random sample of at most ``max_tokens`` per module
     ("random ratio sampling"); each ``[tokens, in_features]``."""
     keys: list[list[torch.Tensor]] = [[] for _ in modules]
-    device = next(model.parameters()).device
+    device = model_device(model)
     with FFNLayers.capture(modules, inputs=True) as captured:
         for batch in batches:
             attention_mask = batch["attention_mask"].to(device)

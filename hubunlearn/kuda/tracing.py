@@ -22,6 +22,7 @@ import torch
 
 from ..data import IGNORE_INDEX, pad_examples
 from ..errors import UsageError
+from ..modeling import model_device
 from .layers import FFNLayers
 from .positions import span_ends, token_positions
 
@@ -74,7 +75,7 @@ def causal_trace(model, ffn: FFNLayers, batch: dict[str, torch.Tensor], noise_sc
     ``labels`` with the prompt masked); ``noised``: ``[B, T]`` tokens to corrupt (default: the prompt);
     ``restored``: where the clean FFN output is put back (default: everywhere). See the module docstring."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     noised = ((batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()) if noised is None else noised.to(device)

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from ..data import pad_examples
+from ..modeling import model_device
 from .stats import TokenStats, batches
 
 
@@ -51,7 +52,7 @@ def answer_stats(stats: TokenStats, example: dict, eos_token_id: int | None) -> 
 def _greedy(model, tokenizer, prefixes: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[list[int]]:
     """Greedy continuations of ``prefixes`` (one left-padded, KV-cached ``generate`` call), each at most
     ``lengths[i]`` tokens and cut after its first eos (what follows is padding)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = pad_examples([{"input_ids": list(p), "labels": list(p)} for p in prefixes], tokenizer.pad_token_id, "left")
     output = model.generate(
         input_ids=batch["input_ids"].to(device),

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 from ..data import pad_examples
+from ..modeling import model_device
 from .stats import longest_first, token_stats
 
 
@@ -24,7 +25,7 @@ def greedy_answers(model, tokenizer, examples: Sequence[dict], max_new_tokens: i
     batch when every row has stopped. Each answer is the one a batch of one gives (tests check it).
     """
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     answers: list[str | None] = [None] * len(examples)
     lengths = [(len(e["input_ids"]) - e["prompt_length"], e["prompt_length"]) for e in examples]
     for indices in longest_first(lengths, batch_size, description):

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import IGNORE_INDEX, pad_examples
+from ..modeling import model_device
 from ..trainers.losses import shift
 
 
@@ -157,7 +158,7 @@ def token_stats(model, examples: Sequence[dict], pad_token_id: int, batch_size: 
     rounding (tests check 1e-5).
     """
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     results: list[TokenStats | None] = [None] * len(examples)
     shared = share_prompts and not getattr(model, "classifies_prompts", False)
     plain = [i for i in range(len(examples)) if not shared or _prompt_of(examples[i]) is None]

@@ -49,7 +49,7 @@ from ..data import (
 )
 from ..controls import UTILITY_METRICS, ModelMixer, UtilityBudgetStopping, calibrate, check_budget, probe_metric
 from ..errors import NonFiniteLossError, UsageError
-from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer
+from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer, model_device
 from . import engines, losses
 
 logger = logging.getLogger(__name__)
@@ -540,7 +540,7 @@ class UnlearnTrainer(Trainer):
     def _original_log_probs(self, examples) -> list[float]:
         """``log π_ref(answer | prompt)`` summed over each example's labelled tokens, in float32, in row order."""
         model = self.ref_model if self._reference_given else self.accelerator.unwrap_model(self.model)
-        device = next(model.parameters()).device
+        device = model_device(model)
         size, was_training = self.args.per_device_eval_batch_size, model.training
         model.eval()
         try:
