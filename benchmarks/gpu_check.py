@@ -31,10 +31,8 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -275,12 +273,6 @@ def space(ctx: Context, kind: str) -> dict:
     return {"answers": answers, "devices": devices}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ENGINES = {  # accelerate launch flags of each two-GPU check
     "ddp": ["--multi_gpu"],
     "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
@@ -291,6 +283,8 @@ ENGINES = {  # accelerate launch flags of each two-GPU check
 
 def launched(ctx: Context, engine: str, method: str, sizes_name: str) -> dict:
     """``accelerate launch`` of this script's worker on two GPUs; checks the artifact records two processes and loads."""
+    from hubunlearn.testing import free_port
+
     count = torch.cuda.device_count() if _cuda() else 0
     if count < 2:
         raise Skip(f"needs two GPUs, found {count}")

@@ -8,20 +8,15 @@ Trainer's PartialState pick the gloo backend on CPU.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
+from hubunlearn.testing import free_port
+
 from .conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world_model_dir, output, records, mode="full") -> list[dict]:

@@ -12,18 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from hubunlearn.testing import free_port
 from hubunlearn.trainers import ECOConfig, ECOTrainer, GradDiffTrainer
 
 from .test_trainers import config
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -189,9 +189,10 @@ def whole_weights_at_load():
 
 def check(model, args, method: str) -> None:
     """Everything this module refuses, before the trainer does any work (see the module docstring)."""
+    engine = sharding(args)
     check_checkpointing(model, args)
-    check_sharded(args, method, sharding(args), deepspeed_config(args), getattr(args, "fsdp_plugin_args", None))
-    check_distributed(args, sharding(args))
+    check_sharded(args, method, engine, deepspeed_config(args), getattr(args, "fsdp_plugin_args", None))
+    check_distributed(args, engine)
     check_partitioned(model, method)
 
 
