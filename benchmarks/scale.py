@@ -61,6 +61,9 @@ RUNS = ("hubunlearn:npo", "reference:npo", "hubunlearn:graddiff", "reference:gra
 BATCH, LENGTH = 4, 256
 SETTINGS = {"learning_rate": 1e-5, "per_device_train_batch_size": BATCH, "optim": "adamw_torch", "lr_scheduler_type": "constant",
             "weight_decay": 0.0, "warmup_steps": 0}
+# glibc keeps freed blocks below its (rising) mmap threshold resident; a fixed threshold makes every run's resident
+# peak the peak of its live tensors (as benchmarks/logprob_memory.py), not of what the allocator happened to keep
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 TARGETS = {"npo_memory": 0.6, "npo_step": 0.8, "graddiff_step": 0.8, "lora_npo_memory": 0.4}
 
 
@@ -167,9 +170,6 @@ LOSS_WAYS = {  # how the gold-token log-probabilities of a joint forget + retain
 
 LOSS_WAY_LABELS = {"hubunlearn": "hubunlearn (joint logits split by rows, `GoldLogProb`)", "joint": "one call on the unsplit joint logits",
                    "reference": "OpenUnlearning's (cross-entropy per part)"}
-# glibc keeps freed blocks below its (rising) mmap threshold resident; a fixed threshold makes the resident peak the
-# peak of live tensors (as benchmarks/logprob_memory.py)
-LOSS_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def loss_memory_worker(way: str, vocab: int) -> dict:
@@ -201,7 +201,7 @@ def loss_memory(vocabs=(32000,)) -> list[dict]:
     for vocab in vocabs:
         for way in LOSS_WAYS:
             result = subprocess.run([sys.executable, __file__, "--loss-worker", way, str(vocab)], capture_output=True, text=True,
-                                    env={**os.environ, "OMP_NUM_THREADS": "1", **LOSS_MALLOC})
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", **FIXED_MMAP_THRESHOLD})
             if result.returncode != 0:
                 raise RuntimeError(result.stderr[-2000:])
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -237,7 +237,7 @@ def run_one(spec: dict, folder: Path) -> dict:
     checkout may change under a long run)."""
     spec_path, out_path = folder / "spec.json", folder / "out.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, **FIXED_MMAP_THRESHOLD, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(folder / "code"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     result = subprocess.run([sys.executable, __file__, "--worker", str(spec_path), str(out_path)], capture_output=True, text=True, env=env)
     if result.returncode != 0:

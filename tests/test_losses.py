@@ -186,13 +186,16 @@ def test_chunked_kl_and_inverted_hinge_equal_the_whole_sequence_at_once(dtype):
             torch.testing.assert_close(grad, whole_grad, rtol=1e-6, atol=1e-7)
 
 
-def test_chunk_size_follows_the_vocabulary():
-    """Automatic chunks hold at most CHUNK_ELEMENTS float32 values: a 128k vocabulary at batch 4 is cut in chunks
-    of 64 positions, a small one not at all."""
+def test_chunk_size_follows_the_vocabulary_and_the_device():
+    """Automatic chunks hold at most CHUNK_ELEMENTS float32 values on an accelerator (a 128k vocabulary at batch 4
+    is cut in chunks of 64 positions), CPU_CHUNK_ELEMENTS on the CPU (16 positions), a small vocabulary not at all."""
     seen = []
-    logits = torch.zeros(4, 130, 128 * 1024, dtype=torch.bfloat16)
-    losses.chunked(lambda x: seen.append(x.shape[1]) or x[..., 0].float(), logits)
-    assert seen == [64, 64, 2] and 4 * 64 * 128 * 1024 == losses.CHUNK_ELEMENTS
+    for device, step in (("meta", 64), ("cpu", 16)):
+        seen.clear()
+        logits = torch.zeros(4, 130, 128 * 1024, dtype=torch.bfloat16, device=device)
+        losses.chunked(lambda x: seen.append(x.shape[1]) or x[..., 0].float(), logits)
+        assert seen == [step] * (130 // step) + [130 % step]
+    assert 4 * 64 * 128 * 1024 == losses.CHUNK_ELEMENTS and 4 * 16 * 128 * 1024 == losses.CPU_CHUNK_ELEMENTS
     seen.clear()
     losses.chunked(lambda x: seen.append(x.shape[1]) or x[..., 0].float(), torch.zeros(4, 130, 1000))
     assert seen == [130]

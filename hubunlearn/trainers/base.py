@@ -51,6 +51,7 @@ from ..controls import UTILITY_METRICS, ModelMixer, UtilityBudgetStopping, calib
 from ..errors import NonFiniteLossError, UsageError
 from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer, model_device
 from . import engines, losses
+from .head import HeadLogits, policy_logits
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -103,6 +104,12 @@ class UnlearnConfig(TrainingArguments):
                 "x 4 bytes), typically slower than the GPU step itself. NPO holds no reference model (it caches the "
                 "original's forget answer likelihoods once) and LoRA runs switch the adapter off instead: there this "
                 "option is refused.", "choices": list(REFERENCE_DEVICES)})
+    chunked_output_layer: bool = field(default=True, metadata={
+        "help": "Build the logits from the final hidden states a chunk of positions at a time inside each loss, "
+                "forward and backward, instead of holding batch x length x vocabulary logits and their gradient (1 GiB "
+                "each for 8 x 256 tokens of a 128k vocabulary in float32); costs one more output-layer product per "
+                "step. Applies to Llama-like models whose logits are the output layer's product alone, without "
+                "FSDP/DeepSpeed; elsewhere the full logits are used."})
     budget_check_steps: int = field(default=0, metadata={
         "help": "With --utility_budget: check the retain probe every N steps; stop, and restore the last state within "
                 "budget, when it is crossed (0: off)."})
@@ -577,17 +584,22 @@ class UnlearnTrainer(Trainer):
 
     # ---- losses -----------------------------------------------------------------------------------------------
 
-    def forget_loss_from_logits(self, logits: torch.Tensor, forget: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forget_loss_from_logits(self, logits: torch.Tensor | HeadLogits, forget: dict[str, torch.Tensor]) -> torch.Tensor:
         """The method's loss from the policy's logits ``(batch, length, vocab)`` on a forget batch (``input_ids``,
-        ``attention_mask``, ``labels``, and ``reference_log_prob`` for a method with ``reference_statistics``)."""
+        ``attention_mask``, ``labels``, and ``reference_log_prob`` for a method with ``reference_statistics``).
+        ``logits`` may be :class:`HeadLogits`: read them through :mod:`.losses` (``gold_log_probs``,
+        ``token_log_probs``, ``chunked``), which build them a chunk at a time, never with tensor operations."""
         raise NotImplementedError
 
     def forget_loss(self, model, forget: dict[str, torch.Tensor]) -> torch.Tensor:
         """The method's loss on a forget batch; a method that reads more than the logits (activations) overrides this."""
         return self.forget_loss_from_logits(self.logits(model, forget), forget)
 
-    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor | HeadLogits:
+        """The model's logits on ``batch``: the final hidden states and the output layer (:class:`HeadLogits`, built
+        a chunk at a time by the losses) where ``--chunked_output_layer`` holds and the model allows it, else the
+        logits tensor."""
+        return policy_logits(model, batch, chunked=self.args.chunked_output_layer and engines.sharding(self.args) is None)
 
     def joint_logits(self, model, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -616,7 +628,8 @@ class UnlearnTrainer(Trainer):
         if not self.reference_on_cpu:
             return self.logits(self.ref_model, batch)
         on_cpu = {key: batch[key].to("cpu") for key in ("input_ids", "attention_mask")}
-        return self.logits(self.ref_model, on_cpu).to(batch["input_ids"].device)
+        logits = self.logits(self.ref_model, on_cpu)
+        return (logits.materialize() if isinstance(logits, HeadLogits) else logits).to(batch["input_ids"].device)
 
     def retain_loss_from_logits(self, logits: torch.Tensor, retain: dict[str, torch.Tensor]) -> torch.Tensor:
         """The retain term from the policy's logits on a retain batch: KL to the original, or NLL."""

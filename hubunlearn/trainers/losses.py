@@ -9,7 +9,10 @@ Memory: a full float32 log-softmax is ``batch × length × vocab × 4`` bytes (5
 positions, the gradient written into one buffer), and never build it; no loss slices logits that carry gradients
 (the targets are shifted instead: :func:`next_token_targets`); losses that need the whole distribution (KL, IHL) work through :func:`chunked`, one chunk of positions at a
 time, recomputing each chunk's float32 intermediates in the backward pass instead of storing them, and writing its
-gradient into one buffer (``benchmarks/logprob_memory.py``).
+gradient into one buffer (``benchmarks/logprob_memory.py``). The trainers hand these losses
+:class:`~hubunlearn.trainers.head.HeadLogits` where the model allows (the final hidden states and the output layer):
+then no loss holds the logits either, each chunk's are built from the hidden states and dropped (``benchmarks/scale.py``).
+A method's loss reads logits only through :func:`gold_log_probs`, :func:`token_log_probs` and :func:`chunked`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,28 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .head import HeadLogits
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**25  # float32 values (128 MiB) a chunked loss upcasts at a time: chunk = this / (batch × vocab) positions
+CPU_CHUNK_ELEMENTS = 2**23  # 32 MiB on the CPU, where the models are small and a chunk's intermediates weigh more
+
+
+def default_chunk_positions(batch: int, vocab: int, device: torch.device) -> int:
+    """Positions per chunk: :data:`CHUNK_ELEMENTS` (:data:`CPU_CHUNK_ELEMENTS` on the CPU) ``/ (batch × vocab)``,
+    at least 1. Large chunks keep an accelerator's products wide; small ones keep the CPU's transient memory low."""
+    elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
+    return max(1, elements // max(1, batch * vocab))
+
+
+def _positions(tensor, start: int, stop: int) -> torch.Tensor:
+    """Positions ``start:stop`` (dimension 1) of a tensor, or of :class:`~hubunlearn.trainers.head.HeadLogits`
+    computed now."""
+    return tensor.positions(start, stop) if isinstance(tensor, HeadLogits) else tensor[:, start:stop]
+
+
+def _whole(tensor) -> torch.Tensor:
+    return tensor.materialize() if isinstance(tensor, HeadLogits) else tensor
 
 
 class _Chunked(torch.autograd.Function):
@@ -31,39 +54,79 @@ class _Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function, step, logits, *others):
         ctx.function, ctx.step = function, step
-        ctx.save_for_backward(logits, *others)
-        return torch.cat([function(logits[:, s : s + step], *(o[:, s : s + step] for o in others))
+        ctx.save_for_backward(logits, *(o for o in others if not isinstance(o, HeadLogits)))
+        ctx.others = others
+        return torch.cat([function(logits[:, s : s + step], *(_positions(o, s, s + step) for o in others))
                           for s in range(0, logits.shape[1], step)], 1)
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, *others = ctx.saved_tensors
+        logits = ctx.saved_tensors[0]
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         for s in range(0, logits.shape[1], ctx.step):
             part = logits[:, s : s + ctx.step].detach().requires_grad_()
             with torch.enable_grad():
-                value = ctx.function(part, *(o[:, s : s + ctx.step] for o in others))
+                value = ctx.function(part, *(_positions(o, s, s + ctx.step) for o in ctx.others))
             grad[:, s : s + ctx.step] = torch.autograd.grad(value, part, grad_output[:, s : s + ctx.step])[0]
-        return (None, None, grad, *([None] * len(others)))
+        return (None, None, grad, *([None] * len(ctx.others)))
 
 
-def chunked(function: Callable[..., torch.Tensor], logits: torch.Tensor, *others: torch.Tensor,
+class _ChunkedHead(torch.autograd.Function):
+    """:class:`_Chunked` on :class:`~hubunlearn.trainers.head.HeadLogits`: each chunk's logits are computed from the
+    hidden states and the output layer's weight in the forward pass and again in the backward, never kept; the
+    backward writes the hidden states' gradient into one buffer and sums the weight's over the chunks (the weight's
+    only when it trains). Autocast, where the forward ran under it, is resumed for the recomputation."""
+
+    @staticmethod
+    def forward(ctx, function, step, hidden, weight, *others):
+        ctx.function, ctx.step, ctx.others = function, step, others
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(hidden, weight)
+        return torch.cat([function(F.linear(hidden[:, s : s + step], weight), *(_positions(o, s, s + step) for o in others))
+                          for s in range(0, hidden.shape[1], step)], 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight = ctx.saved_tensors
+        wants_weight = ctx.needs_input_grad[3]
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        grad_weight = torch.zeros_like(weight) if wants_weight else None
+        leaf_weight = weight.detach().requires_grad_(wants_weight)
+        device, enabled, dtype = ctx.autocast
+        for s in range(0, hidden.shape[1], ctx.step):
+            part = hidden[:, s : s + ctx.step].detach().requires_grad_()
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                value = ctx.function(F.linear(part, leaf_weight), *(_positions(o, s, s + ctx.step) for o in ctx.others))
+            grads = torch.autograd.grad(value, (part, leaf_weight) if wants_weight else (part,), grad_output[:, s : s + ctx.step])
+            grad_hidden[:, s : s + ctx.step] = grads[0]
+            if wants_weight:
+                grad_weight += grads[1]
+        return (None, None, grad_hidden, grad_weight, *([None] * len(ctx.others)))
+
+
+def chunked(function: Callable[..., torch.Tensor], logits: torch.Tensor | HeadLogits, *others: torch.Tensor | HeadLogits,
             chunk_positions: int | None = None) -> torch.Tensor:
     """``function(logits, *others)`` computed over chunks of positions (dimension 1 of each ``(batch, length, ...)``
     tensor) and concatenated along dimension 1; ``function`` maps ``(batch, c, ...)`` slices to a ``(batch, c)``
-    result. Gradients flow to ``logits`` only (``others``: targets, a frozen reference's logits).
+    result. Gradients flow to ``logits`` only (``others``: targets, a frozen reference's logits). ``logits`` and the
+    reference's may be :class:`~hubunlearn.trainers.head.HeadLogits`, whose logits are then built one chunk at a time
+    (in the backward pass too), never all at once.
 
-    ``chunk_positions`` defaults to :data:`CHUNK_ELEMENTS` ``/ (batch × vocab)``. The forward keeps no chunk's
+    ``chunk_positions`` defaults to :func:`default_chunk_positions`. The forward keeps no chunk's
     intermediates (a float32 softmax over the vocabulary); the backward recomputes them one chunk at a time and writes
     each chunk's gradient into one buffer, so the peak holds the logits' gradient and one chunk's intermediates, not
     the whole sequence's. The result and its gradients equal the unchunked computation's (up to float rounding)."""
     batch, length, vocab = logits.shape
-    step = chunk_positions or max(1, CHUNK_ELEMENTS // max(1, batch * vocab))
-    if step >= length:
-        return function(logits, *others)
-    if torch.is_grad_enabled() and logits.requires_grad:
+    step = chunk_positions or default_chunk_positions(batch, vocab, logits.device)
+    head = isinstance(logits, HeadLogits)
+    if step >= length and not head:
+        return function(logits, *(_whole(o) for o in others))
+    if torch.is_grad_enabled() and (logits.hidden.requires_grad or logits.weight.requires_grad if head else logits.requires_grad):
+        if head:
+            return _ChunkedHead.apply(function, step, logits.hidden, logits.weight, *others)
         return _Chunked.apply(function, step, logits, *others)
-    return torch.cat([function(logits[:, s : s + step], *(o[:, s : s + step] for o in others)) for s in range(0, length, step)], 1)
+    return torch.cat([function(_positions(logits, s, s + step), *(_positions(o, s, s + step) for o in others)) for s in range(0, length, step)], 1)
 
 
 class GoldLogProb(torch.autograd.Function):
@@ -98,16 +161,25 @@ class GoldLogProb(torch.autograd.Function):
         return grad, None, None
 
 
-def gold_log_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
+def _gold_log_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position ``log softmax(logits)[target]`` in float32: ``(batch, c)`` from ``(batch, c, vocab)``."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def gold_log_probs(logits: torch.Tensor | HeadLogits, targets: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
     """``log softmax(logits)[..., target]`` in float32, ``(batch, length)`` for ``(batch, length, vocab)`` logits
     and ``(batch, length)`` targets aligned with them (shift the targets, never the logits: see
     :func:`next_token_targets`), without a full log-softmax.
 
     Where TRL's fused Triton kernel runs (``selective_log_softmax`` on CUDA/XPU; it accumulates in float32) it is
     used on the whole tensor; elsewhere :class:`GoldLogProb`, chunks of ``chunk_positions`` positions (default
-    :data:`CHUNK_ELEMENTS` ``/ (batch × vocab)``) upcast to float32 one at a time. TRL's fallback (a gather plus a
+    :func:`default_chunk_positions`) upcast to float32 one at a time; on :class:`~hubunlearn.trainers.head.HeadLogits`,
+    :func:`chunked`, which builds each chunk's logits and recomputes them in the backward pass. TRL's fallback (a gather plus a
     row-by-row log-sum-exp) would keep a full-size gather gradient and a stack of per-row ones, and take bfloat16
     logits' log-softmax in bfloat16."""
+    if isinstance(logits, HeadLogits):
+        return chunked(_gold_log_prob, logits, targets, chunk_positions=chunk_positions)
     from transformers.utils import is_triton_available
 
     try:  # TRL's own test of where its kernel runs is private: a TRL without it takes the chunked path
@@ -117,7 +189,7 @@ def gold_log_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_positions:
     if _supports_trl_loss_kernel is not None and is_triton_available() and _supports_trl_loss_kernel(logits, targets):
         return selective_log_softmax(logits, targets).float()
     batch, _, vocab = logits.shape
-    step = chunk_positions or max(1, CHUNK_ELEMENTS // max(1, batch * vocab))
+    step = chunk_positions or default_chunk_positions(batch, vocab, logits.device)
     return GoldLogProb.apply(logits, targets, step)
 
 

@@ -1,0 +1,105 @@
+"""The output layer kept apart (HeadLogits): same losses and gradients as the model's logits, no logits kept, and the
+full logits wherever the model's forward does more than the output layer's product."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hubunlearn.trainers import losses
+from hubunlearn.trainers.head import HeadLogits, output_layer, policy_logits
+
+
+def llama(hidden: int, layers: int, vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False))
+
+
+def batch_of(vocab: int, rows: int = 3, length: int = 17):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (rows, length), generator=generator)
+    attention = torch.ones_like(ids)
+    attention[1, length - 5:] = 0
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :5] = -100
+    return {"input_ids": ids, "attention_mask": attention}, labels
+
+
+def every_loss(model, reference, batch, labels, chunked: bool):
+    """A mix of every way a loss reads logits, on a forget part (2 rows) and a retain part (1 row) of one pass."""
+    forget, retain = policy_logits(model, batch, chunked).split([2, 1])
+    with torch.no_grad():
+        reference_retain = policy_logits(reference, batch, chunked).split([2, 1])[1]
+    return (losses.nll_loss(forget, labels[:2]) + losses.inverted_hinge_loss(forget, labels[:2], chunk_positions=3)
+            + losses.kl_to_reference(retain, reference_retain, batch["attention_mask"][2:], chunk_positions=4)
+            + 0.1 * losses.sequence_log_prob(retain, labels[2:])[0].sum())
+
+
+@pytest.mark.parametrize("hidden,layers,vocab", [(32, 2, 300), (48, 1, 1000)])
+def test_head_logits_give_the_logits_losses_and_gradients(hidden, layers, vocab):
+    model, reference = llama(hidden, layers, vocab), llama(hidden, layers, vocab, seed=1)
+    batch, labels = batch_of(vocab)
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        loss = every_loss(model, reference, batch, labels, chunked)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    assert plain.abs() > 1e-3
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logits(model, batch).materialize(), model(**batch).logits)
+
+
+def test_no_vocabulary_sized_tensor_is_kept_for_the_backward():
+    """The forward pass of a loss on HeadLogits saves nothing the size of the logits (only hidden states and weights);
+    on the model's logits tensor it does."""
+    vocab = 5000
+    model = llama(32, 2, vocab)
+    batch, labels = batch_of(vocab, rows=4, length=40)
+
+    def largest_saved(chunked: bool) -> int:
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            losses.nll_loss(policy_logits(model, batch, chunked), labels)
+        return max(sizes)
+
+    logits_size = 4 * 40 * vocab
+    assert largest_saved(False) >= logits_size
+    assert largest_saved(True) <= vocab * 32  # the output layer's weight
+
+
+def test_frozen_output_layer_gets_no_gradient_and_lora_still_trains():
+    vocab = 300
+    model = get_peft_model(llama(32, 2, vocab), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    batch, labels = batch_of(vocab)
+    logits = policy_logits(model, batch)
+    assert isinstance(logits, HeadLogits) and not logits.weight.requires_grad
+    losses.nll_loss(logits, labels).backward()
+    trained = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(g is not None for g in trained.values())
+    assert all(g.abs().max() > 0 for name, g in trained.items() if "lora_B" in name)  # lora_A's is 0 while B starts at 0
+    assert model.get_output_embeddings().weight.grad is None
+
+
+def test_models_whose_logits_are_more_than_the_product_keep_the_full_logits():
+    """An output layer under LoRA, a model family that soft-caps its logits (Gemma 2), or chunked=False: the
+    model's logits tensor, unchanged."""
+    vocab = 300
+    batch, _ = batch_of(vocab)
+    lora_head = get_peft_model(llama(32, 2, vocab), LoraConfig(r=4, target_modules=["lm_head"], task_type="CAUSAL_LM"))
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0))
+    for model in (lora_head, gemma):
+        assert output_layer(model) is None
+        logits = policy_logits(model, batch)
+        assert isinstance(logits, torch.Tensor)
+        torch.testing.assert_close(logits, model(**batch).logits)
+    plain = llama(32, 2, vocab)
+    assert output_layer(plain) is not None and isinstance(policy_logits(plain, batch, chunked=False), torch.Tensor)
+    assert "forward" not in vars(output_layer(plain))  # the identity forward is gone after the call
