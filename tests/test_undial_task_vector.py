@@ -128,10 +128,11 @@ class _Snapshot(TrainerCallback):
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def fine_tune_and_negate(model, tokenizer, rows, output, peft_config=None, **overrides):
+def fine_tune_and_negate(model, tokenizer, rows, output, peft_config=None, retain_rows=None, **overrides):
     snapshot = _Snapshot()
-    trainer = TaskVectorTrainer(model=model, args=TaskVectorTrainer.config_class(**settings(output, learning_rate=1e-2, **overrides)),
-                                forget_dataset=rows, processing_class=tokenizer, peft_config=peft_config, callbacks=[snapshot])
+    trainer = TaskVectorTrainer(model=model, args=TaskVectorTrainer.config_class(**settings(output, **{"learning_rate": 1e-2, **overrides})),
+                                forget_dataset=rows, retain_dataset=retain_rows, processing_class=tokenizer, peft_config=peft_config,
+                                callbacks=[snapshot])
     trainer.train()
     trainer.save_model()
     return trainer, snapshot.state
@@ -163,29 +164,34 @@ def test_full_task_vector_artifact_is_the_original_minus_w_times_the_update(shap
                 torch.testing.assert_close(negated[2.0][k] - original[k], 2 * (negated[1.0][k] - original[k]), atol=1e-6, rtol=1e-4)
 
 
-def test_lora_task_vector_adapter_loads_on_the_unmodified_base_and_really_subtracts(tokenizer, forget_rows, tmp_path):
-    """The saved adapter is a plain LoRA adapter whose delta is −w times the fine-tuned one's (a single adapter merged
-    with a negative weight through PEFT's add_weighted_adapter comes out un-negated: peft issue 3004)."""
+@pytest.mark.parametrize("lora_init", ["default", "fila"])
+def test_lora_task_vector_adapter_loads_on_the_unmodified_base_and_really_subtracts(lora_init, tokenizer, forget_rows, retain_rows, tmp_path):
+    """The saved adapter is a plain LoRA adapter whose delta is −w times what the fine-tune changed in each weight (a
+    single adapter merged with a negative weight through PEFT's add_weighted_adapter comes out un-negated: peft issue
+    3004). With FILA the fine-tuned weight is the modified base plus the adapter; the artifact is still for the
+    unmodified base (rank 2r)."""
     from peft.tuners.lora import LoraLayer
 
     weight = 1.5
     base = tiny_llama(tokenizer, hidden_size=32, num_layers=2)
     original = copy.deepcopy(base)
-    trainer, fine_tuned = fine_tune_and_negate(base, tokenizer, forget_rows[:8], tmp_path / "adapter", peft_config=lora(), negation_weight=weight)
     output = tmp_path / "adapter"
+    trainer, fine_tuned = fine_tune_and_negate(base, tokenizer, forget_rows[:8], output, peft_config=lora(), negation_weight=weight,
+                                               lora_init=lora_init, retain_rows=retain_rows[:8] if lora_init == "fila" else None)
     assert (output / "adapter_model.safetensors").is_file() and not (output / "model.safetensors").exists()
+    assert json.loads((output / "adapter_config.json").read_text())["r"] == (8 if lora_init == "fila" else 4)
     loaded = PeftModel.from_pretrained(copy.deepcopy(original), output).eval()
     by_hand = copy.deepcopy(original).eval()
-    layers = {name: m for name, m in loaded.named_modules() if isinstance(m, LoraLayer)}
+    layers = {name.removeprefix("base_model.model."): m for name, m in loaded.named_modules() if isinstance(m, LoraLayer)}
     assert layers
     with torch.no_grad():
-        for name, layer in layers.items():
-            key = name.removeprefix("base_model.model.")
-            a, b = fine_tuned[f"base_model.model.{key}.lora_A.default.weight"], fine_tuned[f"base_model.model.{key}.lora_B.default.weight"]
-            trained_delta = layer.scaling["default"] * b @ a
-            assert trained_delta.abs().max() > 0
-            torch.testing.assert_close(layer.get_delta_weight("default"), -weight * trained_delta)  # subtracted, w times
-            by_hand.get_submodule(key).weight.sub_(weight * trained_delta)
+        for key, layer in layers.items():
+            prefix = f"base_model.model.{key}"
+            a, b = fine_tuned[f"{prefix}.lora_A.default.weight"], fine_tuned[f"{prefix}.lora_B.default.weight"]
+            update = fine_tuned[f"{prefix}.base_layer.weight"] + 2.0 * b @ a - original.get_submodule(key).weight  # lora(): alpha/r = 2
+            assert update.abs().max() > 0
+            torch.testing.assert_close(layer.get_delta_weight("default"), -weight * update, atol=1e-6, rtol=1e-4)  # subtracted, w times
+            by_hand.get_submodule(key).weight.sub_(weight * update)
         inputs = tokenizer([r["question"] for r in forget_rows[:3]], return_tensors="pt", padding=True)
         expected = by_hand(**inputs).logits
         torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
