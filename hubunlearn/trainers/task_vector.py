@@ -21,8 +21,9 @@ class TaskVectorConfig(UnlearnConfig):
         "help": "Only 'none': the fine-tune trains on the forget set alone (MUSE's task-vector baseline); a retain term "
                 "would enter Δ and be subtracted too. A --retain set is still measured (and used by --utility_budget)."})
     negation_weight: float = field(default=1.0, metadata={
-        "help": "w in θ = θ₀ − w·Δ (Δ: what fine-tuning on the forget set changed; above 0, default 1 as in Ilharco et "
-                "al.). --utility_budget then scales it down to the largest α·w within the budget."})
+        "help": "w in θ = θ₀ − w·Δ (Δ: what fine-tuning on the forget set changed); above 0, default 1, the plain negation "
+                "−Δ (Ilharco et al. tune this coefficient on held-out data). --utility_budget then scales it down to the "
+                "largest α·w within the budget."})
 
     def __post_init__(self):
         if self.retain_loss != "none":
