@@ -104,6 +104,23 @@ def test_undial_reads_the_original_as_the_retain_kl_does(tokenizer, forget_rows,
                       peft_config=lora(), **rows)
 
 
+@pytest.mark.parametrize("peft_config", [None, lora()], ids=["full", "lora"])
+def test_undial_with_beta_zero_has_no_gradient_at_the_start(peft_config, tokenizer, forget_rows, tmp_path):
+    """The trainer's reference is the original itself: at β = 0 the policy already matches its target."""
+    trainer = UNDIALTrainer(model=tiny_llama(tokenizer, hidden_size=32, num_layers=2),
+                            args=UNDIALTrainer.config_class(**settings(tmp_path / "o", beta=0.0, retain_loss="none")),
+                            forget_dataset=forget_rows[:8], processing_class=tokenizer, peft_config=peft_config)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch).backward()
+    grads = [p.grad.abs().max().item() for p in trainer.model.parameters() if p.grad is not None]
+    assert grads and max(grads) < 1e-8, max(grads)
+    trainer.model.zero_grad()
+    trainer.args.beta = 10.0
+    trainer.compute_loss(trainer.model, batch).backward()
+    assert max(p.grad.abs().max().item() for p in trainer.model.parameters() if p.grad is not None) > 1e-5
+
+
 def test_undial_forgets_through_lora(model, tokenizer, forget_rows, retain_rows, mean_answer_probability, tmp_path):
     forget_before, retain_before = mean_answer_probability(model, forget_rows), mean_answer_probability(model, retain_rows)
     trainer = UNDIALTrainer(model=model, args=UNDIALTrainer.config_class(**settings(tmp_path / "o", max_steps=12, per_device_train_batch_size=8,
