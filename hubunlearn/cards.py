@@ -223,6 +223,8 @@ def training_summary(record: dict) -> str:
     if rmu:
         text += (f" RMU steered layer {rmu['layer']}'s activations on forget tokens to a random direction of norm "
                  f"{rmu['steering_coefficient']:.3g}, training the FFNs of layers {rmu['trainable_layers']}.")
+    if record.get("task_vector"):
+        text += " " + task_vector_text(record["task_vector"], record.get("calibration"))
     calibration = record.get("calibration")
     stopped_early = calibration and (calibration.get("early_stopping") or {}).get("stopped_at_step") is not None
     if calibration and calibration["alpha"] == 1 and not stopped_early:
@@ -247,6 +249,17 @@ def training_summary(record: dict) -> str:
         if "forgetting_warning" in utility:
             text += f" **Warning: {utility['forgetting_warning']}.**"
     return text + (f"\n\nLibraries: {versions}." if versions else "")
+
+
+def task_vector_text(task_vector: dict, calibration: dict | None) -> str:
+    """What task-vector negation did (``unlearning.json``'s ``task_vector``), in words."""
+    weight = task_vector["negation_weight"]
+    text = (f"The optimiser steps fine-tuned the model on the forget set (gradient descent on its NLL); that update Δ (of the "
+            f"{task_vector['delta']}) was then subtracted from the original: θ = θ₀ − w·Δ with w = {weight:g} (task arithmetic, "
+            "Ilharco et al., arXiv 2212.04089).")
+    if calibration and calibration.get("alpha", 1) != 1:
+        text += f" Mixing with the original at α = {calibration['alpha']:.3g} (below) makes the weight applied α·w = {calibration['alpha'] * weight:.3g}."
+    return text
 
 
 def reference_text(reference: dict) -> str:

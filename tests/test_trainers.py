@@ -26,7 +26,11 @@ METHOD_SETTINGS = {"kuda": REPRESENTATION_SETTINGS, "rmu": REPRESENTATION_SETTIN
                    "ga": {"learning_rate": 2.75e-4}, "npo": {"learning_rate": 2.75e-4},
                    # KL to the original over every real retain token (issue 16) holds the shared template tokens in place:
                    # at 3e-4 the forget set barely moves on this toy model (0.995 -> 0.988 after 12 steps)
-                   "kl": {"learning_rate": 1e-3}}
+                   "kl": {"learning_rate": 1e-3},
+                   # UNDIAL at β = 10 has a sharp edge on this toy model (12 steps: 1.5e-4 forget 0.70 / retain 0.97; 1.75e-4
+                   # forget 0.48 / retain 0.92; 2e-4 forget 0.31 / retain 0.82); task vectors need a fine-tune that moves a model
+                   # already at p ≈ 0.995 (lr 7e-4 and w = 3: forget 0.26 / retain 0.89; lr 1.5e-3 and w = 1: 0.44 / 0.85)
+                   "undial": {"learning_rate": 1.75e-4}, "task_vector": {"learning_rate": 7e-4, "negation_weight": 3.0}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

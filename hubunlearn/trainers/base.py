@@ -97,8 +97,8 @@ class UnlearnConfig(TrainingArguments):
     record_examples: int = field(default=3, metadata={
         "help": "Questions (never answers) of each set recorded in unlearning.json as demo prompts for the Space (0: none)."})
     reference_device: str | None = field(default=None, metadata={
-        "help": "Where a full fine-tuning run keeps the frozen copy of the original it reads logits from (--retain_loss kl; "
-                "KUDA and RMU need 'same'): 'same' (default: the training device) or 'cpu', which frees one copy of the "
+        "help": "Where a full fine-tuning run keeps the frozen copy of the original it reads logits from (--retain_loss kl, "
+                "UNDIAL's forget term; KUDA and RMU need 'same'): 'same' (default: the training device) or 'cpu', which frees one copy of the "
                 "weights on the accelerator (2 bytes per parameter in bf16: 16 GB for an 8B model) at the cost of a CPU "
                 "forward pass of each retain batch every step and the copy of its logits back (batch x length x vocabulary "
                 "x 4 bytes), typically slower than the GPU step itself. NPO holds no reference model (it caches the "
@@ -227,6 +227,12 @@ class UnlearnTrainer(Trainer):
     # cached once before training (NPO: ("forget",)); a method that needs nothing else from the original holds no copy.
     reference_statistics: ClassVar[tuple[str, ...]] = ()
     keeps_retain_rows = False  # the method reads the retain rows even when no retain loss is trained on (ECO)
+    # The forget term reads the frozen original's logits on each forget batch (UNDIAL): the reference is obtained as
+    # for the retain KL (adapter-off base with LoRA, else a frozen copy placed by --reference_device).
+    forget_reads_reference_logits: ClassVar[bool] = False
+    # --budget_check_steps probes the model being trained; a method whose artifact is made from it only after the
+    # last step (task-vector negation) turns this off, and the CLI's utility guard then calibrates at the end only.
+    budget_checks_in_training: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -274,7 +280,7 @@ class UnlearnTrainer(Trainer):
         self.base_model_id = model.config._name_or_path
         self.base_model_facts: dict | None = None  # commit and license on the Hub, looked up at save time if unset
         self._reference_given = ref_model is not None
-        self._reference_logits_needed = self.uses_reference or args.retain_loss == "kl"
+        self._reference_logits_needed = self.uses_reference or args.retain_loss == "kl" or self.forget_reads_reference_logits
         # With FILA the base holds W - s·B·A during training, so switching the adapter off is not the original.
         self._adapter_off_reference = peft_config is not None and args.lora_init != "fila"
         copies = self._reference_logits_needed and ref_model is None and not self._adapter_off_reference
@@ -340,7 +346,7 @@ class UnlearnTrainer(Trainer):
         if args.reference_device is None:
             return
         if not holds_copy:
-            how = ("switches the LoRA adapter off for the original's logits" if self._adapter_off_reference and args.retain_loss == "kl"
+            how = ("switches the LoRA adapter off for the original's logits" if self._adapter_off_reference and self._reference_logits_needed
                    else f"caches the original's {' and '.join(self.reference_statistics)} answer likelihoods" if self.reference_statistics
                    else "needs no reference model")
             raise UsageError(f"--reference_device places a frozen reference model, and {self._name} with --retain_loss "
@@ -466,10 +472,15 @@ class UnlearnTrainer(Trainer):
 
             fila.to_standard_adapter(model, self._fila_initial)
             self._fila_initial = None
+        self.after_training(model)
         if self.args.utility_budget is not None and hasattr(self, "_probe_original"):
             self._calibrate(model)
         if self.args.lora_export == "merged":
             self.model = model.merge_and_unload()
+
+    def after_training(self, model) -> None:
+        """What a method does to the trained weights before the utility budget and a merged export see them (the
+        unwrapped ``model``; a FILA adapter is already a standard one): nothing, except for task-vector negation."""
 
     def _calibrate(self, model) -> None:
         mixer = ModelMixer(model, self._original_state)

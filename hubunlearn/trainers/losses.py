@@ -328,3 +328,36 @@ def representation_mse_loss(hidden: torch.Tensor, target: torch.Tensor, mask: to
     representations (retain terms), or RMU's control vector ``c·u`` (Li et al., arXiv 2403.03218)."""
     per_token = (hidden.float() - target.float()).pow(2).mean(-1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---- UNDIAL (issue 19) -------------------------------------------------------------------------------------------
+
+
+def undial_target(reference_logits: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
+    """UNDIAL's target distribution (Dong et al., arXiv 2402.10052): ``softmax(z_ref − β·onehot(y))`` in float32,
+    ``(..., vocab)`` from the original's logits ``z_ref`` ``(..., vocab)`` and the gold tokens ``y`` ``(...)``: the
+    original's next-token distribution with the gold token's logit lowered by ``β`` (the rest renormalised)."""
+    adjusted = reference_logits.float().scatter_add(-1, targets.unsqueeze(-1), reference_logits.new_full((*targets.shape, 1), -beta, dtype=torch.float32))
+    return adjusted.softmax(-1)
+
+
+def _undial_cross_entropy(logits: torch.Tensor, reference_logits: torch.Tensor, targets: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per position ``−Σ_v q_v · log p_θ(v)``, ``q`` = :func:`undial_target`: ``(batch, c)``."""
+    return -(undial_target(reference_logits, targets, beta) * logits.float().log_softmax(-1)).sum(-1)
+
+
+def undial_loss(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor, beta: float,
+                chunk_positions: int | None = None) -> torch.Tensor:
+    """UNDIAL (Dong et al., "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in Large Language
+    Models", arXiv 2402.10052): self-distillation towards the original with the gold token pushed down.
+
+    Per labelled token, the cross-entropy ``−Σ_v q_v log p_θ(v)`` of the policy's next-token distribution against
+    the fixed target ``q = softmax(z_ref − β·onehot(y))`` (:func:`undial_target`), averaged over the labelled
+    tokens of the batch. ``logits`` and ``reference_logits`` (the frozen original's, no gradient) are
+    ``(batch, length, vocab)``, ``labels`` ``(batch, length)`` with ``-100`` where nothing counts. Its gradient in the
+    logits is ``p_θ − q``: zero when ``β = 0`` and the policy is the original. Computed in chunks of positions
+    (:func:`chunked`), so no full-vocabulary float32 tensor of the whole sequence is built."""
+    targets, mask = next_token_targets(labels)
+    per_token = chunked(lambda part, reference, gold: _undial_cross_entropy(part, reference, gold, beta), logits,
+                        reference_logits, targets, chunk_positions=chunk_positions)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
