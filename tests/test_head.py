@@ -103,3 +103,31 @@ def test_models_whose_logits_are_more_than_the_product_keep_the_full_logits():
     plain = llama(32, 2, vocab)
     assert output_layer(plain) is not None and isinstance(policy_logits(plain, batch, chunked=False), torch.Tensor)
     assert "forward" not in vars(output_layer(plain))  # the identity forward is gone after the call
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_mean_nll_with_gradients_in_the_forward_pass_equals_the_logits_one(weight_trains):
+    """nll_loss on HeadLogits computes its gradients in the forward pass (no recomputation): the loss, the hidden
+    states' and the weight's gradients equal those of the logits tensor, at several chunk sizes, scaled by the
+    incoming gradient (here -2, as gradient ascent's sign and a weight would)."""
+    vocab, generator = 700, torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 11, 16, generator=generator)
+    weight = torch.randn(vocab, 16, generator=generator)
+    labels = torch.randint(0, vocab, (3, 11), generator=generator)
+    labels[:, :4] = -100
+    labels[2, 8:] = -100
+    results = []
+    for chunked in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(weight_trains)
+        logits = HeadLogits(h, w) if chunked else h @ w.T
+        loss = losses.nll_loss(logits, labels)
+        (-2 * loss).backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss, h_grad, w_grad), (head_loss, head_h_grad, head_w_grad) = results
+    torch.testing.assert_close(head_loss, loss)
+    torch.testing.assert_close(head_h_grad, h_grad)
+    assert h_grad.abs().max() > 0
+    if weight_trains:
+        torch.testing.assert_close(head_w_grad, w_grad)
+    else:
+        assert head_w_grad is None

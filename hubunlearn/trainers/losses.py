@@ -222,8 +222,45 @@ def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return log_probs.sum(-1), mask.sum(-1)
 
 
-def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over all labelled tokens of the batch (the usual causal-LM loss)."""
+class _HeadMeanNLL(torch.autograd.Function):
+    """Mean NLL on :class:`~hubunlearn.trainers.head.HeadLogits` with its gradients computed in the forward pass, one
+    chunk of positions at a time (Liger Kernel's fused linear cross-entropy, Hsu et al., arXiv 2410.10989): the
+    loss is a mean, so each position's gradient is known before the backward pass, which only scales the stored
+    gradients of the hidden states and the weight by the incoming scalar; no chunk is computed twice."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, mask, step):
+        count = mask.sum().clamp(min=1)
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[1], step):
+            part, gold, keep = hidden[:, s : s + step], targets[:, s : s + step, None], mask[:, s : s + step, None]
+            logits = F.linear(part, weight).float()
+            log_norm = torch.logsumexp(logits, -1, keepdim=True)
+            total += ((log_norm - logits.gather(-1, gold)) * keep).sum()
+            grad = (logits - log_norm).exp_().scatter_add_(-1, gold, torch.full_like(log_norm, -1.0)).mul_(keep / count)
+            grad_hidden[:, s : s + step] = grad.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += grad.flatten(0, 1).T.to(part.dtype) @ part.flatten(0, 1)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_output, None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype),
+                None, None, None)
+
+
+def nll_loss(logits: torch.Tensor | HeadLogits, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over all labelled tokens of the batch (the usual causal-LM loss). On
+    :class:`~hubunlearn.trainers.head.HeadLogits` that train, :class:`_HeadMeanNLL` (gradients in the forward pass)."""
+    if isinstance(logits, HeadLogits) and torch.is_grad_enabled() and (logits.hidden.requires_grad or logits.weight.requires_grad):
+        targets, mask = next_token_targets(labels)
+        batch, _, vocab = logits.shape
+        return _HeadMeanNLL.apply(logits.hidden, logits.weight, targets, mask, default_chunk_positions(batch, vocab, logits.device))
     log_probs, mask = token_log_probs(logits, labels)
     return -log_probs.sum() / mask.sum().clamp(min=1)
 
