@@ -26,7 +26,18 @@ METHOD_SETTINGS = {"kuda": REPRESENTATION_SETTINGS, "rmu": REPRESENTATION_SETTIN
                    "ga": {"learning_rate": 2.75e-4}, "npo": {"learning_rate": 2.75e-4},
                    # KL to the original over every real retain token (issue 16) holds the shared template tokens in place:
                    # at 3e-4 the forget set barely moves on this toy model (0.995 -> 0.988 after 12 steps)
-                   "kl": {"learning_rate": 1e-3}}
+                   "kl": {"learning_rate": 1e-3},
+                   # SatImp's weight p^5·(1 − p) is ~0.005 on this over-confident model (p ≈ 0.995): next to a retain NLL
+                   # term the forget term barely moves it (12 steps at 3e-4: 0.995 -> 0.993), so it runs alone, as GA does,
+                   # at 4e-4 (3e-4: forget 0.66, retain 0.98; 4e-4: 0.42, 0.95)
+                   "satimp": {"retain_loss": "none", "learning_rate": 4e-4},
+                   # CE-U's bounded push (p − q on the logits) moves the shared answer template too: alone at 3e-4 the retain
+                   # set falls to 0.10; with a strong retain NLL it forgets (0.28) and keeps the retain set (0.93)
+                   "ceu": {"retain_loss": "nll", "retain_weight": 30},
+                   # PDU: the forget term (a squared logit gap, ~200 at the start) outweighs λ = 100 times a retain NLL of
+                   # 0.005 until the retain set is damaged (retain 0.42 at 3e-4); λ starts at 1000 and ε bounds the retain
+                   # NLL at 0.1 (the world model's is ~0.005): forget 0.25, retain 0.94
+                   "pdu": {"retain_epsilon": 0.1, "initial_multiplier": 1000, "learning_rate": 2e-4}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -14,6 +14,8 @@ from hubunlearn.errors import UsageError
 from hubunlearn.trainers import METHODS, KLTrainer, KUDATrainer, NPOTrainer, losses
 from hubunlearn.world import tiny_llama
 
+from .conftest import REQUIRED_SETTINGS
+
 LOGIT_METHODS = [m for m in METHODS if m not in ("kuda", "rmu")]  # KUDA and RMU read activations (representation.py)
 
 
@@ -63,6 +65,8 @@ def make(trainer_class, model, tokenizer, few, tmp_path, **overrides):
                     per_device_eval_batch_size=3, disable_tqdm=True, use_cpu=True, seed=1, utility_probe_size=4,
                     report_to="none", **overrides)
     peft_config = settings.pop("peft_config", None)
+    method = next(name for name, cls in METHODS.items() if cls is trainer_class)
+    settings = {**REQUIRED_SETTINGS.get(method, {}), **settings}
     return trainer_class(model=model, args=trainer_class.config_class(**settings), forget_dataset=forget_rows,
                          retain_dataset=retain_rows, processing_class=tokenizer, peft_config=peft_config)
 
@@ -173,7 +177,7 @@ ONE_PASS_CASES = ([("llama-32x2", m, {}) for m in LOGIT_METHODS] + [("llama-32x2
 @pytest.mark.parametrize("shape, method, overrides", ONE_PASS_CASES)
 def test_one_pass_and_two_passes_give_the_same_loss_and_gradients(shape, method, overrides, tokenizer, few, tmp_path):
     trainer = make(METHODS[method], SHAPES[shape](tokenizer), tokenizer, few, tmp_path,
-                   **({"retain_loss": "nll"} if method == "ga" else {}), **overrides)
+                   **({"retain_loss": "nll"} if METHODS[method].config_class.retain_loss == "none" else {}), **overrides)
     batch = first_batch(trainer)  # the loader caches the original's statistics first (NPO)
     assert ("reference_log_prob" in batch["forget"]) == (method == "npo")
     with torch.no_grad():  # then away from the original, so KL and NPO have gradients
