@@ -34,9 +34,6 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
-# What a method needs beyond its defaults to run at all (PDU's --retain_epsilon has none): tests that run every method
-# add these. ε = 1 nat per token: any small model's retain NLL is of that order, above it for an untrained one.
-REQUIRED_SETTINGS = {"pdu": {"retain_epsilon": 1.0}}
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -14,7 +14,7 @@ from hubunlearn.trainers import METHODS, KUDAConfig, KUDATrainer, RMUConfig, RMU
 from hubunlearn.trainers.base import UTILITY_FLOOR
 from hubunlearn.trainers.representation import RELATIVE_STEP
 
-from .conftest import REQUIRED_SETTINGS
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 
 SHAPES = {"h32x1": (32, 1), "h64x3": (64, 3), "h48x6": (48, 6)}  # (hidden size, layers): none is the world model's
 

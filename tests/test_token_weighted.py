@@ -29,14 +29,16 @@ def test_wga_and_satimp_weights_by_hand():
     assert losses.satimp_weight(P, 5.0, 1.0).tolist() == pytest.approx([0.015625, 0.000256, 0.059049])
 
 
-@pytest.mark.parametrize("name, weight", [("wga", lambda p: p), ("satimp", lambda p: p**5 * (1 - p)), ("ga", lambda p: torch.ones_like(p))])
-def test_token_weighted_ascent_by_hand_with_detached_weights(name, weight):
+WEIGHTS = {"wga": (lambda p: losses.wga_weight(p, 1.0), P), "satimp": (lambda p: losses.satimp_weight(p, 5.0, 1.0), P**5 * (1 - P)),
+           "ga": (torch.ones_like, torch.ones(3))}
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_token_weighted_ascent_by_hand_with_detached_weights(name):
+    weight, w = WEIGHTS[name]
     logits, labels = three_tokens()
-    w = weight(P)
-    function = {"wga": lambda p: losses.wga_weight(p, 1.0), "satimp": lambda p: losses.satimp_weight(p, 5.0, 1.0),
-                "ga": torch.ones_like}[name]
-    loss = losses.token_weighted_ascent_loss(logits, labels, function)
-    assert loss.item() == pytest.approx((w * P.log()).sum().item() / 3, rel=1e-5)
+    loss = losses.token_weighted_ascent_loss(logits, labels, weight)
+    assert loss.item() == pytest.approx((w * P.log()).sum().item() / 3, rel=1e-5)  # mean over the 3 answer tokens
     if name == "ga":
         assert loss.item() == pytest.approx(losses.gradient_ascent_loss(logits, labels).item(), rel=1e-6)
     loss.backward()
@@ -124,6 +126,11 @@ def test_pdu_dual_variable_follows_the_retain_nll_is_logged_and_checkpointed(wor
         expected = max(0.0, expected + 0.5 * (entry["retain_loss"] - 2.0))
     assert expected > 3.0 and trainer.dual.multiplier == pytest.approx(expected, rel=1e-5)
     assert trainer.record_extras["dual"]["retain_multiplier"] == pytest.approx(expected, rel=1e-5)
+    trainer.save_model()
+    record = json.loads((tmp_path / "out" / "unlearning.json").read_text())
+    assert record["dual"]["retain_multiplier"] == pytest.approx(expected, rel=1e-5) and record["hyperparameters"]["retain_epsilon"] == 2.0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "arXiv:2506.05314" in card and "Constrained Entropic Unlearning" in card and "| `initial_multiplier` | `3.0` |" in card
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["DualAscent"]["args"]["multiplier"]
     assert saved == pytest.approx(max(0.0, multipliers[1] + 0.5 * (logged[1]["retain_loss"] - 2.0)), rel=1e-5)

@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from hubunlearn.errors import NonFiniteLossError, UsageError
 from hubunlearn.trainers import METHODS, IHLConfig, IHLTrainer, NPOConfig, NPOTrainer
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
+
 
 def config(trainer_class, output_dir, **overrides):
     settings = dict(output_dir=str(output_dir), learning_rate=3e-4, max_steps=12, lr_scheduler_type="constant",
@@ -45,7 +47,7 @@ def test_each_method_forgets_the_forget_set_and_keeps_the_retain_set(method, mod
     trainer_class = METHODS[method]
     forget_before, retain_before = mean_answer_probability(model, forget_rows), mean_answer_probability(model, retain_rows)
     assert forget_before > 0.9 and retain_before > 0.9  # the model knows the world
-    overrides = METHOD_SETTINGS.get(method, {})
+    overrides = {**REQUIRED_SETTINGS.get(method, {}), **METHOD_SETTINGS.get(method, {})}
     trainer = trainer_class(model=model, args=config(trainer_class, tmp_path / "out", **overrides), forget_dataset=forget_rows,
                             retain_dataset=retain_rows, processing_class=tokenizer)
     trainer.train()

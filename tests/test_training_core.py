@@ -14,7 +14,7 @@ from hubunlearn.errors import UsageError
 from hubunlearn.trainers import METHODS, KLTrainer, KUDATrainer, NPOTrainer, losses
 from hubunlearn.world import tiny_llama
 
-from .conftest import REQUIRED_SETTINGS
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 
 LOGIT_METHODS = [m for m in METHODS if m not in ("kuda", "rmu")]  # KUDA and RMU read activations (representation.py)
 
