@@ -10,11 +10,10 @@ import json
 import pytest
 import torch
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.trainers import METHODS, KUDAConfig, KUDATrainer, RMUConfig, RMUTrainer
 from hubunlearn.trainers.base import UTILITY_FLOOR
 from hubunlearn.trainers.representation import RELATIVE_STEP
-
-from hubunlearn.benchmarking import REQUIRED_SETTINGS
 
 SHAPES = {"h32x1": (32, 1), "h64x3": (64, 3), "h48x6": (48, 6)}  # (hidden size, layers): none is the world model's
 

@@ -10,11 +10,10 @@ import torch
 from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.errors import UsageError
 from hubunlearn.trainers import METHODS, GradDiffConfig, GradDiffTrainer, engines
 from hubunlearn.world import World, train_tokenizer
-
-from hubunlearn.benchmarking import REQUIRED_SETTINGS
 
 WORLD = World.make(num_people=6, num_forget=2)
 SHAPES = {"h32x2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),

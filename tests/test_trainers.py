@@ -8,10 +8,9 @@ import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.errors import NonFiniteLossError, UsageError
 from hubunlearn.trainers import METHODS, IHLConfig, IHLTrainer, NPOConfig, NPOTrainer
-
-from hubunlearn.benchmarking import REQUIRED_SETTINGS
 
 
 def config(trainer_class, output_dir, **overrides):

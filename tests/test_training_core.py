@@ -9,12 +9,11 @@ import torch
 from peft import LoraConfig
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.cards import training_summary
 from hubunlearn.errors import UsageError
 from hubunlearn.trainers import METHODS, KLTrainer, KUDATrainer, NPOTrainer, losses
 from hubunlearn.world import tiny_llama
-
-from hubunlearn.benchmarking import REQUIRED_SETTINGS
 
 LOGIT_METHODS = [m for m in METHODS if m not in ("kuda", "rmu")]  # KUDA and RMU read activations (representation.py)
 
@@ -65,7 +64,7 @@ def make(trainer_class, model, tokenizer, few, tmp_path, **overrides):
                     per_device_eval_batch_size=3, disable_tqdm=True, use_cpu=True, seed=1, utility_probe_size=4,
                     report_to="none", **overrides)
     peft_config = settings.pop("peft_config", None)
-    method = next(name for name, cls in METHODS.items() if cls is trainer_class)
+    method = next((name for name, cls in METHODS.items() if cls is trainer_class), None)
     settings = {**REQUIRED_SETTINGS.get(method, {}), **settings}
     return trainer_class(model=model, args=trainer_class.config_class(**settings), forget_dataset=forget_rows,
                          retain_dataset=retain_rows, processing_class=tokenizer, peft_config=peft_config)
