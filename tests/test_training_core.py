@@ -168,9 +168,10 @@ def test_one_policy_forward_per_step_and_one_reference_forward_only_for_kl(metho
     assert (trainer.ref_model is None) == (expected.get("reference", 0) == 0)  # NPO holds no reference model
 
 
-# Every logits method on one shape; NLL and NPO's sequence sums (which padding would shift first) on the others too.
+# Every logits method on one shape; NLL and NPO's sequence sums (which padding would shift first), and the chunked
+# whole-vocabulary forget terms of CE-U and PDU, on the others too.
 ONE_PASS_CASES = ([("llama-32x2", m, {}) for m in LOGIT_METHODS] + [("llama-32x2", "npo", {"retain_loss": "kl"})]
-                  + [(shape, m, {}) for shape in SHAPES if shape != "llama-32x2" for m in ("graddiff", "npo")])
+                  + [(shape, m, {}) for shape in SHAPES if shape != "llama-32x2" for m in ("graddiff", "npo", "ceu", "pdu")])
 
 
 @pytest.mark.parametrize("shape, method, overrides", ONE_PASS_CASES)
