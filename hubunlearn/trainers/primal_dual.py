@@ -76,10 +76,12 @@ class PDUTrainer(UnlearnTrainer):
     forget answers subject to retain NLL ≤ ε, through the Lagrangian ``forget + λ·(retain NLL − ε)``: gradient descent
     on the weights, and after every step projected dual ascent ``λ ← max(0, λ + η·(retain NLL − ε))``.
 
-    The variant built: the dual update every step from the start (the paper also describes an epoch-wise update and a
-    warm-up without dual updates, not built), the forget term averaged over the positions that predict an answer token
-    (OpenUnlearning's averages over every position of the padded batch). λ is logged as ``retain_multiplier`` and
-    recorded in ``unlearning.json``."""
+    The variant built: the dual update after every step from the first (OpenUnlearning's PDU also offers an update once
+    per epoch and warm-up epochs without dual updates, the paper's warm start: not built), the forget term averaged over
+    the positions that predict an answer token (OpenUnlearning's averages over every position of the padded batch,
+    question and padding included). λ₀ = 100 follows the authors' advice of 50-100; η = 1 is OpenUnlearning's default
+    (the paper's own table could not be read when this was written). λ is logged as ``retain_multiplier`` and recorded
+    in ``unlearning.json``."""
 
     _name = "PDU"
     _paper = {"id": "2506.05314", "title": "Constrained Entropic Unlearning: A Primal-Dual Framework for Large Language Models",
