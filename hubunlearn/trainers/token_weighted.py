@@ -24,11 +24,12 @@ class WGAConfig(UnlearnConfig):
 
 class WGATrainer(UnlearnTrainer):
     """Weighted gradient ascent (Wang et al., "Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go
-    Beyond", ICLR 2025, arXiv 2502.19301): gradient ascent with each forget token's log-likelihood weighted by
+    Beyond", arXiv 2502.19301): gradient ascent with each forget token's log-likelihood weighted by
     ``p(y_t)^β`` (detached), mean over the batch's answer tokens, plus a retain term.
 
-    Gradient ascent's push on a token grows as ``1/p`` once it is unlikely; the weight cancels that (β = 1), so tokens
-    already forgotten stop dominating the update and the retain set is spared."""
+    Gradient ascent's gradient on a token, ``∇log p = ∇p / p``, carries the inverse confidence ``1/p``; the weight
+    cancels it (β = 1), so tokens already unlikely stop dominating the update (the paper's remedy for excessive
+    unlearning)."""
 
     _name = "WGA"
     _paper = {"id": "2502.19301", "title": "Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go Beyond",
