@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hubunlearn.benchmarking import benchmark_main, machine
+from hubunlearn.benchmarking import REQUIRED_SETTINGS, benchmark_main, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "defaults_shapes.json"
@@ -99,7 +99,7 @@ def run_method(folder: Path, rows: dict, method: str, settings: dict) -> dict:
     trainer_class = METHODS[method]
     with tempfile.TemporaryDirectory() as output:
         args = trainer_class.config_class(output_dir=output, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                                          report_to="none", **settings)
+                                          report_to="none", **REQUIRED_SETTINGS.get(method, {}), **settings)
         start = time.perf_counter()
         trainer = trainer_class(model=model, args=args, forget_dataset=rows["forget"], retain_dataset=rows["retain"],
                                 processing_class=tokenizer)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hubunlearn.benchmarking import benchmark_main, machine
+from hubunlearn.benchmarking import REQUIRED_SETTINGS, benchmark_main, machine
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,8 @@ def calibrated_methods(mini, rows, tokenizer) -> list[dict]:
             args = trainer_class.config_class(output_dir=output, learning_rate=CALIBRATED["learning_rate"], max_steps=CALIBRATED["max_steps"],
                                               per_device_train_batch_size=CALIBRATED["batch_size"], lr_scheduler_type="constant",
                                               utility_budget=CALIBRATED["tau"], utility_probe_size=CALIBRATED["probe_size"],
-                                              seed=0, disable_tqdm=True, logging_steps=1000, use_cpu=not torch.cuda.is_available())
+                                              seed=0, disable_tqdm=True, logging_steps=1000, use_cpu=not torch.cuda.is_available(),
+                                              **REQUIRED_SETTINGS.get(method, {}))
             trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(mini.target_dir), args=args, forget_dataset=rows["forget"],
                                     retain_dataset=rows["retain"], processing_class=tokenizer)
             trainer.train()

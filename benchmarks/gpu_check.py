@@ -170,7 +170,9 @@ def train_method(ctx: Context, method: str, lora: bool, checkpointing: bool, kee
 
     trainer_class = METHODS[method]
     output = ctx.work / "runs" / f"{method}-{'lora' if lora else 'full'}-{'gc' if checkpointing else 'nogc'}"
-    config = trainer_class.config_class(**ctx.settings(trainer_class.config_class, output, checkpointing))
+    from hubunlearn.benchmarking import REQUIRED_SETTINGS
+
+    config = trainer_class.config_class(**ctx.settings(trainer_class.config_class, output, checkpointing), **REQUIRED_SETTINGS.get(method, {}))
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
     try:
         trainer = trainer_class(model=ctx.model(), args=config, forget_dataset=ctx.forget, retain_dataset=ctx.retain,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hubunlearn.benchmarking import benchmark_main, machine
+from hubunlearn.benchmarking import REQUIRED_SETTINGS, benchmark_main, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "methods_world.json"
@@ -49,7 +49,8 @@ def run() -> dict:
             with tempfile.TemporaryDirectory() as output:
                 args = trainer_class.config_class(output_dir=output, max_steps=STEPS, per_device_train_batch_size=8,
                                                   lr_scheduler_type="constant", seed=1, disable_tqdm=True,
-                                                  use_cpu=not torch.cuda.is_available(), **settings)
+                                                  use_cpu=not torch.cuda.is_available(), **settings,
+                                                  **REQUIRED_SETTINGS.get(method, {}))
                 lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM") if kind == "lora" else None
                 trainer = trainer_class(model=example.model(), args=args, forget_dataset=example.forget_rows,
                                         retain_dataset=example.retain_rows, processing_class=example.tokenizer, peft_config=lora)

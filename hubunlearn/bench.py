@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .benchmarking import REQUIRED_SETTINGS
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _train(method: str, model, tokenizer, forget, retain, steps: int, batch_size
 
     torch.set_num_threads(threads)
     trainer_class = UNLEARNING_METHODS[method]
-    settings = {"learning_rate": LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE), **overrides}
+    settings = {"learning_rate": LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE), **REQUIRED_SETTINGS.get(method, {}), **overrides}
     if method == "eco":
         settings = overrides
     elif tau is not None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from hubunlearn.testing import free_port
@@ -83,3 +84,16 @@ def test_kuda_under_two_processes_with_checkpointing_traces_the_same_layers_and_
     unlearned, base = AutoModelForCausalLM.from_pretrained(output), AutoModelForCausalLM.from_pretrained(world_model_dir)
     assert mean_answer_probability(unlearned, forget_rows) < mean_answer_probability(base, forget_rows) - 0.2
     assert mean_answer_probability(unlearned, retain_rows) > mean_answer_probability(base, retain_rows) - 0.05
+
+
+def test_pdu_dual_variable_is_the_same_on_every_process(world_model_dir, tmp_path):
+    """Each rank sees its own retain batch, but λ steps on the retain NLL averaged over both: the same λ everywhere."""
+    ranks = launch(world_model_dir, tmp_path / "pdu", tmp_path / "records", mode="pdu")
+    steps = [r["steps"] for r in ranks]
+    assert len(steps[0]) == len(steps[1]) == 3 and ranks[0]["final"] == ranks[1]["final"]
+    assert any(a["retain_nll"] != b["retain_nll"] for a, b in zip(*steps))  # different batches, different local NLLs
+    multiplier = 1.0
+    for a, b in zip(*steps):
+        assert a["multiplier"] == b["multiplier"] == pytest.approx(multiplier, rel=1e-5)
+        multiplier = max(0.0, multiplier + 10.0 * ((a["retain_nll"] + b["retain_nll"]) / 2 - 0.01))
+    assert ranks[0]["final"] == pytest.approx(multiplier, rel=1e-5) and multiplier != 1.0

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.trainers import METHODS, KUDAConfig, KUDATrainer, RMUConfig, RMUTrainer
 from hubunlearn.trainers.base import UTILITY_FLOOR
 from hubunlearn.trainers.representation import RELATIVE_STEP
@@ -36,7 +37,7 @@ def test_defaults_keep_the_retain_set_or_say_so_on_three_shapes(tokenizer, forge
         trainer_class = METHODS[method]
         extra = {"trace_examples": 4} if method == "kuda" else {}  # tracing's cost, not its defaults, is under test elsewhere
         args = trainer_class.config_class(output_dir=str(tmp_path / str(index)), use_cpu=True, disable_tqdm=True, report_to="none",
-                                          utility_probe_size=8, **extra, **settings)
+                                          utility_probe_size=8, **extra, **REQUIRED_SETTINGS.get(method, {}), **settings)
         trainer = trainer_class(model=shaped_model(tokenizer, shape), args=args, forget_dataset=forget_rows[:8],
                                 retain_dataset=retain_rows[:8], processing_class=tokenizer)
         trainer.train()

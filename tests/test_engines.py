@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.errors import UsageError
 from hubunlearn.trainers import METHODS, GradDiffConfig, GradDiffTrainer, engines
 from hubunlearn.world import World, train_tokenizer
@@ -48,7 +49,8 @@ def two_steps(tokenizer, tmp_path, method, lora=False, checkpointing=False, kwar
     cls = METHODS[method]
     args = cls.config_class(output_dir=str(tmp_path / f"{method}-{lora}-{checkpointing}"), max_steps=2, per_device_train_batch_size=2,
                             learning_rate=1e-3, gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=kwargs,
-                            report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=1, seed=0, **extra)
+                            report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=1, seed=0,
+                            **{**REQUIRED_SETTINGS.get(method, {}), **extra})
     peft = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
     trainer = cls(model=tiny(tokenizer, shape), args=args, forget_dataset=WORLD.rows("forget"), retain_dataset=WORLD.rows("retain"),
                   processing_class=tokenizer, peft_config=peft)

@@ -177,7 +177,9 @@ def test_chunked_kl_and_inverted_hinge_equal_the_whole_sequence_at_once(dtype):
     attention = torch.ones(3, 23, dtype=torch.long)
     attention[2, 15:] = 0
     for loss in (lambda x, n: losses.kl_to_reference(x, reference, attention, chunk_positions=n),
-                 lambda x, n: losses.inverted_hinge_loss(x, labels, chunk_positions=n)):
+                 lambda x, n: losses.inverted_hinge_loss(x, labels, chunk_positions=n),
+                 lambda x, n: losses.cross_entropy_unlearning_loss(x, labels, chunk_positions=n),
+                 lambda x, n: losses.logit_margin_flattening_loss(x, labels, chunk_positions=n)):
         whole_value, whole_grad = values_and_gradients(lambda x: loss(x, 10**6), logits)
         assert whole_value.abs() > 1e-3 and whole_grad.abs().max() > 0
         for chunk in (1, 5, 22):
@@ -230,7 +232,10 @@ def test_no_loss_slices_logits_that_carry_gradients(vocab):
     for loss in (lambda x, rows: losses.nll_loss(x, labels[rows]), lambda x, rows: losses.sequence_log_prob(x, labels[rows])[0].sum(),
                  lambda x, rows: losses.capped_gradient_ascent_loss(x, labels[rows], 3.0),
                  lambda x, rows: losses.inverted_hinge_loss(x, labels[rows], chunk_positions=4),
-                 lambda x, rows: losses.kl_to_reference(x, reference[rows], attention[rows], chunk_positions=4)):
+                 lambda x, rows: losses.kl_to_reference(x, reference[rows], attention[rows], chunk_positions=4),
+                 lambda x, rows: losses.token_weighted_ascent_loss(x, labels[rows], lambda p: losses.satimp_weight(p, 5.0, 1.0)),
+                 lambda x, rows: losses.cross_entropy_unlearning_loss(x, labels[rows], chunk_positions=4),
+                 lambda x, rows: losses.logit_margin_flattening_loss(x, labels[rows], chunk_positions=4)):
         forget, retain = joint.split([3, 2])
         value = loss(forget, slice(0, 3)) + 2 * loss(retain, slice(3, 5))
         assert vocabulary_slices(value, vocab) == []

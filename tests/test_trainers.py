@@ -8,6 +8,7 @@ import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.errors import NonFiniteLossError, UsageError
 from hubunlearn.trainers import METHODS, IHLConfig, IHLTrainer, NPOConfig, NPOTrainer
 
@@ -30,7 +31,18 @@ METHOD_SETTINGS = {"kuda": REPRESENTATION_SETTINGS, "rmu": REPRESENTATION_SETTIN
                    # UNDIAL at β = 10 has a sharp edge on this toy model (12 steps: 1.5e-4 forget 0.70 / retain 0.97; 1.75e-4
                    # forget 0.48 / retain 0.92; 2e-4 forget 0.31 / retain 0.82); task vectors need a fine-tune that moves a model
                    # already at p ≈ 0.995 (lr 7e-4 and w = 3: forget 0.26 / retain 0.89; lr 1.5e-3 and w = 1: 0.44 / 0.85)
-                   "undial": {"learning_rate": 1.75e-4}, "task_vector": {"learning_rate": 7e-4, "negation_weight": 3.0}}
+                   "undial": {"learning_rate": 1.75e-4}, "task_vector": {"learning_rate": 7e-4, "negation_weight": 3.0},
+                   # SatImp's weight p^5·(1 − p) is ~0.005 on this over-confident model (p ≈ 0.995): next to a retain NLL
+                   # term the forget term barely moves it (12 steps at 3e-4: 0.995 -> 0.993), so it runs alone, as GA does,
+                   # at 4e-4 (3e-4: forget 0.66, retain 0.98; 4e-4: 0.42, 0.95)
+                   "satimp": {"retain_loss": "none", "learning_rate": 4e-4},
+                   # CE-U's bounded push (p − q on the logits) moves the shared answer template too: alone at 3e-4 the retain
+                   # set falls to 0.10; with a strong retain NLL it forgets (0.28) and keeps the retain set (0.93)
+                   "ceu": {"retain_loss": "nll", "retain_weight": 30},
+                   # PDU: the forget term (a squared logit gap, ~200 at the start) outweighs λ = 100 times a retain NLL of
+                   # 0.005 until the retain set is damaged (retain 0.42 at 3e-4); λ starts at 1000 and ε bounds the retain
+                   # NLL at 0.1 (the world model's is ~0.005): forget 0.25, retain 0.94
+                   "pdu": {"retain_epsilon": 0.1, "initial_multiplier": 1000, "learning_rate": 2e-4}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -38,7 +50,7 @@ def test_each_method_forgets_the_forget_set_and_keeps_the_retain_set(method, mod
     trainer_class = METHODS[method]
     forget_before, retain_before = mean_answer_probability(model, forget_rows), mean_answer_probability(model, retain_rows)
     assert forget_before > 0.9 and retain_before > 0.9  # the model knows the world
-    overrides = METHOD_SETTINGS.get(method, {})
+    overrides = {**REQUIRED_SETTINGS.get(method, {}), **METHOD_SETTINGS.get(method, {})}
     trainer = trainer_class(model=model, args=config(trainer_class, tmp_path / "out", **overrides), forget_dataset=forget_rows,
                             retain_dataset=retain_rows, processing_class=tokenizer)
     trainer.train()

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
+from hubunlearn.benchmarking import REQUIRED_SETTINGS
 from hubunlearn.cards import training_summary
 from hubunlearn.errors import UsageError
 from hubunlearn.trainers import METHODS, KLTrainer, KUDATrainer, NPOTrainer, losses
@@ -64,6 +65,8 @@ def make(trainer_class, model, tokenizer, few, tmp_path, **overrides):
                     per_device_eval_batch_size=3, disable_tqdm=True, use_cpu=True, seed=1, utility_probe_size=4,
                     report_to="none", **overrides)
     peft_config = settings.pop("peft_config", None)
+    method = next((name for name, cls in METHODS.items() if cls is trainer_class), None)
+    settings = {**REQUIRED_SETTINGS.get(method, {}), **settings}
     return trainer_class(model=model, args=trainer_class.config_class(**settings), forget_dataset=forget_rows,
                          retain_dataset=retain_rows, processing_class=tokenizer, peft_config=peft_config)
 
@@ -167,16 +170,17 @@ def test_one_policy_forward_per_step_and_one_reference_forward_only_for_kl(metho
     assert (trainer.ref_model is None) == (expected.get("reference", 0) == 0)  # NPO holds no reference model
 
 
-# Every logits method on one shape; NLL and NPO's sequence sums (which padding would shift first) on the others too.
-# task_vector trains no retain term (its fine-tune's update is negated): nothing to join.
+# Every logits method on one shape; NLL and NPO's sequence sums (which padding would shift first), and the chunked
+# whole-vocabulary forget terms of CE-U and PDU, on the others too. task_vector trains no retain term (its fine-tune's
+# update is negated): nothing to join.
 ONE_PASS_CASES = ([("llama-32x2", m, {}) for m in LOGIT_METHODS if m != "task_vector"] + [("llama-32x2", "npo", {"retain_loss": "kl"})]
-                  + [(shape, m, {}) for shape in SHAPES if shape != "llama-32x2" for m in ("graddiff", "npo")])
+                  + [(shape, m, {}) for shape in SHAPES if shape != "llama-32x2" for m in ("graddiff", "npo", "ceu", "pdu")])
 
 
 @pytest.mark.parametrize("shape, method, overrides", ONE_PASS_CASES)
 def test_one_pass_and_two_passes_give_the_same_loss_and_gradients(shape, method, overrides, tokenizer, few, tmp_path):
     trainer = make(METHODS[method], SHAPES[shape](tokenizer), tokenizer, few, tmp_path,
-                   **({"retain_loss": "nll"} if method == "ga" else {}), **overrides)
+                   **({"retain_loss": "nll"} if METHODS[method].config_class.retain_loss == "none" else {}), **overrides)
     batch = first_batch(trainer)  # the loader caches the original's statistics first (NPO)
     assert ("reference_log_prob" in batch["forget"]) == (method == "npo")
     with torch.no_grad():  # then away from the original, so KL and NPO have gradients

@@ -13,9 +13,11 @@ from .gradient import (
 )
 from .eco import ECOConfig, ECOTrainer
 from .npo import NPOConfig, NPOTrainer, SimNPOConfig, SimNPOTrainer
+from .primal_dual import PDUConfig, PDUTrainer
 from .representation import KUDAConfig, KUDATrainer, RMUConfig, RMUTrainer
 from .task_vector import TaskVectorConfig, TaskVectorTrainer
 from .undial import UNDIALConfig, UNDIALTrainer
+from .token_weighted import CEUConfig, CEUTrainer, SatImpConfig, SatImpTrainer, WGAConfig, WGATrainer
 
 # The gradient methods: each trains the model's weights (or an adapter; KUDA and RMU a few FFN layers) on a forget loss.
 METHODS: dict[str, type[UnlearnTrainer]] = {
@@ -29,6 +31,10 @@ METHODS: dict[str, type[UnlearnTrainer]] = {
     "rmu": RMUTrainer,
     "undial": UNDIALTrainer,
     "task_vector": TaskVectorTrainer,
+    "wga": WGATrainer,
+    "satimp": SatImpTrainer,
+    "ceu": CEUTrainer,
+    "pdu": PDUTrainer,
 }
 
 # Every method `hubunlearn unlearn --method` knows: the gradient methods above, and ECO, which trains no weights.

@@ -660,14 +660,19 @@ class UnlearnTrainer(Trainer):
         else:
             forget_loss = self.forget_loss(model, forget)
             retain_loss = self.retain_term(model, retain) if retain is not None else None
-        loss = self.args.forget_weight * forget_loss
+        loss = self.total_loss(forget_loss, retain_loss)
         self._logged["forget_loss"].append(forget_loss.item())
         if retain_loss is not None:
-            loss = loss + self.args.retain_weight * retain_loss
             self._logged["retain_loss"].append(retain_loss.item())
         if model.training:
             self._stop_if_not_finite(loss)
         return (loss, None) if return_outputs else loss
+
+    def total_loss(self, forget_loss: torch.Tensor, retain_loss: torch.Tensor | None) -> torch.Tensor:
+        """The training loss from the forget term and the retain term (``None`` without one): ``forget_weight · forget +
+        retain_weight · retain``. A method that combines them otherwise (PDU's Lagrangian) overrides this."""
+        loss = self.args.forget_weight * forget_loss
+        return loss if retain_loss is None else loss + self.args.retain_weight * retain_loss
 
     def _stop_if_not_finite(self, value: torch.Tensor, what: str = "loss") -> None:
         """Raise on every rank at once, before the weights change, so they keep their last good state."""

@@ -398,3 +398,80 @@ def undial_loss(logits: torch.Tensor, reference_logits: torch.Tensor, labels: to
     per_token = chunked(lambda part, reference, gold: _undial_cross_entropy(part, reference, gold, beta), logits,
                         reference_logits, targets, chunk_positions=chunk_positions)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---- WGA, SatImp, CE-U and PDU (issue 19) ---------------------------------------------------------------------------
+
+
+def token_weighted_ascent_loss(logits: torch.Tensor, labels: torch.Tensor,
+                               weight: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Token-weighted gradient ascent: ``mean_t w_t · log p(y_t)`` over the labelled tokens of the batch, with
+    ``w_t = weight(p(y_t))`` computed from the gold token's probability and detached (a weight scales each token's
+    gradient, it is never optimised itself). The mean over labelled tokens is :func:`gradient_ascent_loss`'s, which
+    this equals for ``w = 1``. ``logits`` ``(batch, length, vocab)``, ``labels`` ``(batch, length)``; a scalar
+    (nats, ≤ 0 for weights ≥ 0)."""
+    log_probs, mask = token_log_probs(logits, labels)
+    weights = weight(log_probs.detach().exp()) * mask
+    return (weights * log_probs).sum() / mask.sum().clamp(min=1)
+
+
+def wga_weight(probability: torch.Tensor, beta: float) -> torch.Tensor:
+    """WGA's token weight ``p^β`` (Wang et al., arXiv 2502.19301): it cancels gradient ascent's ``1/p`` factor for
+    β = 1, so tokens already unlikely stop driving the update."""
+    return probability.pow(beta)
+
+
+def satimp_weight(probability: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """SatImp's token weight ``p^β₁ · (1 − p)^β₂`` (Yang et al., arXiv 2505.11953): saturation (``p^β₁``, little
+    weight on tokens already forgotten) times importance (``(1 − p)^β₂``)."""
+    return probability.pow(beta1) * (1 - probability).pow(beta2)
+
+
+def without_first_answer_token(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with each row's first labelled token masked (``-100``), as CE-U trains (arXiv 2503.01224, the footnote
+    of its training settings)."""
+    labelled = labels != IGNORE_INDEX
+    return labels.masked_fill(labelled & (labelled.cumsum(-1) == 1), IGNORE_INDEX)
+
+
+def _cross_entropy_unlearning(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position ``−Σ_v q_v log p_v``, ``q = softmax(logits with the gold logit at −∞)`` detached: ``(batch, c)``."""
+    logits = logits.float()
+    target = logits.detach().scatter(-1, targets.unsqueeze(-1), float("-inf")).softmax(-1)
+    return -(target * logits.log_softmax(-1)).sum(-1)
+
+
+def cross_entropy_unlearning_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
+    """CE-U (Yang, "CE-U: Cross Entropy Unlearning", arXiv 2503.01224): the cross-entropy of the model's next-token
+    distribution against its own distribution with the gold token's logit set to −∞ (softmaxed, detached), mean over
+    the labelled tokens except each row's first (:func:`without_first_answer_token`).
+
+    Its gradient on the logits is ``p − q``: bounded, it takes the gold token's probability mass and hands it to the
+    other tokens in proportion to their own, where gradient ascent's ``1/p`` explodes. ``logits`` ``(batch, length,
+    vocab)``, ``labels`` ``(batch, length)``; a scalar in nats. Computed in chunks of positions (:func:`chunked`)."""
+    targets, mask = next_token_targets(without_first_answer_token(labels))
+    per_token = chunked(_cross_entropy_unlearning, logits, targets, chunk_positions=chunk_positions)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _logit_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Per position ``(max_v z_v − mean_v z_v)²`` in float32: ``(batch, c)``."""
+    logits = logits.float()
+    return (logits.amax(-1) - logits.mean(-1)).pow(2)
+
+
+def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_positions: int | None = None) -> torch.Tensor:
+    """PDU's forget term (Entesari et al., "Constrained Entropic Unlearning", arXiv 2506.05314): the squared gap
+    between the largest and the mean logit, ``(max_v z_v − mean_v z_v)²``, mean over the positions that predict a
+    labelled token. Zero exactly when the logits are flat (the next-token distribution uniform); softmax-free, so its
+    gradient does not vanish near uniformity as an entropy's does. ``logits`` ``(batch, length, vocab)``, ``labels``
+    ``(batch, length)``; a scalar in squared logit units. Computed in chunks of positions (:func:`chunked`)."""
+    _, mask = next_token_targets(labels)
+    per_token = chunked(_logit_margin, logits, chunk_positions=chunk_positions)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def dual_ascent(multiplier: float, constraint: float, epsilon: float, step_size: float) -> float:
+    """One projected dual-ascent step on the multiplier of the constraint ``constraint ≤ ε``:
+    ``λ ← max(0, λ + η · (constraint − ε))`` (it grows while the constraint is violated, shrinks to 0 while it holds)."""
+    return max(0.0, multiplier + step_size * (constraint - epsilon))

@@ -1,4 +1,4 @@
-"""Run by `accelerate launch` in tests: GradDiff (or KUDA) on the built-in world, recording what each rank did."""
+"""Run by `accelerate launch` in tests: GradDiff (or KUDA, or PDU) on the built-in world, recording what each rank did."""
 
 import json
 import sys
@@ -6,8 +6,18 @@ from pathlib import Path
 
 from peft import LoraConfig
 
-from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer, KUDAConfig, KUDATrainer
+from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer, KUDAConfig, KUDATrainer, PDUConfig, PDUTrainer
 from hubunlearn.world import World
+
+
+class RecordingPDU(PDUTrainer):
+    """Each step's own retain NLL (this rank's batch) and the dual variable it trained with."""
+
+    steps: list
+
+    def total_loss(self, forget_loss, retain_loss):
+        self.steps.append({"retain_nll": retain_loss.item(), "multiplier": self.dual.multiplier})
+        return super().total_loss(forget_loss, retain_loss)
 
 
 class RecordingGradDiff(GradDiffTrainer):
@@ -31,6 +41,15 @@ def main(model_dir: str, output_dir: str, record_dir: str, mode: str = "full") -
         Path(record_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(
             {"world_size": trainer.accelerator.num_processes, "layers": trainer.layers, "kept": trainer.projection.kept_dimensions,
              "engine": trainer.record_extras["engine"]}))
+        return
+    if mode == "pdu":
+        args = PDUConfig(output_dir=output_dir, learning_rate=1e-3, max_steps=3, per_device_train_batch_size=5, seed=1, disable_tqdm=True,
+                         retain_epsilon=0.01, dual_step_size=10.0, initial_multiplier=1.0)
+        trainer = RecordingPDU(model=model_dir, args=args, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"))
+        trainer.steps = []
+        trainer.train()
+        Path(record_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(
+            {"world_size": trainer.accelerator.num_processes, "steps": trainer.steps, "final": trainer.dual.multiplier}))
         return
     extra = {"lora_init": "fila", "utility_budget": 0.9, "utility_metric": "probability", "budget_check_steps": 2} if mode == "fila" else {}
     args = GradDiffConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=3, per_device_train_batch_size=5,
