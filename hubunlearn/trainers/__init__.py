@@ -14,6 +14,7 @@ from .gradient import (
 from .eco import ECOConfig, ECOTrainer
 from .npo import NPOConfig, NPOTrainer, SimNPOConfig, SimNPOTrainer
 from .representation import KUDAConfig, KUDATrainer, RMUConfig, RMUTrainer
+from .refusal import IdkDPOConfig, IdkDPOTrainer, IdkNLLConfig, IdkNLLTrainer
 
 # The gradient methods: each trains the model's weights (or an adapter; KUDA and RMU a few FFN layers) on a forget loss.
 METHODS: dict[str, type[UnlearnTrainer]] = {
@@ -25,6 +26,8 @@ METHODS: dict[str, type[UnlearnTrainer]] = {
     "ihl": IHLTrainer,
     "kuda": KUDATrainer,
     "rmu": RMUTrainer,
+    "idknll": IdkNLLTrainer,
+    "idkdpo": IdkDPOTrainer,
 }
 
 # Every method `hubunlearn unlearn --method` knows: the gradient methods above, and ECO, which trains no weights.
@@ -32,7 +35,8 @@ UNLEARNING_METHODS: dict[str, type[UnlearnTrainer]] = {**METHODS, "eco": ECOTrai
 
 # Other spellings the field uses (TOFU's grad_diff, OpenUnlearning's GradAscent, ...), after lower-casing and
 # dropping '_', '-' and spaces; names that already match a method (NPO, SimNPO, RMU, ...) need no entry.
-METHOD_ALIASES = {"gradascent": "ga", "gradientascent": "ga", "gradientdifference": "graddiff", "gradkl": "kl"}
+METHOD_ALIASES = {"gradascent": "ga", "gradientascent": "ga", "gradientdifference": "graddiff", "gradkl": "kl",
+                  "idk": "idknll"}  # TOFU's forget_loss=idk
 
 
 def canonical_method(name: str) -> str:

@@ -256,3 +256,18 @@ def representation_mse_loss(hidden: torch.Tensor, target: torch.Tensor, mask: to
     representations (retain terms), or RMU's control vector ``c·u`` (Li et al., arXiv 2403.03218)."""
     per_token = (hidden.float() - target.float()).pow(2).mean(-1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---- IdkNLL and IdkDPO: refusal answers (IdkNLL's forget term is nll_loss on the paired refusals) -----------------------
+
+
+def idk_dpo_loss(refusal_log_prob: torch.Tensor, refusal_reference_log_prob: torch.Tensor, answer_log_prob: torch.Tensor,
+                 answer_reference_log_prob: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al., arXiv 2305.18290) with the refusal preferred and the true answer rejected, on the scale of
+    the unlearning literature (TOFU, arXiv 2401.06121; NPO): ``-(2/β) · mean log σ(β · (Δ_refusal - Δ_answer))``,
+    ``Δ = log π_θ(y|x) - log π_ref(y|x)`` of sequences summed over their answer tokens. Each argument is ``(batch,)``.
+
+    Equals ``(2/β)·ln 2`` when the policy is the reference and falls towards 0 as the refusal gains on the answer
+    relative to the reference. TRL's DPO loss is the same without the ``2/β`` factor (and lives inside its trainer)."""
+    margin = (refusal_log_prob - refusal_reference_log_prob) - (answer_log_prob - answer_reference_log_prob)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
