@@ -17,6 +17,7 @@ each time a row is read; a fixed pairing lets IdkDPO cache the original's likeli
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -25,9 +26,10 @@ import datasets
 from .data import ALTERNATE, DataFormat, DataSpec, encode_qa, load_rows
 from .errors import UsageError
 from .resources import PACKAGE
+
 REFUSALS_FILE = PACKAGE / "refusals.txt"
 COLUMN_PREFIX = "column:"
-
+logger = logging.getLogger(__name__)
 
 
 def builtin_refusals() -> list[str]:
@@ -109,7 +111,7 @@ def with_alternates(rows: datasets.Dataset, answers: list[str], per_row: bool, t
         if not tokenizer(answer, add_special_tokens=False)["input_ids"]:
             raise UsageError(f"--alternate_answers {describe_source(spec)}: {answer!r} tokenises to nothing; give answers with text")
     paired = list(range(len(rows))) if per_row else pair_answers(len(rows), len(answers), seed)
-    examples = []
+    examples, skipped = [], 0
     for row, index in zip(rows, paired):
         question = str(row[data_format.question_key])
         true = encode_qa(tokenizer, question, str(row[data_format.answer_key]), data_format.max_length)
@@ -117,6 +119,10 @@ def with_alternates(rows: datasets.Dataset, answers: list[str], per_row: bool, t
         if true is not None and alternate is not None:
             examples.append({**true, f"{ALTERNATE}input_ids": alternate["input_ids"], f"{ALTERNATE}labels": alternate["labels"],
                              f"{ALTERNATE}answer": answers[index]})
+        else:
+            skipped += 1
+    if skipped:
+        logger.warning("%d forget prompts are longer than max_length=%d and were left out", skipped, data_format.max_length)
     if not examples:
         raise UsageError(f"no usable forget example: every prompt is longer than --max_length {data_format.max_length}")
     return datasets.Dataset.from_list(examples)
