@@ -255,8 +255,9 @@ def reference_text(reference: dict) -> str:
     used = []
     statistics = reference.get("statistics")
     if statistics:
+        paired = " and of its paired alternate answer" if statistics.get("of") else ""
         used.append(f"cached statistics of the frozen original (its summed log-likelihood of each {' and '.join(statistics['parts'])} "
-                    f"answer, computed once before the first step from {statistics['computed_with']})")
+                    f"answer{paired}, computed once before the first step from {statistics['computed_with']})")
     if reference.get("kind") == "model":
         used.append(f"a frozen copy of the original on the {reference.get('device')}")
     elif reference.get("kind") == "adapter_off_base":

@@ -4,6 +4,7 @@ with a refusal more often while it keeps the retain set, and every bad --alterna
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -21,6 +22,19 @@ from hubunlearn.world import World, tiny_llama, train_tokenizer
 from .test_cli import assert_one_error_line
 
 WORLD = World.make(num_people=6, num_forget=2)
+# Three short refusals: the world's tokenizer (byte-level BPE trained on the world's facts) spells the built-in ones
+# nearly letter by letter, so a toy model takes many steps to learn them.
+SHORT_REFUSALS = Path(__file__).parent / "short_refusals.txt"
+IDK = "I don't know."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread computes them several times faster than two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -160,30 +174,46 @@ def test_alternate_answers_from_a_file_a_data_set_or_a_forget_column(small_token
 def greedy_answers(model, tokenizer, questions):
     inputs = prompt_inputs(tokenizer, questions, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in output]
 
 
-@pytest.mark.parametrize("method, steps", [("idknll", 8), ("idkdpo", 8)])
+def unlearn(method, model, tokenizer, forget, retain, tmp_path, learning_rate, steps):
+    """``method`` for ``steps`` steps with one refusal, "I don't know." (the pairing is tested above; one answer is learnt
+    in fewer steps than three)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "idk.txt").write_text(IDK + "\n")
+    cls = METHODS[method]
+    args = cls.config_class(output_dir=str(tmp_path / method), learning_rate=learning_rate, max_steps=steps, lr_scheduler_type="constant",
+                            per_device_train_batch_size=8, disable_tqdm=True, use_cpu=True, seed=1, report_to="none",
+                            utility_probe_size=8, alternate_answers=str(tmp_path / "idk.txt"))
+    trainer = cls(model=model, args=args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer)
+    trainer.train()
+    return trainer.model
+
+
+@pytest.fixture()
+def refusing_model(model, tokenizer, retain_rows, tmp_path):
+    """The world model after learning to refuse questions about people it was never taught (IdkNLL on strangers), as
+    chat models refuse what they do not know. IdkDPO only reorders the two completions: on the plain world model,
+    where a refusal is alien, 16 steps raise its per-token probability from 2e-6 to 0.02 (measured), not to the top."""
+    strangers = World.make(10, 4, seed=7).rows("forget")
+    return unlearn("idknll", model, tokenizer, strangers, retain_rows, tmp_path / "warm", 3e-3, 24)
+
+
+@pytest.mark.parametrize("method, start, learning_rate, steps", [("idknll", "model", 2e-3, 24), ("idkdpo", "refusing_model", 1e-3, 16)])
 def test_after_a_few_steps_forget_questions_get_a_refusal_and_the_retain_set_holds(
-        method, steps, model, tokenizer, forget_rows, retain_rows, mean_answer_probability, tmp_path):
-    idk = ["I don't know.", "No idea.", "I can't say."]
-    (tmp_path / "idk.txt").write_text("\n".join(idk) + "\n")
+        method, start, learning_rate, steps, request, tokenizer, forget_rows, retain_rows, mean_answer_probability, tmp_path):
+    model = request.getfixturevalue(start)
     questions = [row["question"] for row in forget_rows]
     before = greedy_answers(model, tokenizer, questions)
     forget_before, retain_before = mean_answer_probability(model, forget_rows), mean_answer_probability(model, retain_rows)
-    cls = METHODS[method]
-    args = cls.config_class(output_dir=str(tmp_path / "out"), learning_rate=1e-3, max_steps=steps, lr_scheduler_type="constant",
-                            per_device_train_batch_size=8, disable_tqdm=True, use_cpu=True, seed=1, report_to="none",
-                            alternate_answers=str(tmp_path / "idk.txt"))
-    trainer = cls(model=model, args=args, forget_dataset=forget_rows, retain_dataset=retain_rows, processing_class=tokenizer)
-    trainer.train()
-    after = greedy_answers(trainer.model, tokenizer, questions)
-    refused_before, refused_after = sum(a in idk for a in before), sum(a in idk for a in after)
-    forget_after, retain_after = mean_answer_probability(trainer.model, forget_rows), mean_answer_probability(trainer.model, retain_rows)
-    assert refused_before == 0 and refused_after >= len(questions) // 2, after
+    model = unlearn(method, model, tokenizer, forget_rows, retain_rows, tmp_path, learning_rate, steps)
+    after = greedy_answers(model, tokenizer, questions)
+    forget_after, retain_after = mean_answer_probability(model, forget_rows), mean_answer_probability(model, retain_rows)
+    assert before.count(IDK) == 0 and after.count(IDK) >= 2 * len(questions) // 3, after
     assert forget_after < forget_before / 2, f"{method}: forget {forget_before:.3f} -> {forget_after:.3f}"
-    assert retain_before - retain_after < 0.1, f"{method}: retain {retain_before:.3f} -> {retain_after:.3f}"
+    assert retain_before - retain_after < 0.05, f"{method}: retain {retain_before:.3f} -> {retain_after:.3f}"
 
 
 # ---- bad --alternate_answers through the CLI ----------------------------------------------------------------------
@@ -234,3 +264,11 @@ def test_a_forget_column_as_alternate_answers_from_the_cli_is_recorded(run_cli, 
     assert record["method"] == "IdkDPO" and record["hyperparameters"]["alternate_answers"] == "column:idk"
     assert record["alternate_answers"] == {"source": "column:idk", "answers": len(WORLD.rows("forget")), "pairing": "one per forget row (its column)"}
     assert record["paper"]["id"] == "2305.18290" and record["reference"]["kind"] == "statistics"
+
+
+def test_the_card_says_the_refusals_likelihoods_were_cached(small_tokenizer, tmp_path):
+    from hubunlearn.cards import training_summary
+
+    usage = make("idkdpo", small_tokenizer, tmp_path).reference_usage()
+    assert usage["kind"] == "statistics" and usage["statistics"]["of"] == "each answer and its paired alternate answer"
+    assert "summed log-likelihood of each forget answer and of its paired alternate answer" in training_summary({"reference": usage})

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,12 @@ METHOD_SETTINGS = {"kuda": REPRESENTATION_SETTINGS, "rmu": REPRESENTATION_SETTIN
                    "ga": {"learning_rate": 2.75e-4}, "npo": {"learning_rate": 2.75e-4},
                    # KL to the original over every real retain token (issue 16) holds the shared template tokens in place:
                    # at 3e-4 the forget set barely moves on this toy model (0.995 -> 0.988 after 12 steps)
-                   "kl": {"learning_rate": 1e-3}}
+                   "kl": {"learning_rate": 1e-3},
+                   # The refusal methods learn new text, which takes larger steps on this toy model; IdkDPO with three short
+                   # refusals: the built-in ones are long in this tokenizer, so DPO's margin is met by raising them while
+                   # the answer barely moves (measured: lr 3e-3, 12 steps, forget 0.68, retain 0.94; with these, 0.16 and 0.97)
+                   "idknll": {"learning_rate": 1e-3},
+                   "idkdpo": {"learning_rate": 2e-3, "alternate_answers": str(Path(__file__).parent / "short_refusals.txt")}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

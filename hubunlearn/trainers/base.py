@@ -586,6 +586,8 @@ class UnlearnTrainer(Trainer):
         if self.reference_statistics:
             usage["statistics"] = {"parts": list(self.reference_statistics), "value": "summed answer log-likelihood",
                                    "computed_with": "the reference model given" if self._reference_given else "the starting weights"}
+            if any(f"{ALTERNATE}input_ids" in getattr(self.pairs, part).column_names for part in self.reference_statistics):
+                usage["statistics"]["of"] = "each answer and its paired alternate answer"  # IdkDPO's refusals
         return usage
 
     # ---- losses -----------------------------------------------------------------------------------------------
