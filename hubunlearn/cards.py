@@ -199,6 +199,10 @@ def training_summary(record: dict) -> str:
     text = " ".join(p for p in parts if p) + (f", {precision}." if precision else ".")
     if record.get("reference"):
         text += reference_text(record["reference"])
+    alternate = record.get("alternate_answers")  # IdkNLL / IdkDPO
+    if alternate:
+        text += (f" The forget questions were paired with refusal answers from {alternate['source']} ({alternate['answers']} "
+                 f"answers; paired {alternate['pairing']}).")
     if stopped:
         text += f" **Training stopped early at step {stopped['step']} ({stopped['reason']}); these are the last good weights.**"
     if record.get("fila"):

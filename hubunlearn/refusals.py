@@ -43,7 +43,7 @@ def _lines(path: Path) -> list[str]:
 
 def describe_source(spec: str | None) -> str:
     """What the record and the card say about where the answers came from."""
-    return "built-in refusal list" if spec is None else spec
+    return "the built-in refusal list" if spec is None else f"--alternate_answers {spec}"
 
 
 def load_answers(spec: str | None, forget_rows: datasets.Dataset, data_format: DataFormat) -> tuple[list[str], bool]:
@@ -109,7 +109,7 @@ def with_alternates(rows: datasets.Dataset, answers: list[str], per_row: bool, t
                          f"'{data_format.question_key}' and '{data_format.answer_key}' columns (not raw text or token ids)")
     for answer in dict.fromkeys(answers):
         if not tokenizer(answer, add_special_tokens=False)["input_ids"]:
-            raise UsageError(f"--alternate_answers {describe_source(spec)}: {answer!r} tokenises to nothing; give answers with text")
+            raise UsageError(f"{describe_source(spec)}: {answer!r} tokenises to nothing; give answers with text")
     paired = list(range(len(rows))) if per_row else pair_answers(len(rows), len(answers), seed)
     examples, skipped = [], 0
     for row, index in zip(rows, paired):

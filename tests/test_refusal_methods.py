@@ -262,7 +262,7 @@ def test_a_forget_column_as_alternate_answers_from_the_cli_is_recorded(run_cli, 
     assert code == 0, err
     record = json.loads((tmp_path / "out" / "unlearning.json").read_text())
     assert record["method"] == "IdkDPO" and record["hyperparameters"]["alternate_answers"] == "column:idk"
-    assert record["alternate_answers"] == {"source": "column:idk", "answers": len(WORLD.rows("forget")), "pairing": "one per forget row (its column)"}
+    assert record["alternate_answers"] == {"source": "--alternate_answers column:idk", "answers": len(WORLD.rows("forget")), "pairing": "one per forget row (its column)"}
     assert record["paper"]["id"] == "2305.18290" and record["reference"]["kind"] == "statistics"
 
 
@@ -272,3 +272,5 @@ def test_the_card_says_the_refusals_likelihoods_were_cached(small_tokenizer, tmp
     usage = make("idkdpo", small_tokenizer, tmp_path).reference_usage()
     assert usage["kind"] == "statistics" and usage["statistics"]["of"] == "each answer and its paired alternate answer"
     assert "summed log-likelihood of each forget answer and of its paired alternate answer" in training_summary({"reference": usage})
+    alternate = {"source": "the built-in refusal list", "answers": 120, "pairing": "by seed 3"}
+    assert "paired with refusal answers from the built-in refusal list (120 answers; paired by seed 3)" in training_summary({"alternate_answers": alternate})
