@@ -274,3 +274,24 @@ def test_the_card_says_the_refusals_likelihoods_were_cached(small_tokenizer, tmp
     assert "summed log-likelihood of each forget answer and of its paired alternate answer" in training_summary({"reference": usage})
     alternate = {"source": "the built-in refusal list", "answers": 120, "pairing": "by seed 3"}
     assert "paired with refusal answers from the built-in refusal list (120 answers; paired by seed 3)" in training_summary({"alternate_answers": alternate})
+
+
+def test_idk_dpo_under_two_processes_keeps_each_rows_refusal_and_statistics(world_model_dir, tmp_path):
+    """`accelerate launch` on two CPU processes: the ranks share the forget rows out, and each row arrives with the
+    refusal and the cached statistics that one process computes for it (the statistics were computed in shares)."""
+    from .test_accelerate import launch
+
+    ranks = launch(world_model_dir, tmp_path / "ddp", tmp_path / "records", mode="idkdpo")
+    drawn = [d for r in ranks for d in r["drawn"]]
+    assert all(r["world_size"] == 2 for r in ranks) and sorted(d["forget"] for d in drawn) == list(range(20))
+    alone = IdkDPOTrainer(model=str(world_model_dir), args=IdkDPOTrainer.config_class(
+        output_dir=str(tmp_path / "one"), seed=3, use_cpu=True, report_to="none", per_device_eval_batch_size=8),
+        forget_dataset=World.make(num_forget=4).rows("forget"), retain_dataset=World.make(num_forget=4).rows("retain")[:8])
+    alone.cache_reference_statistics()
+    for d in drawn:
+        example = alone.pairs.forget[d["forget"]]
+        assert d["refusal"] == example["alternate_input_ids"]
+        assert d["reference_log_prob"] == pytest.approx(example["reference_log_prob"], abs=1e-3)
+        assert d["alternate_reference_log_prob"] == pytest.approx(example["alternate_reference_log_prob"], abs=1e-3)
+    assert len({tuple(d["refusal"]) for d in drawn}) == 20  # 20 rows, 20 distinct refusals
+    assert json.loads((tmp_path / "ddp" / "unlearning.json").read_text())["hardware"]["num_processes"] == 2
