@@ -295,3 +295,9 @@ def test_idk_dpo_under_two_processes_keeps_each_rows_refusal_and_statistics(worl
         assert d["alternate_reference_log_prob"] == pytest.approx(example["alternate_reference_log_prob"], abs=1e-3)
     assert len({tuple(d["refusal"]) for d in drawn}) == 20  # 20 rows, 20 distinct refusals
     assert json.loads((tmp_path / "ddp" / "unlearning.json").read_text())["hardware"]["num_processes"] == 2
+
+
+def test_idk_dpo_refuses_a_beta_that_is_not_positive(tmp_path):
+    for beta in (0.0, -0.1):
+        with pytest.raises(UsageError, match="--beta must be positive"):
+            IdkDPOTrainer.config_class(output_dir=str(tmp_path), beta=beta)
