@@ -299,5 +299,5 @@ def test_idk_dpo_under_two_processes_keeps_each_rows_refusal_and_statistics(worl
 
 def test_idk_dpo_refuses_a_beta_that_is_not_positive(tmp_path):
     for beta in (0.0, -0.1):
-        with pytest.raises(UsageError, match="--beta must be positive"):
+        with pytest.raises(UsageError, match="beta must be positive; got"):
             IdkDPOTrainer.config_class(output_dir=str(tmp_path), beta=beta)
