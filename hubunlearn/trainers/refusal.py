@@ -60,8 +60,8 @@ class IdkNLLConfig(RefusalConfig):
 class IdkNLLTrainer(RefusalTrainer):
     """IdkNLL (TOFU's refusal baseline, its code's ``idk`` loss; Maini et al., "TOFU: A Task of Fictitious Unlearning for
     LLMs", arXiv 2401.06121): the NLL of a refusal answer in place of the true answer on each forget question, plus the
-    retain term. Each term is a mean over its own answer tokens and the two are added (weights 1 and 1), as the later
-    versions of TOFU's code do (its first version took one mean over refusal and retain tokens together). Only the
+    retain term. Each term is a mean over its own answer tokens and the two are added (weights 1 and 1), as one form of
+    TOFU's code does (another takes one mean over the refusal and retain tokens together). Only the
     refusals go through the model for the forget term (the true answers are not read)."""
 
     _name = "IdkNLL"
