@@ -199,6 +199,10 @@ def training_summary(record: dict) -> str:
     text = " ".join(p for p in parts if p) + (f", {precision}." if precision else ".")
     if record.get("reference"):
         text += reference_text(record["reference"])
+    alternate = record.get("alternate_answers")  # IdkNLL / IdkDPO
+    if alternate:
+        text += (f" The forget questions were paired with refusal answers from {alternate['source']} ({alternate['answers']} "
+                 f"answers; paired {alternate['pairing']}).")
     if stopped:
         text += f" **Training stopped early at step {stopped['step']} ({stopped['reason']}); these are the last good weights.**"
     if record.get("fila"):
@@ -268,8 +272,9 @@ def reference_text(reference: dict) -> str:
     used = []
     statistics = reference.get("statistics")
     if statistics:
+        paired = " and of its paired alternate answer" if statistics.get("of") else ""
         used.append(f"cached statistics of the frozen original (its summed log-likelihood of each {' and '.join(statistics['parts'])} "
-                    f"answer, computed once before the first step from {statistics['computed_with']})")
+                    f"answer{paired}, computed once before the first step from {statistics['computed_with']})")
     if reference.get("kind") == "model":
         used.append(f"a frozen copy of the original on the {reference.get('device')}")
     elif reference.get("kind") == "adapter_off_base":

@@ -374,15 +374,34 @@ def concatenate_batches(batches: Sequence[dict[str, torch.Tensor]], pad_token_id
             for key, filler in fillers.items()}
 
 
+# Prefix of the columns (and batch keys) holding a second completion of an example's prompt: IdkNLL and IdkDPO's
+# paired refusal (``alternate_input_ids``, ``alternate_labels``; in batches also ``alternate_attention_mask``).
+ALTERNATE = "alternate_"
 # Per-example figures a trainer stores beside the tokens (a column of the examples) and reads off the batch: the frozen
-# original's summed answer log-likelihood, cached before training for methods that need nothing else from it (NPO).
-EXAMPLE_STATISTICS = ("reference_log_prob",)
+# original's summed answer log-likelihood, cached before training for methods that need nothing else from it (NPO), and
+# of the alternate completion (IdkDPO).
+EXAMPLE_STATISTICS = ("reference_log_prob", f"{ALTERNATE}reference_log_prob")
+
+
+def completion(example: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An example's completion as ``{"input_ids", "labels"}``: its own (``prefix=""``) or the alternate one (``ALTERNATE``)."""
+    return {"input_ids": example[f"{prefix}input_ids"], "labels": example[f"{prefix}labels"]}
+
+
+def alternate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The alternate completions a collated batch carries (``alternate_*`` keys), as a batch of their own
+    (``input_ids``, ``attention_mask``, ``labels``, and ``reference_log_prob`` once cached)."""
+    return {key[len(ALTERNATE):]: value for key, value in batch.items() if key.startswith(ALTERNATE)}
 
 
 def collate(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """:func:`pad_examples` (right padding), plus each :data:`EXAMPLE_STATISTICS` column the examples carry as a
-    float32 ``(batch,)`` tensor."""
+    """:func:`pad_examples` (right padding), the alternate completions the examples carry padded the same way (as
+    ``alternate_input_ids``, ``alternate_attention_mask``, ``alternate_labels``, at their own width), and each
+    :data:`EXAMPLE_STATISTICS` column the examples carry as a float32 ``(batch,)`` tensor."""
     batch = pad_examples(examples, pad_token_id)
+    if f"{ALTERNATE}input_ids" in examples[0]:
+        alternate = pad_examples([completion(e, ALTERNATE) for e in examples], pad_token_id)
+        batch.update({f"{ALTERNATE}{key}": value for key, value in alternate.items()})
     for key in EXAMPLE_STATISTICS:
         if key in examples[0]:
             batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)

@@ -122,7 +122,7 @@ def test_every_recipe_runs_on_local_tofu_data(run_cli, world_model_dir, tmp_path
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--method": "forgetful"}, "unknown method 'forgetful': choose one of ga, graddiff, kl, npo, simnpo, ihl, kuda, rmu, "),
+        ({"--method": "forgetful"}, f"unknown method 'forgetful': choose one of {', '.join(UNLEARNING_METHODS)}"),
         ({"--model_name_or_path": "nobody/no-such-model"}, "model 'nobody/no-such-model' not found"),
         ({"--model_name_or_path": "/no/such/folder"}, "model '/no/such/folder' not found"),
         ({"--forget": "{data}/empty.jsonl"}, "forget set is empty"),
@@ -164,7 +164,8 @@ def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_
 
 
 @pytest.mark.parametrize("spelling, method", [("grad_diff", "graddiff"), ("GradDiff", "graddiff"), ("GradAscent", "ga"),
-                                             ("grad_ascent", "ga"), ("NPO", "npo"), ("SimNPO", "simnpo"), ("RMU", "rmu"), ("ECO", "eco")])
+                                             ("grad_ascent", "ga"), ("NPO", "npo"), ("SimNPO", "simnpo"), ("RMU", "rmu"), ("ECO", "eco"),
+                                             ("IdkNLL", "idknll"), ("idk", "idknll"), ("IdkDPO", "idkdpo")])
 def test_the_fields_method_spellings_are_accepted_and_recorded_canonically(spelling, method, tmp_path):
     arguments, config = parse_unlearn_args(["--method", spelling, "--model_name_or_path", "m", "--forget", "f", "--output_dir", str(tmp_path)])
     assert arguments.method == method

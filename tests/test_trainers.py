@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +43,12 @@ METHOD_SETTINGS = {"kuda": REPRESENTATION_SETTINGS, "rmu": REPRESENTATION_SETTIN
                    # PDU: the forget term (a squared logit gap, ~200 at the start) outweighs λ = 100 times a retain NLL of
                    # 0.005 until the retain set is damaged (retain 0.42 at 3e-4); λ starts at 1000 and ε bounds the retain
                    # NLL at 0.1 (the world model's is ~0.005): forget 0.25, retain 0.94
-                   "pdu": {"retain_epsilon": 0.1, "initial_multiplier": 1000, "learning_rate": 2e-4}}
+                   "pdu": {"retain_epsilon": 0.1, "initial_multiplier": 1000, "learning_rate": 2e-4},
+                   # The refusal methods learn new text, which takes larger steps on this toy model; IdkDPO with three short
+                   # refusals: the built-in ones are long in this tokenizer, so DPO's margin is met by raising them while
+                   # the answer barely moves (measured: lr 3e-3, 12 steps, forget 0.68, retain 0.94; with these, 0.16 and 0.97)
+                   "idknll": {"learning_rate": 1e-3},
+                   "idkdpo": {"learning_rate": 2e-3, "alternate_answers": str(Path(__file__).parent / "short_refusals.txt")}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

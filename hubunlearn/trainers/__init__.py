@@ -18,6 +18,7 @@ from .representation import KUDAConfig, KUDATrainer, RMUConfig, RMUTrainer
 from .task_vector import TaskVectorConfig, TaskVectorTrainer
 from .undial import UNDIALConfig, UNDIALTrainer
 from .token_weighted import CEUConfig, CEUTrainer, SatImpConfig, SatImpTrainer, WGAConfig, WGATrainer
+from .refusal import IdkDPOConfig, IdkDPOTrainer, IdkNLLConfig, IdkNLLTrainer
 
 # The gradient methods: each trains the model's weights (or an adapter; KUDA and RMU a few FFN layers) on a forget loss.
 METHODS: dict[str, type[UnlearnTrainer]] = {
@@ -35,6 +36,8 @@ METHODS: dict[str, type[UnlearnTrainer]] = {
     "satimp": SatImpTrainer,
     "ceu": CEUTrainer,
     "pdu": PDUTrainer,
+    "idknll": IdkNLLTrainer,
+    "idkdpo": IdkDPOTrainer,
 }
 
 # Every method `hubunlearn unlearn --method` knows: the gradient methods above, and ECO, which trains no weights.
@@ -42,7 +45,8 @@ UNLEARNING_METHODS: dict[str, type[UnlearnTrainer]] = {**METHODS, "eco": ECOTrai
 
 # Other spellings the field uses (TOFU's grad_diff, OpenUnlearning's GradAscent, ...), after lower-casing and
 # dropping '_', '-' and spaces; names that already match a method (NPO, SimNPO, RMU, ...) need no entry.
-METHOD_ALIASES = {"gradascent": "ga", "gradientascent": "ga", "gradientdifference": "graddiff", "gradkl": "kl"}
+METHOD_ALIASES = {"gradascent": "ga", "gradientascent": "ga", "gradientdifference": "graddiff", "gradkl": "kl",
+                  "idk": "idknll"}  # TOFU's forget_loss=idk
 METHOD_ALIASES.update({"taskvector": "task_vector", "tv": "task_vector", "taskarithmetic": "task_vector"})  # MUSE's TV
 
 

@@ -35,10 +35,12 @@ from .. import __version__
 from ..artifacts import check_output_dir, library_versions, staging_dir, write_record
 from ..cards import card_text
 from ..data import (
+    ALTERNATE,
     DataFormat,
     DataSpec,
     ForgetRetainCollator,
     ForgetRetainDataset,
+    completion,
     concatenate_batches,
     count_overlap,
     describe,
@@ -274,7 +276,7 @@ class UnlearnTrainer(Trainer):
         forget_rows = self._rows(forget_dataset, "forget")
         retain_rows = self._rows(retain_dataset, "retain") if retain_dataset is not None else None
         self._warn_overlap(forget_rows, retain_rows, data_format)
-        forget_examples = tokenize_rows(forget_rows, processing_class, data_format, "forget")
+        forget_examples = self.forget_examples(forget_rows, processing_class, args)
         retain_examples = tokenize_rows(retain_rows, processing_class, data_format, "retain") if retain_rows is not None else None
 
         self.base_model_id = model.config._name_or_path
@@ -520,6 +522,12 @@ class UnlearnTrainer(Trainer):
         self.data_sources[name] = (spec, source)
         return source
 
+    def forget_examples(self, rows: datasets.Dataset, tokenizer, args: UnlearnConfig) -> datasets.Dataset:
+        """The forget set's training examples (``input_ids``, ``labels``, ``prompt_length``; :func:`tokenize_rows`). A
+        method that trains on more than the rows' own answers adds columns here (IdkNLL and IdkDPO: the paired refusal,
+        ``alternate_input_ids``/``alternate_labels``), so they travel with each example through shuffling and sharding."""
+        return tokenize_rows(rows, tokenizer, args.data_format, "forget")
+
     def _warn_overlap(self, forget, retain, data_format: DataFormat) -> None:
         if retain is None or "input_ids" in forget.column_names:
             return
@@ -535,7 +543,8 @@ class UnlearnTrainer(Trainer):
 
     def cache_reference_statistics(self) -> None:
         """Store the frozen original's summed answer log-likelihood of every example of each part named in
-        ``reference_statistics`` as its ``reference_log_prob`` column (once; the collator carries it into batches).
+        ``reference_statistics`` as its ``reference_log_prob`` column (once; the collator carries it into batches), and
+        of the alternate completion examples carry (IdkDPO's refusals) as ``alternate_reference_log_prob``.
 
         The original is the reference model when one was given, else the model itself before its first step (LoRA and
         FILA adapters start as the identity). Batched (``--per_device_eval_batch_size``) without gradients, in eval
@@ -544,8 +553,11 @@ class UnlearnTrainer(Trainer):
         gathered. A method that needs nothing else from the original then holds no reference model."""
         for part in self.reference_statistics:
             examples = getattr(self.pairs, part)
-            if "reference_log_prob" not in examples.column_names:
-                setattr(self.pairs, part, examples.add_column("reference_log_prob", self._original_log_probs(examples)))
+            for prefix in ("", ALTERNATE):
+                column = f"{prefix}reference_log_prob"
+                if f"{prefix}input_ids" in examples.column_names and column not in examples.column_names:
+                    examples = examples.add_column(column, self._original_log_probs(examples, prefix))
+            setattr(self.pairs, part, examples)
         if self.reference_statistics and not self._reference_logits_needed:
             self.ref_model = None  # a given reference model served the statistics only: free it
 
@@ -555,8 +567,9 @@ class UnlearnTrainer(Trainer):
         self.cache_reference_statistics()
         return super().get_train_dataloader()
 
-    def _original_log_probs(self, examples) -> list[float]:
-        """``log π_ref(answer | prompt)`` summed over each example's labelled tokens, in float32, in row order."""
+    def _original_log_probs(self, examples, prefix: str = "") -> list[float]:
+        """``log π_ref(answer | prompt)`` summed over each example's labelled tokens (of its ``prefix`` completion:
+        its own, or the ``alternate_`` one), in float32, in row order."""
         model = self.ref_model if self._reference_given else self.accelerator.unwrap_model(self.model)
         device = model_device(model)
         size, was_training = self.args.per_device_eval_batch_size, model.training
@@ -565,7 +578,7 @@ class UnlearnTrainer(Trainer):
             with self.accelerator.split_between_processes(list(range(len(examples))), apply_padding=True) as mine:
                 values = []
                 for start in range(0, len(mine), size):
-                    batch = {k: v.to(device) for k, v in pad_examples([examples[i] for i in mine[start : start + size]], self.processing_class.pad_token_id).items()}
+                    batch = {k: v.to(device) for k, v in pad_examples([completion(examples[i], prefix) for i in mine[start : start + size]], self.processing_class.pad_token_id).items()}
                     with torch.no_grad(), self.accelerator.autocast():
                         values.append(losses.sequence_log_prob(self.logits(model, batch), batch["labels"])[0].float())
         finally:
@@ -591,6 +604,8 @@ class UnlearnTrainer(Trainer):
         if self.reference_statistics:
             usage["statistics"] = {"parts": list(self.reference_statistics), "value": "summed answer log-likelihood",
                                    "computed_with": "the reference model given" if self._reference_given else "the starting weights"}
+            if any(f"{ALTERNATE}input_ids" in getattr(self.pairs, part).column_names for part in self.reference_statistics):
+                usage["statistics"]["of"] = "each answer and its paired alternate answer"  # IdkDPO's refusals
         return usage
 
     # ---- losses -----------------------------------------------------------------------------------------------
@@ -601,6 +616,13 @@ class UnlearnTrainer(Trainer):
         ``logits`` may be :class:`HeadLogits`: read them through :mod:`.losses` (``gold_log_probs``,
         ``token_log_probs``, ``chunked``), which build them a chunk at a time, never with tensor operations."""
         raise NotImplementedError
+
+    def forget_inputs(self, forget: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows the forget term reads logits of, from a collated forget batch: the batch itself by default; IdkNLL
+        the paired refusals, IdkDPO the true answers stacked over the refusals. Both :meth:`compute_loss`'s paths
+        (one forward pass with the retain batch, or separate ones) run the model on these rows and hand their logits
+        and this batch to :meth:`forget_loss_from_logits`."""
+        return forget
 
     def forget_loss(self, model, forget: dict[str, torch.Tensor]) -> torch.Tensor:
         """The method's loss on a forget batch; a method that reads more than the logits (activations) overrides this."""
@@ -652,7 +674,7 @@ class UnlearnTrainer(Trainer):
         return self.retain_loss_from_logits(self.logits(model, retain), retain)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget, retain = inputs["forget"], inputs.get("retain")
+        forget, retain = self.forget_inputs(inputs["forget"]), inputs.get("retain")
         if self.one_pass and retain is not None:
             forget_logits, retain_logits, forget, retain = self.joint_logits(model, forget, retain)
             forget_loss = self.forget_loss_from_logits(forget_logits, forget)

@@ -475,3 +475,18 @@ def dual_ascent(multiplier: float, constraint: float, epsilon: float, step_size:
     """One projected dual-ascent step on the multiplier of the constraint ``constraint ≤ ε``:
     ``λ ← max(0, λ + η · (constraint − ε))`` (it grows while the constraint is violated, shrinks to 0 while it holds)."""
     return max(0.0, multiplier + step_size * (constraint - epsilon))
+
+
+# ---- IdkNLL and IdkDPO: refusal answers (IdkNLL's forget term is nll_loss on the paired refusals) -----------------------
+
+
+def idk_dpo_loss(refusal_log_prob: torch.Tensor, refusal_reference_log_prob: torch.Tensor, answer_log_prob: torch.Tensor,
+                 answer_reference_log_prob: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al., arXiv 2305.18290) with the refusal preferred and the true answer rejected, on the scale of
+    the unlearning literature (TOFU, arXiv 2401.06121; NPO): ``-(2/β) · mean log σ(β · (Δ_refusal - Δ_answer))``,
+    ``Δ = log π_θ(y|x) - log π_ref(y|x)`` of sequences summed over their answer tokens. Each argument is ``(batch,)``.
+
+    Equals ``(2/β)·ln 2`` when the policy is the reference and falls towards 0 as the refusal gains on the answer
+    relative to the reference. TRL's DPO loss is the same without the ``2/β`` factor (and lives inside its trainer)."""
+    margin = (refusal_log_prob - refusal_reference_log_prob) - (answer_log_prob - answer_reference_log_prob)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()

@@ -1,4 +1,4 @@
-"""Run by `accelerate launch` in tests: GradDiff (or KUDA, or PDU) on the built-in world, recording what each rank did."""
+"""Run by `accelerate launch` in tests: GradDiff (or KUDA, PDU or IdkDPO) on the built-in world, recording what each rank did."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from peft import LoraConfig
 
-from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer, KUDAConfig, KUDATrainer, PDUConfig, PDUTrainer
+from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer, IdkDPOConfig, IdkDPOTrainer, KUDAConfig, KUDATrainer, PDUConfig, PDUTrainer
 from hubunlearn.world import World
 
 
@@ -25,6 +25,21 @@ class RecordingGradDiff(GradDiffTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.drawn.append({"step": self.state.global_step, "forget": inputs["forget_index"].tolist(), "retain": inputs["retain_index"].tolist()})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class RecordingIdkDPO(IdkDPOTrainer):
+    """Records, for each forget row a rank trains on, the refusal tokens and the cached statistics its batch carried."""
+
+    drawn: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget = inputs["forget"]
+        for row, index in enumerate(inputs["forget_index"].tolist()):
+            real = forget["alternate_attention_mask"][row].bool()
+            self.drawn.append({"forget": index, "refusal": forget["alternate_input_ids"][row][real].tolist(),
+                               "reference_log_prob": float(forget["reference_log_prob"][row]),
+                               "alternate_reference_log_prob": float(forget["alternate_reference_log_prob"][row])})
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -50,6 +65,16 @@ def main(model_dir: str, output_dir: str, record_dir: str, mode: str = "full") -
         trainer.train()
         Path(record_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(
             {"world_size": trainer.accelerator.num_processes, "steps": trainer.steps, "final": trainer.dual.multiplier}))
+        return
+    if mode == "idkdpo":
+        args = IdkDPOConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=1, per_device_train_batch_size=5, seed=3,
+                            per_device_eval_batch_size=4, disable_tqdm=True, report_to="none")
+        trainer = RecordingIdkDPO(model=model_dir, args=args, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"))
+        trainer.drawn = []
+        trainer.train()
+        trainer.save_model()
+        Path(record_dir, f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(
+            {"world_size": trainer.accelerator.num_processes, "drawn": trainer.drawn}))
         return
     extra = {"lora_init": "fila", "utility_budget": 0.9, "utility_metric": "probability", "budget_check_steps": 2} if mode == "fila" else {}
     args = GradDiffConfig(output_dir=output_dir, learning_rate=1e-3, num_train_epochs=3, per_device_train_batch_size=5,
