@@ -38,7 +38,12 @@ def builtin_refusals() -> list[str]:
 
 
 def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--alternate_answers {path} is not UTF-8 text ({error.reason} at byte {error.start}): save it as "
+                         "UTF-8, one answer per line") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def describe_source(spec: str | None) -> str:

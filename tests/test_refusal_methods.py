@@ -232,6 +232,7 @@ def tiny_model_dir(small_tokenizer, tmp_path_factory):
     (data / "nothing.txt").write_text("I don't know.\n¤¤\n")
     (data / "blank.jsonl").write_text(json.dumps({"answer": "No idea."}) + "\n" + json.dumps({"answer": "  "}) + "\n")
     (data / "columns.csv").write_text("a,b\nx,y\n")
+    (data / "latin1.txt").write_bytes("Je ne sais pas, désolé.\n".encode("latin-1"))
     return folder
 
 
@@ -243,6 +244,7 @@ def tiny_model_dir(small_tokenizer, tmp_path_factory):
     ("idknll", "{data}/columns.csv", "no column to read answers from (columns: a, b)"),
     ("idkdpo", "column:refusal", "the forget set has no column 'refusal'"),
     ("idknll", "{data}/missing.txt", "neither an existing file or folder nor a Hub dataset id"),
+    ("idknll", "{data}/latin1.txt", "latin1.txt is not UTF-8 text (invalid continuation byte at byte 17): save it as UTF-8"),
 ])
 def test_bad_alternate_answers_are_one_line_exit_2_and_no_output_folder(run_cli, tiny_model_dir, tmp_path, method, spec, message):
     output, data = tmp_path / "never", tiny_model_dir / "data"

@@ -258,13 +258,21 @@ def data_files(tmp_path_factory, world):
 
 
 @pytest.mark.parametrize("method, flags, message", [
-    ("task_vector", ["--negation_weight", "0"], "--negation_weight must be a finite number above 0 (θ = θ₀ − w·Δ); got 0.0"),
-    ("task_vector", ["--negation_weight", "-1"], "--negation_weight must be a finite number above 0"),
-    ("task_vector", ["--negation_weight", "nan"], "--negation_weight must be a finite number above 0"),
+    ("task_vector", ["--negation_weight", "0"], "--negation_weight must be above 0 and at most 100 (θ = θ₀ − w·Δ; task arithmetic"),
+    ("task_vector", ["--negation_weight", "-1"], "--negation_weight must be above 0 and at most 100"),
+    ("task_vector", ["--negation_weight", "1e300"], "--negation_weight must be above 0 and at most 100"),
+    ("task_vector", ["--negation_weight", "nan"], "--negation_weight must be a finite number; got nan"),
     ("task_vector", ["--retain_loss", "nll"], "task_vector trains no retain term"),
     ("task_vector", ["--utility_budget", "0.9", "--budget_check_steps", "5"], "--budget_check_steps probes the model during training"),
     ("undial", ["--beta", "-1"], "--beta must be a finite number ≥ 0"),
-], ids=["w-zero", "w-negative", "w-nan", "tv-retain-loss", "tv-budget-checks", "undial-negative-beta"])
+    # every method's own numbers must be finite (an infinite one only failed at the first step, leaving a folder)
+    ("pdu", ["--retain_epsilon", "inf"], "--retain_epsilon must be a finite number; got inf"),
+    ("pdu", ["--retain_epsilon", "0.1", "--initial_multiplier", "inf"], "--initial_multiplier must be a finite number; got inf"),
+    ("idkdpo", ["--beta", "inf"], "--beta must be a finite number; got inf"),
+    ("wga", ["--beta", "nan"], "--beta must be a finite number; got nan"),
+    ("npo", ["--retain_weight", "inf"], "--retain_weight must be a finite number; got inf"),
+], ids=["w-zero", "w-negative", "w-overflowing", "w-nan", "tv-retain-loss", "tv-budget-checks", "undial-negative-beta",
+        "pdu-infinite-epsilon", "pdu-infinite-multiplier", "idkdpo-infinite-beta", "wga-nan-beta", "npo-infinite-retain-weight"])
 def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_dir, data_files, tmp_path, method, flags, message):
     output = tmp_path / "never"
     code, _, err = run_cli("unlearn", "--method", method, "--model_name_or_path", world_model_dir, "--forget", data_files / "forget.jsonl",

@@ -130,6 +130,10 @@ class UnlearnConfig(TrainingArguments):
             super().__post_init__()
         except ValueError as error:  # TrainingArguments' own validation: one line, not a traceback
             raise UsageError(f"{str(error).splitlines()[0]} (see hubunlearn unlearn --help)") from error
+        for spec in dataclasses.fields(self):  # the method's own numbers: an infinite or NaN one only fails mid-run
+            value = getattr(self, spec.name)
+            if (spec.name not in TRAINING_ARGUMENT_FIELDS or spec.name == "learning_rate") and isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{spec.name} must be a finite number; got {value}")
         if self.retain_loss not in self.retain_losses:
             raise UsageError(f"unknown --retain_loss '{self.retain_loss}'; choose one of: {', '.join(self.retain_losses)}")
         for name, choices in (("lora_init", LORA_INITS), ("lora_export", LORA_EXPORTS), ("utility_metric", UTILITY_METRICS)):

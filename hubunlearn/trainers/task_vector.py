@@ -13,6 +13,9 @@ from . import engines, losses
 from .base import UnlearnConfig, UnlearnTrainer
 
 
+MAX_NEGATION_WEIGHT = 100.0  # far past any useful negation; larger weights overflow the weights' float range
+
+
 @dataclass
 class TaskVectorConfig(UnlearnConfig):
     """Fine-tuning (gradient descent, NLL) on the forget set, then ``θ = θ₀ − w·Δ``; no retain term."""
@@ -30,8 +33,9 @@ class TaskVectorConfig(UnlearnConfig):
             raise UsageError(f"task_vector trains no retain term (Δ would carry it, and negating Δ would unlearn the retain set "
                              f"too): drop --retain_loss {self.retain_loss} (a --retain set is still measured)")
         super().__post_init__()
-        if not (math.isfinite(self.negation_weight) and self.negation_weight > 0):
-            raise UsageError(f"--negation_weight must be a finite number above 0 (θ = θ₀ − w·Δ); got {self.negation_weight}")
+        if not (math.isfinite(self.negation_weight) and 0 < self.negation_weight <= MAX_NEGATION_WEIGHT):
+            raise UsageError(f"--negation_weight must be above 0 and at most {MAX_NEGATION_WEIGHT:g} (θ = θ₀ − w·Δ; task arithmetic "
+                             f"uses about 1); got {self.negation_weight}")
         if self.budget_check_steps:
             raise UsageError("--budget_check_steps probes the model during training, which for task_vector is the fine-tuned "
                              "(amplified) one: drop it; --utility_budget alone calibrates the negated model at the end")
