@@ -125,6 +125,17 @@ def mean_answer_probability(tokenizer):
     return measure
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread computes them as fast as two and, unlike two, does not slow down tenfold when another
+    process holds a core (OpenMP threads waiting on each other). A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def run_cli(capsys):
     """Run ``hubunlearn ARGS`` in-process; returns (exit code, stdout, stderr)."""

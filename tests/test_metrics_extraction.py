@@ -4,7 +4,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from hubunlearn.data import DataFormat, format_prompt, tokenize_rows
 from hubunlearn.metrics import extraction
@@ -70,14 +69,7 @@ def test_positions_spread_evenly():
 # ---- on the taught world model ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small generate steps: one thread is as fast on a ~1M-parameter model and, unlike two, does not slow
-    down tenfold when another process holds a core (OpenMP threads waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -19,13 +19,7 @@ LOGIT_METHODS = [m for m in METHODS if m not in ("kuda", "rmu")]  # KUDA and RMU
 READS_REFERENCE = ("kl", "undial")  # the retain KL and UNDIAL's forget term read the original's logits every step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread computes them several times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from hubunlearn.trainers import METHODS, TaskVectorTrainer, UNDIALTrainer, canon
 from hubunlearn.world import tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread computes them faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def settings(output_dir, **overrides):
