@@ -242,7 +242,10 @@ def training_summary(record: dict) -> str:
                  f"original's ({calibration['original']:.4g} → {calibration['value']:.4g}).")
         stopping = calibration.get("early_stopping")
         if stopping and stopping.get("stopped_at_step") is not None:
-            text += f" Training stopped at step {stopping['stopped_at_step']}, when the budget was crossed, and went back to the last state within it."
+            restored = stopping.get("restored_step")
+            text += (f" Training stopped at step {stopping['stopped_at_step']}, when the budget was crossed, and went back to "
+                     + (f"step {restored}, the last state within it." if restored else
+                        "the original weights (no check was within it): **these weights are the original's; nothing was unlearned.**"))
     utility = record.get("utility")  # the trainer's before/after measurement (trainers/base.py _record_utility)
     if utility and "retain_kept" in utility:
         text += (f"\n\nAnswer probability before → after, on {utility['examples']['forget']} forget and {utility['examples']['retain']} "

@@ -129,6 +129,7 @@ class UtilityBudgetStopping(TrainerCallback):
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
         self.stopped_at: int | None = None
+        self.kept_step = 0  # the step whose weights the snapshot holds (0: the original's)
 
     def _trainable(self, model) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -143,11 +144,13 @@ class UtilityBudgetStopping(TrainerCallback):
         self.history.append({"step": state.global_step, "value": value})
         if value >= self.target:
             self.snapshot = {name: p.detach().to("cpu", copy=True) for name, p in self._trainable(model).items()}
+            self.kept_step = state.global_step
             return
         self.stopped_at = state.global_step
         with torch.no_grad():
             for name, p in self._trainable(model).items():
                 p.copy_(self.snapshot[name])
-        logger.warning("the retain probe fell to %.4g, below the budget %.4g, at step %d: stopped and restored the last "
-                       "state within budget", value, self.target, state.global_step)
+        logger.warning("the retain probe fell to %.4g, below the budget %.4g, at step %d: stopped and restored %s", value,
+                       self.target, state.global_step, f"step {self.kept_step}, the last within budget" if self.kept_step
+                       else "the original weights (no check was within budget): lower --learning_rate or --budget_check_steps")
         control.should_training_stop = True

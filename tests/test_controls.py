@@ -113,6 +113,26 @@ def test_early_stopping_restores_the_last_state_within_budget(model, tokenizer, 
     assert all(value >= target for value in within)
     # the weights went back to the last state within budget: the last passing check, or the original
     assert trainer.probe() == pytest.approx(within[-1] if within else original, abs=1e-6)
+    assert stopping["restored_step"] == (stopping["checks"][-2]["step"] if within else 0)
+
+
+def test_a_first_check_over_budget_says_the_original_weights_were_kept(model, tokenizer, forget_rows, retain_rows, tmp_path):
+    """When the first check already crosses the budget, the guard restores the original weights: the summary, the
+    record and the card say nothing was unlearned and advise a lower learning rate (not a higher one)."""
+    output = tmp_path / "out"
+    trainer = GradDiffTrainer(model=model, args=config(GradDiffTrainer, output, learning_rate=3e-2, max_steps=10, utility_budget=0.999,
+                                                       utility_metric="probability", budget_check_steps=2),
+                              forget_dataset=forget_rows, retain_dataset=retain_rows, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    record = json.loads((output / "unlearning.json").read_text())
+    stopping = record["calibration"]["early_stopping"]
+    assert stopping["stopped_at_step"] == 2 and stopping["restored_step"] == 0
+    assert trainer.probe() == pytest.approx(trainer._probe_original, abs=1e-6)
+    warning = record["utility"]["forgetting_warning"]
+    assert "original weights were restored: nothing was unlearned. Lower --learning_rate" in warning and "Raise" not in warning
+    assert "stopped at step 2 and restored step 0" in trainer.summary()
+    assert "nothing was unlearned" in (output / "README.md").read_text()
 
 
 def test_budget_needs_a_retain_set(model, tokenizer, forget_rows, tmp_path):

@@ -426,7 +426,12 @@ class UnlearnTrainer(Trainer):
                     "--utility_budget (e.g. 0.9 with --budget_check_steps 5) to stop early and mix back within the budget")
                 if self.is_world_process_zero():
                     logger.warning(utility["warning"])
-        if "forget" in after and after["forget"] > FORGOT_LITTLE * self._before["forget"]:
+        stopping = getattr(self, "_early_stopping", None)
+        if stopping is not None and stopping.stopped_at is not None and stopping.kept_step == 0:
+            utility["forgetting_warning"] = (
+                f"the utility budget was crossed at the first check (step {stopping.stopped_at}), so the original weights were "
+                "restored: nothing was unlearned. Lower --learning_rate, or check more often (a smaller --budget_check_steps)")
+        elif "forget" in after and after["forget"] > FORGOT_LITTLE * self._before["forget"]:
             utility["forgetting_warning"] = (
                 f"the forget answer probability barely moved ({self._before['forget']:.3g} -> {after['forget']:.3g}): the run "
                 "forgot little. Raise --learning_rate or the steps (the defaults are conservative on small models)")
@@ -457,7 +462,8 @@ class UnlearnTrainer(Trainer):
         if calibration:
             stopped = (calibration.get("early_stopping") or {}).get("stopped_at_step")
             lines.append(f"utility budget {calibration['tau']}× ({calibration['metric']}): "
-                         + (f"stopped at step {stopped} and restored the last state within it; " if stopped is not None else "")
+                         + (f"stopped at step {stopped} and restored step {calibration['early_stopping']['restored_step']}; "
+                            if stopped is not None else "")
                          + ("no mixing needed" if calibration["alpha"] == 1 else f"mixed back to α = {calibration['alpha']:.3g}"))
         if utility and "forgetting_warning" in utility:
             lines.append("WARNING: forgot little (forget answer probability kept above "
@@ -506,6 +512,7 @@ class UnlearnTrainer(Trainer):
             "original": self._probe_original, "alpha": alpha, "value": value,
             "curve": [{"alpha": a, "value": v} for a, v in curve],
             **({"early_stopping": {"every": self.args.budget_check_steps, "stopped_at_step": stopping.stopped_at,
+                                   "restored_step": stopping.kept_step if stopping.stopped_at is not None else None,
                                    "checks": stopping.history}} if stopping else {}),
         }
         logger.info("utility budget %.2f: alpha = %.4g (retain %s %.4g -> %.4g)", self.args.utility_budget, alpha,
