@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny Llama that knows the built-in world, taught once per session, offline."""
 
+import json
 import os
 import sys
 import tempfile
@@ -123,6 +124,15 @@ def mean_answer_probability(tokenizer):
         return sum(values) / len(values)
 
     return measure
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory, world):
+    """The world's forget and retain rows as JSONL files, for the CLI (test_cli.py extends its own copy)."""
+    folder = tmp_path_factory.mktemp("data")
+    for name in ("forget", "retain"):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.rows(name)))
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -95,14 +95,6 @@ def test_kuda_and_rmu_defaults_follow_the_models_depth_and_scale(tokenizer, forg
     assert explicit.args.learning_rate == 1e-3 and "learning_rate" not in explicit.record_extras  # an explicit rate is kept
 
 
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory, world):
-    folder = tmp_path_factory.mktemp("data")
-    for name in ("forget", "retain"):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.rows(name)))
-    return folder
-
-
 def test_unlearn_ends_with_a_summary_and_guards_utility(run_cli, world_model_dir, data_files, tmp_path):
     """No dict per step; a summary at the end (--no_summary: none); the CLI's guard stops a run that would wreck the
     retain set, and without it (--no_utility_guard) the run ends with the warning and the utility-lost figure."""

@@ -243,14 +243,6 @@ def test_the_fields_names_and_python_refusals(tokenizer, forget_rows, retain_row
     assert not (tmp_path / "o").exists()
 
 
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory, world):
-    folder = tmp_path_factory.mktemp("data")
-    for name in ("forget", "retain"):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world.rows(name)))
-    return folder
-
-
 @pytest.mark.parametrize("method, flags, message", [
     ("task_vector", ["--negation_weight", "0"], "--negation_weight must be above 0 and at most 100 (θ = θ₀ − w·Δ; task arithmetic"),
     ("task_vector", ["--negation_weight", "-1"], "--negation_weight must be above 0 and at most 100"),
