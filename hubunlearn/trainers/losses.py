@@ -54,8 +54,8 @@ class _Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function, step, logits, *others):
         ctx.function, ctx.step = function, step
-        ctx.save_for_backward(logits, *(o for o in others if not isinstance(o, HeadLogits)))
-        ctx.others = others
+        ctx.save_for_backward(logits)
+        ctx.others = others  # targets and a frozen reference's logits: no gradients, read as they are
         return torch.cat([function(logits[:, s : s + step], *(_positions(o, s, s + step) for o in others))
                           for s in range(0, logits.shape[1], step)], 1)
 
