@@ -57,7 +57,8 @@ MODELS = {  # name -> Llama shape; parameters counted with untied input and outp
     "debug": {"hidden_size": 64, "num_layers": 2, "vocab_size": 32000},  # for trying the script out: logits as large as 25m-32k's
 }
 DEFAULT_MODELS = ("25m-32k", "100m-128k")
-RUNS = ("hubunlearn:npo", "reference:npo", "hubunlearn:graddiff", "reference:graddiff", "hubunlearn:npo+lora")
+RUNS = ("hubunlearn:npo", "reference:npo", "hubunlearn:graddiff", "reference:graddiff", "hubunlearn:npo+lora",
+        "hubunlearn:npo+gc", "hubunlearn:npo+lora+gc")
 BATCH, LENGTH = 4, 256
 SETTINGS = {"learning_rate": 1e-5, "per_device_train_batch_size": BATCH, "optim": "adamw_torch", "lr_scheduler_type": "constant",
             "weight_decay": 0.0, "warmup_steps": 0}
@@ -125,7 +126,7 @@ def worker(spec: dict) -> dict:
     parity = parity_module()
     baseline, _ = resident_memory_mib()  # everything imported, nothing built
     tool, _, rest = spec["run"].partition(":")
-    method, _, variant = rest.partition("+")
+    method, *variants = rest.split("+")
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     rows = json.loads(Path(spec["rows"]).read_text())
     model = build_model(spec["shape"])
@@ -144,8 +145,9 @@ def worker(spec: dict) -> dict:
                                                    args=TrainingArguments(remove_unused_columns=False, **common))
     else:
         trainer_class = METHODS[method]
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM") if variant == "lora" else None
-        config = trainer_class.config_class(max_length=LENGTH, utility_probe_size=BATCH, record_examples=0, **common)
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM") if "lora" in variants else None
+        config = trainer_class.config_class(max_length=LENGTH, utility_probe_size=BATCH, record_examples=0,
+                                            gradient_checkpointing="gc" in variants, **common)
         trainer = trainer_class(model=model, args=config, forget_dataset=rows["forget"], retain_dataset=rows["retain"],
                                 processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     trainer.train()
@@ -303,7 +305,9 @@ def ratios(runs: dict) -> dict[str, float | None]:
             "graddiff_memory": ratio("hubunlearn:graddiff", "reference:graddiff", "peak_mib"),
             "graddiff_step": ratio("hubunlearn:graddiff", "reference:graddiff", "median_step_seconds"),
             "lora_npo_memory": ratio("hubunlearn:npo+lora", "hubunlearn:npo", "peak_mib"),
-            "lora_npo_step": ratio("hubunlearn:npo+lora", "hubunlearn:npo", "median_step_seconds")}
+            "lora_npo_step": ratio("hubunlearn:npo+lora", "hubunlearn:npo", "median_step_seconds"),
+            "gc_npo_memory": ratio("hubunlearn:npo+gc", "reference:npo", "peak_mib"),
+            "gc_lora_npo_memory": ratio("hubunlearn:npo+lora+gc", "hubunlearn:npo+gc", "peak_mib")}
 
 
 def _cell(value: float | None, target: float | None = None) -> str:
@@ -318,20 +322,23 @@ def table(results: dict) -> str:
              f"interleaved ({m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, {m['device']}). Ratios are hubunlearn / "
              "OpenUnlearning's formulation of the medians (✓: within the issue's target, ✗: not).", "",
              f"| model | parameters | steps timed | NPO peak memory (≤ {TARGETS['npo_memory']}) | NPO step (≤ {TARGETS['npo_step']}) | "
-             f"GradDiff peak memory | GradDiff step (≤ {TARGETS['graddiff_step']}) | LoRA NPO / full NPO peak memory (≤ {TARGETS['lora_npo_memory']}) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"GradDiff peak memory | GradDiff step (≤ {TARGETS['graddiff_step']}) | LoRA NPO / full NPO peak memory (≤ {TARGETS['lora_npo_memory']}) | "
+             "with gradient checkpointing: NPO peak memory | LoRA / full NPO |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         r = entry["ratios"]
         timed = f"{entry['steps']} after {entry['warmup']} warm-up" + (f", {entry['rounds']} rounds" if entry["rounds"] > 1 else "")
         lines.append(f"| {name} (hidden {entry['hidden_size']} × {entry['num_layers']}, vocab {entry['vocab_size']:,}) | "
                      f"{entry['parameters'] / 1e6:.0f}M | {timed} | {_cell(r['npo_memory'], TARGETS['npo_memory'])} | "
                      f"{_cell(r['npo_step'], TARGETS['npo_step'])} | {_cell(r['graddiff_memory'])} | "
-                     f"{_cell(r['graddiff_step'], TARGETS['graddiff_step'])} | {_cell(r['lora_npo_memory'], TARGETS['lora_npo_memory'])} |")
+                     f"{_cell(r['graddiff_step'], TARGETS['graddiff_step'])} | {_cell(r['lora_npo_memory'], TARGETS['lora_npo_memory'])} | "
+                     f"{_cell(r.get('gc_npo_memory'))} | {_cell(r.get('gc_lora_npo_memory'))} |")
     lines += ["", "| model | run | peak memory (MiB) | median step (s) | setup before the first step (s) |", "|---|---|---|---|---|"]
     for name, entry in results["models"].items():
         for run_name, figures in entry["runs"].items():
             tool, _, method = run_name.partition(":")
-            label = {"hubunlearn": "hubunlearn", "reference": "OpenUnlearning's"}[tool] + " " + method.replace("+lora", " (LoRA r=8)")
+            label = ({"hubunlearn": "hubunlearn", "reference": "OpenUnlearning's"}[tool] + " " + method.replace("+lora", " (LoRA r=8)")
+                     .replace("+gc", ", gradient checkpointing"))
             lines.append(f"| {name} | {label} | {_median(entry['runs'], run_name, 'peak_mib'):.0f} | "
                          f"{_median(entry['runs'], run_name, 'median_step_seconds'):.2f} | {_median(entry['runs'], run_name, 'setup_seconds'):.1f} |")
     if "loss_memory" in results:

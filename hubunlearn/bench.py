@@ -67,6 +67,7 @@ class BenchConfig:
     max_eval_examples: int | None = None
     scaling: bool = True
     scaling_steps: int = 10
+    fresh: bool = False
 
     def __post_init__(self):
         from .tofu_mini import FORGET_SPLITS
@@ -82,7 +83,7 @@ class BenchConfig:
 
     def settings(self) -> dict:
         """What makes two runs comparable: results with other settings are not mixed."""
-        return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling")}
+        return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling", "fresh")}
 
 
 # ---- measurements in child processes ---------------------------------------------------------------------------
@@ -274,19 +275,26 @@ def _scaling_run(job: dict) -> dict:
 
 # ---- the runner -------------------------------------------------------------------------------------------------
 
-def _load_previous(path: Path, settings: dict) -> dict:
-    """An earlier results file to build on (same schema and settings), else an empty one, saying why."""
-    if not path.is_file():
+def _load_previous(path: Path, settings: dict, fresh: bool = False) -> dict:
+    """An earlier results file to build on (same schema and settings), else an empty one.
+
+    Raises:
+        UsageError: the file holds runs of another schema or other settings and ``fresh`` is off: mixing them would
+            compare unlike runs, and starting over would drop them without asking.
+    """
+    if fresh or not path.is_file():
         return {}
     previous = json.loads(path.read_text())
     if previous.get("schema") != SCHEMA:
-        logger.warning("%s was written by an older benchmark (schema %s, now %s): rebuilding it from scratch, not mixing",
-                       path, previous.get("schema"), SCHEMA)
-        return {}
-    if previous.get("settings") != settings:
-        logger.warning("%s was measured with other settings: rebuilding it from scratch, not mixing", path)
-        return {}
-    return previous
+        reason = f"an older benchmark (schema {previous.get('schema')}, now {SCHEMA})"
+    elif previous.get("settings") != settings:
+        old = previous.get("settings") or {}
+        changed = [f"{key} {old.get(key)!r} there, {value!r} here" for key, value in settings.items() if old.get(key) != value]
+        reason = f"runs with other settings ({'; '.join(changed)})"
+    else:
+        return previous
+    raise UsageError(f"{path} holds {reason}: rerun with its settings, pass another --results_dir, "
+                     "or --fresh to replace its runs")
 
 
 def growth(xs: list[float], ys: list[float]) -> dict:
@@ -315,7 +323,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
     if not results_dir.is_dir():
         raise UsageError(f"results folder {results_dir} does not exist: create it or pass --results_dir")
     path = results_path(results_dir, device_name)
-    previous = _load_previous(path, config.settings())
+    previous = _load_previous(path, config.settings(), config.fresh)
     build = {**(GPU_BUILD if device_name == "cuda" else CPU_BUILD), **config.build}
     mini = build_tofu_mini(tofu_data_folder(config.data, config.split), forget_split=config.split, **build)
     threads = torch.get_num_threads()

@@ -177,6 +177,8 @@ def _bench(argv: list[str]) -> int:
     run.add_argument("--epochs", type=int, help="TOFU-mini training epochs.")
     run.add_argument("--max_eval_examples", type=int, help="Evaluate the first N rows of each set (quick runs).")
     run.add_argument("--no_scaling", action="store_true", help="Skip the forget-size and model-size scaling runs.")
+    run.add_argument("--fresh", action="store_true",
+                     help="Replace a results file measured with other settings (without it such a file is refused, never mixed or dropped).")
     plot = actions.add_parser("plot", help="Redraw the Pareto plot from the results JSON of an earlier run (runs nothing).")
     plot.add_argument("--results_dir", default="benchmarks/results", help="Where the JSON is; the plot goes beside it.")
     plot.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Whose results: cpu (default) or cuda.")
@@ -274,7 +276,7 @@ def _bench_run(args) -> int:
                                            ("num_layers", args.num_layers), ("epochs", args.epochs)) if value is not None}
     config = BenchConfig(methods=args.methods, split=args.split, steps=args.steps, batch_size=args.batch_size,
                          tau=args.tau or None, data=args.data, results_dir=args.results_dir, build=build,
-                         max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling)
+                         max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling, fresh=args.fresh)
     results = run_benchmark(config)
     print(table(results))
     if readme is not None:

@@ -13,16 +13,18 @@ from .conftest import REPO, TOFU
 TINY = {"num_authors": 2, "hidden_size": 64, "num_layers": 1, "epochs": 2}
 
 
-def test_runner_writes_valid_json_and_the_plot_and_never_mixes_schemas(run_cli, tmp_path):
+def test_runner_writes_valid_json_and_the_plot_and_never_mixes_or_drops_runs(run_cli, tmp_path):
     results_dir = tmp_path / "results"
     results_dir.mkdir()
     stale = results_path(results_dir, "cpu")
     stale.write_text(json.dumps({"schema": SCHEMA - 1, "runs": [{"method": "ga", "tau": None}]}))
     common = ["--split", "forget01", "--authors", "2", "--hidden_size", "64", "--num_layers", "1", "--epochs", "2",
               "--steps", "3", "--max_eval_examples", "6", "--no_scaling", "--data", TOFU, "--results_dir", results_dir]
-    code, out, err = run_cli("bench", "run", "--methods", "graddiff,kuda", "--tau", "0.9", *common)
+    code, _, err = run_cli("bench", "run", "--methods", "graddiff,kuda", "--tau", "0.9", *common)
+    assert code == 2 and "holds an older benchmark (schema" in err and "--fresh to replace" in err.strip().splitlines()[-1]
+    assert json.loads(stale.read_text())["runs"] == [{"method": "ga", "tau": None}]  # refused, not dropped
+    code, out, err = run_cli("bench", "run", "--methods", "graddiff,kuda", "--tau", "0.9", "--fresh", *common)
     assert code == 0, err
-    assert "older benchmark (schema" in err and "rebuilding it from scratch" in err
     results = json.loads(stale.read_text())
     assert results["schema"] == SCHEMA and results["machine"]["device"] == "cpu" and results["machine"]["cores"] >= 1
     runs = {(r["method"], r["tau"]) for r in results["runs"]}
@@ -43,6 +45,11 @@ def test_runner_writes_valid_json_and_the_plot_and_never_mixes_schemas(run_cli, 
                                                                   ("kuda", 0.9), ("eco", None)]
     eco = merged["runs"][-1]
     assert eco["step_seconds"] is None and eco["prefill_overhead"]["flagged"] > 0 and "no steps (made in" in table(merged)
+
+    # other settings: refused before any work, naming what differs, and the file keeps every run
+    code, _, err = run_cli("bench", "run", "--methods", "ga", "--tau", "0.5", *common)
+    assert code == 2 and "tau 0.9 there, 0.5 here" in err.strip().splitlines()[-1], err
+    assert json.loads(stale.read_text()) == merged
 
 
 @pytest.mark.parametrize("argv, message", [
