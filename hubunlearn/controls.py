@@ -70,13 +70,25 @@ class ModelMixer:
         self.alpha = alpha
 
     def bake(self) -> None:
-        """Make the current ``α`` permanent (for an adapter: fold it into ``lora_B``), so the model saves as mixed."""
+        """Make the current ``α`` permanent (for an adapter: fold it into the B factors), so the model saves as mixed."""
         if self.lora:
-            with torch.no_grad():
-                for layer in self._lora_layers():
-                    for adapter in layer.active_adapters:
-                        layer.lora_B[adapter].weight.mul_(self.alpha)
-                        layer.set_scale(adapter, 1.0)
+            scale_lora_deltas(self.model, self.alpha)
+            for layer in self._lora_layers():
+                for adapter in layer.active_adapters:
+                    layer.set_scale(adapter, 1.0)
+
+
+@torch.no_grad()
+def scale_lora_deltas(model, factor: float) -> None:
+    """Multiply every active LoRA delta ``s·B·A`` of ``model`` by ``factor`` in place, by scaling its B factor:
+    ``lora_B`` of linear layers and ``lora_embedding_B`` of embedding layers (a parameter, not a module)."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        for adapter in layer.active_adapters:
+            for factors in (layer.lora_B, layer.lora_embedding_B):
+                if adapter in factors:
+                    (factors[adapter].weight if hasattr(factors[adapter], "weight") else factors[adapter]).mul_(factor)
 
 
 def calibrate(measure: Callable[[float], float], original: float, tau: float, iterations: int = 8) -> tuple[float, list[tuple[float, float]]]:

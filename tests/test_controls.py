@@ -25,7 +25,8 @@ def test_mixing_endpoints_full_and_lora(model, tokenizer, forget_rows, retain_ro
 
     original = AutoModelForCausalLM.from_pretrained(world_model_dir)
     expected_original = logits_of(original, tokenizer, forget_rows)
-    for peft in (None, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")):
+    # LoRA on an embedding too: its delta lives in lora_embedding_B, which baking must scale as well
+    for peft in (None, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"], task_type="CAUSAL_LM")):
         trainer = GradDiffTrainer(model=AutoModelForCausalLM.from_pretrained(world_model_dir), args=config(GradDiffTrainer, tmp_path / "out"),
                                   forget_dataset=forget_rows, retain_dataset=retain_rows, processing_class=tokenizer, peft_config=peft)
         trainer.train()

@@ -82,13 +82,7 @@ class TaskVectorTrainer(UnlearnTrainer):
         """``θ = θ₀ − w·Δ`` in place (see the class docstring)."""
         weight = self.args.negation_weight
         if hasattr(model, "peft_config"):
-            from peft.tuners.lora import LoraLayer
-
-            for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
-                for adapter in layer.active_adapters:
-                    for factors in (layer.lora_B, layer.lora_embedding_B):
-                        if adapter in factors:
-                            (factors[adapter].weight if hasattr(factors[adapter], "weight") else factors[adapter]).mul_(-weight)
+            scale_lora_deltas(model, -weight)
             return
         trained = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         model.load_state_dict(mix_state_dicts(self._original_state, trained, -weight))
