@@ -130,9 +130,19 @@ def _resident_bytes() -> int:
 
 
 def _in_child(function, *args):
-    """``function(*args)`` in a fresh (spawned) process: its peak memory is its own."""
+    """``function(*args)`` in a fresh (spawned) process: its peak memory is its own, with the allocator's mmap threshold
+    fixed (``FIXED_MMAP_THRESHOLD``) so that peaks of different runs compare."""
+    from .benchmarking import FIXED_MMAP_THRESHOLD
+
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
+    saved = {name: os.environ.get(name) for name in FIXED_MMAP_THRESHOLD}
+    os.environ.update(FIXED_MMAP_THRESHOLD)  # read by the child at its start, not by this process
+    try:
+        pool = context.Pool(1)
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    with pool:
         return pool.apply(function, args)
 
 
@@ -216,7 +226,7 @@ def _method_run(job: dict) -> dict:
                "forget_probability": summary["sets"]["forget"]["probability"],
                "step_seconds": statistics.median(timer.seconds) if timer.seconds else None,
                "train_seconds": round(seconds, 2), "peak_memory_bytes": peak, "artifact_bytes": size,
-               "eval_seconds_per_100": round(100 * eval_seconds / sum(len(v) for v in sets.values()), 3)}
+               "eval_seconds_per_100": round(100 * eval_seconds / sum(len(v) for v in sets.values()), 3), "code": job["code"]}
         if job["method"] == "eco":
             row["prefill_overhead"] = _prefill_overhead(trainer.eco_model, model, tokenizer, [r["question"] for r in forget],
                                                         [r["question"] for r in retain])
@@ -312,7 +322,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .benchmarking import machine
+    from .benchmarking import code_state, machine
     from .data import load_rows
     from .evaluate import EvalConfig, evaluate_sets, load_sets
     from .tofu_mini import build_tofu_mini, tofu_data_folder
@@ -344,7 +354,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         (scratch / "reference.json").write_text(json.dumps(reference))
         examples = sum(len(v) for v in sets.values())
 
-        job = {"target": str(mini.target_dir), "reference_model": str(mini.reference_dir), "rows": str(rows), "sets": str(scratch / "sets.json"),
+        job = {"code": code_state(), "target": str(mini.target_dir), "reference_model": str(mini.reference_dir), "rows": str(rows), "sets": str(scratch / "sets.json"),
                "reference": str(scratch / "reference.json"), "steps": config.steps, "batch_size": config.batch_size,
                "threads": threads}
         wanted = [(m, None) for m in config.methods] + [(m, config.tau) for m in config.methods if config.tau and m != "eco"]
@@ -540,6 +550,12 @@ def evaluation_speed(results: dict) -> str:
             f"{statistics.median(values):.1f} s per 100 examples, median of {len(values)} evaluations.")
 
 
+def _code_label(code: dict | None) -> str:
+    if not code or not code.get("commit"):
+        return "an unrecorded version of the code"
+    return f"commit {code['commit']}" + (" with uncommitted changes" if code.get("uncommitted") else "")
+
+
 def table(results: dict) -> str:
     """The README's benchmark table, from the results JSON alone."""
     runs, settings, machine_info = results["runs"], results["settings"], results["machine"]
@@ -565,6 +581,10 @@ def table(results: dict) -> str:
     if eco:
         lines += ["", f"ECO's forward pass costs {eco['prefill_overhead']['flagged']:.2f}× the base model's on flagged prompts "
                       f"(classifier and corruption) and {eco['prefill_overhead']['unflagged']:.2f}× on unflagged ones (classifier only)."]
+    versions = sorted({_code_label(r.get("code")) for r in runs})
+    lines += ["", f"Measured at {versions[0]}." if len(versions) == 1 else
+              f"The rows were measured at {len(versions)} versions of the code ({'; '.join(versions)}): rerun every method "
+              "(no `--methods`) to compare them at one."]
     scaling = results.get("scaling")
     if scaling:
         growth_info = scaling["growth"]

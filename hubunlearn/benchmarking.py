@@ -14,6 +14,9 @@ from pathlib import Path
 # the retain NLL in nats per token, at the authors' TOFU value (the taught models here retain better; an untrained
 # model's retain NLL is above it, and PDU's dual variable grows).
 REQUIRED_SETTINGS = {"pdu": {"retain_epsilon": 0.3}}
+# glibc keeps freed blocks below its (rising) mmap threshold resident; in a child process started with this in its
+# environment, the resident peak is the peak of the live tensors, not of what the allocator happened to keep.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def machine() -> dict:
@@ -22,6 +25,23 @@ def machine() -> dict:
 
     return {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "platform": platform.platform()}
+
+
+def code_state(root: Path | None = None) -> dict:
+    """The commit measured (``None`` outside a git checkout) and the library files that differed from it (uncommitted
+    work, by content hash) when the run began: every result records the code it measured."""
+    import hashlib
+    import subprocess
+
+    root = root or Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.rstrip("\n")
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "hubunlearn").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted": {path: hashlib.sha256((root / path).read_bytes()).hexdigest()[:16] if (root / path).is_file() else None
+                            for path in changed}}
 
 
 def resident_memory_mib() -> tuple[float, float]:

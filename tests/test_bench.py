@@ -33,6 +33,8 @@ def test_runner_writes_valid_json_and_the_plot_and_never_mixes_or_drops_runs(run
         assert 0 <= run["forget_quality"] <= 1 and 0 <= run["model_utility"] <= 1
         assert run["steps"] == 3 and run["step_seconds"] > 0 and run["peak_memory_bytes"] > 0 and run["artifact_bytes"] > 1000
         assert 0 <= run["forget_extraction_strength"] <= 1 and 0 <= run["retain_extraction_strength"] <= 1
+        assert run["code"] == results["runs"][0]["code"] and "commit" in run["code"]  # the code measured, one version
+    assert "Measured at " in table(results) and "versions of the code" not in table(results)
     assert results["evaluation"]["seconds_per_100"] > 0
     assert (results_dir / "pareto_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert table(results) in out
@@ -45,6 +47,8 @@ def test_runner_writes_valid_json_and_the_plot_and_never_mixes_or_drops_runs(run
                                                                   ("kuda", 0.9), ("eco", None)]
     eco = merged["runs"][-1]
     assert eco["step_seconds"] is None and eco["prefill_overhead"]["flagged"] > 0 and "no steps (made in" in table(merged)
+    older = {**merged, "runs": [*merged["runs"][:-1], {**eco, "code": {"commit": "0000000", "uncommitted": {}}}]}
+    assert "measured at 2 versions of the code" in table(older) and "commit 0000000" in table(older)
 
     # other settings: refused before any work, naming what differs, and the file keeps every run
     code, _, err = run_cli("bench", "run", "--methods", "ga", "--tau", "0.5", *common)
