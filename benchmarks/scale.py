@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hubunlearn.benchmarking import FIXED_MMAP_THRESHOLD, code_state, machine
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 README = ROOT / "README.md"
@@ -62,9 +64,6 @@ RUNS = ("hubunlearn:npo", "reference:npo", "hubunlearn:graddiff", "reference:gra
 BATCH, LENGTH = 4, 256
 SETTINGS = {"learning_rate": 1e-5, "per_device_train_batch_size": BATCH, "optim": "adamw_torch", "lr_scheduler_type": "constant",
             "weight_decay": 0.0, "warmup_steps": 0}
-# glibc keeps freed blocks below its (rising) mmap threshold resident; a fixed threshold makes every run's resident
-# peak the peak of its live tensors (as benchmarks/logprob_memory.py), not of what the allocator happened to keep
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 TARGETS = {"npo_memory": 0.6, "npo_step": 0.8, "graddiff_step": 0.8, "lora_npo_memory": 0.4}
 
 
@@ -250,12 +249,10 @@ def run_one(spec: dict, folder: Path) -> dict:
 def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads: int, results: dict | None = None) -> dict:
     """Run ``models`` into ``results`` (a previous invocation's, whose other models are kept: each model may take its
     own number of steps and rounds, recorded with it)."""
-    from hubunlearn.benchmarking import machine
-
     results = results if results and results.get("schema") == SCHEMA else {"models": {}}
     results.update(schema=SCHEMA, machine={**machine(), "threads": threads}, targets=TARGETS,
                    settings={"batch": BATCH, "length": LENGTH, **SETTINGS})
-    code = code_state()
+    code = code_state(ROOT)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         shutil.copytree(ROOT / "hubunlearn", scratch / "code" / "hubunlearn", ignore=shutil.ignore_patterns("__pycache__"))
@@ -274,19 +271,6 @@ def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads:
                           f"  setup {figures['setup_seconds']:>6.1f} s  ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
             entry["ratios"] = ratios(entry["runs"])
     return results
-
-
-def code_state() -> dict:
-    """The commit measured, and the library files that differed from it (uncommitted work) when the run began."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.rstrip("\n")
-
-    import hashlib
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "hubunlearn").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:16] if (ROOT / path).is_file() else None
-                            for path in changed}}
 
 
 def _median(runs: dict, name: str, key: str) -> float | None:

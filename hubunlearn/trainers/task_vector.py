@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..controls import mix_state_dicts
+from ..controls import mix_state_dicts, scale_lora_deltas
 from ..errors import UsageError
 from . import engines, losses
 from .base import UnlearnConfig, UnlearnTrainer
