@@ -79,7 +79,9 @@ def _local_data_files(spec: DataSpec) -> list[Path]:
         candidates = sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_BUILDERS or (p.is_dir() and not p.name.startswith(".")))
         if len(candidates) == 1 and candidates[0].is_file():
             return candidates
-        names = ", ".join(p.stem for p in candidates) or "none"
+        if not candidates:
+            raise UsageError(f"folder {path} holds no data: put a .jsonl, .json, .csv or .parquet file in it, or give the file itself")
+        names = ", ".join(p.stem for p in candidates)
         raise UsageError(f"folder {path} holds several data sets; name one as {path}:CONFIG (found: {names})")
     for suffix in DATA_FILE_BUILDERS:
         if (path / f"{spec.config}{suffix}").is_file():

@@ -105,11 +105,14 @@ def parse_unlearn_args(argv: list[str]) -> tuple[UnlearnArguments, UnlearnConfig
     recipe = load_recipe(known.config) if known.config else {}
     if known.deepspeed or recipe.get("deepspeed"):
         check_deepspeed_config_argument(known.deepspeed or recipe["deepspeed"])
-    method = known.method or recipe.get("method")
+    method = known.method if known.method is not None else recipe.get("method")
     wants_help = any(a in ("-h", "--help") for a in argv)
+    if method is not None and not str(method).strip():
+        raise UsageError(f"--method is empty: choose one of {', '.join(UNLEARNING_METHODS)}")
     if method is None and not wants_help:
         for argument in argv:
-            if argument.startswith("--") and (suggestion := did_you_mean(argument, ["--method", "--config"])):
+            if argument.startswith("--") and argument not in ("--method", "--config") and (
+                    suggestion := did_you_mean(argument, ["--method", "--config"])):
                 raise UsageError(f"unrecognized argument {argument}{suggestion} (see hubunlearn unlearn --help)")
         raise UsageError(f"--method is required: choose one of {', '.join(UNLEARNING_METHODS)}")
     if method is not None:

@@ -68,6 +68,9 @@ def test_local_folder_in_the_hub_layout(tmp_path):
         load_rows(f"{tmp_path}:nope")
     with pytest.raises(UsageError, match="name one as"):
         load_rows(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="folder .*empty holds no data: put a .jsonl"):
+        load_rows(str(tmp_path / "empty"))
 
 
 @pytest.mark.skipif(not TOFU.is_dir(), reason="needs ../shared/data/tofu")

@@ -256,7 +256,8 @@ class UnlearnTrainer(Trainer):
         if forget_dataset is None:
             raise UsageError("no forget set: pass forget_dataset (--forget SPEC)")
         if args.retain_loss != "none" and retain_dataset is None:
-            raise UsageError(f"{self._name} with retain_loss='{args.retain_loss}' needs a retain set: pass --retain SPEC (or --retain_loss none)")
+            raise UsageError(f"{self._name} with retain_loss='{args.retain_loss}' needs a retain set: pass --retain SPEC"
+                             + (" (or --retain_loss none)" if "none" in args.retain_losses else ""))
         if args.lora_init == "fila" and peft_config is None:
             raise UsageError("--lora_init fila initialises a LoRA adapter: add --use_lora (or pass peft_config)")
         if args.lora_export == "merged" and peft_config is None:
