@@ -160,9 +160,12 @@ def evaluation_note(record: dict) -> str:
 def eval_results(record: dict) -> list[EvalResult] | None:
     """The ``model-index`` entries: every metric of the unlearned model (the ``after`` stage)."""
     data = record["data"]
+    harness = ((record.get("evaluation") or {}).get("lm_eval") or {}).get("after", {}).get("tasks", {})  # lm-eval tasks: their own names and data
+    data = {**{name: {**(task.get("dataset") or {}), "harness": True} for name, task in harness.items()}, **data}
     results = [
         EvalResult(task_type="text-generation", dataset_type=(data.get(set_name) or {}).get("id") or f"local/{set_name}",
-                   dataset_name=f"{set_name} set", dataset_config=(data.get(set_name) or {}).get("config"),
+                   dataset_name=set_name if (data.get(set_name) or {}).get("harness") else f"{set_name} set",
+                   dataset_config=(data.get(set_name) or {}).get("config"),
                    metric_type=name, metric_name=name.replace("_", " "), metric_value=value)
         for set_name, per_stage in (record.get("metrics") or {}).items()
         for name, value in (per_stage.get("after") or {}).items()

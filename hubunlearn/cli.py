@@ -69,7 +69,7 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="Hub id or folder of the model (a full unlearned checkpoint, an ECO bundle).")
     parser.add_argument("--revision", help="Branch, tag or commit of a Hub --model (default: main).")
     parser.add_argument("--adapter", help="A LoRA adapter (Hub id or folder) to apply on --model.")
-    parser.add_argument("--benchmark", default="tofu", help="tofu (default) or world (the built-in example).")
+    parser.add_argument("--benchmark", default="tofu", help="tofu (default), world (the built-in example) or wmdp (lm-evaluation-harness).")
     parser.add_argument("--forget_split", default="forget10", help="TOFU forget split: forget01, forget05 or forget10.")
     parser.add_argument("--data", help="Folder laid out like locuslab/TOFU (default: the Hub dataset).")
     parser.add_argument("--metrics", type=_csv, default=DEFAULT_METRICS, help=f"Comma-separated, from: {', '.join(METRICS)}.")
@@ -88,6 +88,10 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--trust_remote_code", action="store_true", help="Run the model repository's own code.")
     parser.add_argument("--device", default="auto", help="Where the model computes: auto (default: the GPU when there is one), cpu, cuda or cuda:N.")
+    parser.add_argument("--wmdp_tasks", type=_csv, default=("wmdp_bio", "wmdp_cyber", "wmdp_chem", "mmlu"),
+                        help="--benchmark wmdp: a subset of wmdp_bio, wmdp_cyber, wmdp_chem, mmlu (default: all four).")
+    parser.add_argument("--lm_eval_tasks", type=_csv, default=(), help="lm-evaluation-harness tasks added as utility measures (any benchmark).")
+    parser.add_argument("--lm_eval_include", type=_csv, default=(), help="Folders or YAML files of harness tasks of your own (e.g. local data).")
     args = parser.parse_args(argv)
     if args.record_to:  # before the evaluation, not after it
         from .artifacts import read_record
@@ -99,7 +103,8 @@ def _eval(argv: list[str]) -> int:
                         reference_stats=args.reference_stats, holdout=args.holdout, attacks=args.attack,
                         relearn_steps=args.relearn_steps, relearn_learning_rate=args.relearn_learning_rate,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
-                        device=args.device)
+                        device=args.device, wmdp_tasks=args.wmdp_tasks, lm_eval_tasks=args.lm_eval_tasks,
+                        lm_eval_include=args.lm_eval_include)
     summary = run_eval(config, args.output_dir)
     print(format_summary(summary))
     print(f"hubunlearn: wrote summary.json and per_example.json to {args.output_dir}")

@@ -166,6 +166,11 @@ def _load_rows(spec: DataSpec) -> datasets.Dataset:
     try:
         return datasets.load_dataset(spec.source, spec.config, split=spec.split)
     except Exception as error:
+        from .gated import gated_message
+
+        gated = gated_message(spec.source, error, spec.config)
+        if gated:
+            raise UsageError(gated) from error
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"cannot load dataset {spec} from the Hub ({first_line}); check the id, config and split") from error
 

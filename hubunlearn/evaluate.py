@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 TOFU_SETS = {"forget": "{forget_split}_perturbed", "retain": "retain_perturbed",
              "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
-BENCHMARKS = ("tofu", "world")
+BENCHMARKS = ("tofu", "world", "wmdp")
 SET_METRICS = ("probability", "truth_ratio", "rouge", "exact_memorization", "extraction_strength", "extraction_strength_tf")
 AGGREGATE_METRICS = ("forget_quality", "model_utility", "mia")
 METRICS = SET_METRICS + AGGREGATE_METRICS
@@ -59,6 +59,16 @@ class EvalConfig:
     trust_remote_code: bool = False
     device: str = "auto"  # where the model (and the reference model) compute: auto (the accelerator if any), cpu, cuda[:N]
     data_format: DataFormat = field(default_factory=lambda: DataFormat(max_length=512))
+    # lm-evaluation-harness (hubunlearn.harness): the wmdp benchmark's tasks, harness tasks added as utility to any
+    # benchmark, and folders or YAML files of harness tasks of one's own (local data)
+    wmdp_tasks: tuple[str, ...] = ("wmdp_bio", "wmdp_cyber", "wmdp_chem", "mmlu")
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include: tuple[str, ...] = ()
+
+    def harness_tasks(self) -> tuple[str, ...]:
+        """The lm-evaluation-harness tasks this eval scores: WMDP's (benchmark wmdp), then ``lm_eval_tasks``."""
+        tasks = self.wmdp_tasks if self.benchmark == "wmdp" else ()
+        return tuple(dict.fromkeys(tasks + tuple(self.lm_eval_tasks)))
 
     def __post_init__(self):
         if self.benchmark not in BENCHMARKS:
@@ -76,11 +86,36 @@ class EvalConfig:
         from .modeling import resolve_device
 
         resolve_device(self.device)  # a device this machine lacks is refused before anything loads
+        self._check_harness()
+
+    def _check_harness(self) -> None:
+        from .harness import WMDP_TASKS, require_lm_eval
+
+        if self.benchmark == "wmdp":
+            unknown = [t for t in self.wmdp_tasks if t not in WMDP_TASKS]
+            if unknown or not self.wmdp_tasks:
+                raise UsageError(f"unknown --wmdp_tasks {', '.join(unknown) or '(none)'}: choose from {', '.join(WMDP_TASKS)} "
+                                 "(any other harness task: --lm_eval_tasks)")
+            given = [flag for flag, value in (("--reference", self.reference), ("--reference_stats", self.reference_stats),
+                                              ("--holdout", self.holdout), ("--attack", self.attacks)) if value]
+            if tuple(self.metrics) not in ((), DEFAULT_METRICS) or given:
+                raise UsageError(f"--benchmark wmdp is scored by lm-evaluation-harness (accuracy): "
+                                 f"{', '.join(given) or '--metrics'} does not apply to it")
+            self.metrics = ()
+        if self.lm_eval_include and not self.harness_tasks():
+            raise UsageError("--lm_eval_include registers harness tasks: name the ones to run with --lm_eval_tasks")
+        for path in self.lm_eval_include:
+            if not Path(path).exists():
+                raise UsageError(f"--lm_eval_include {path} does not exist: give a folder of harness task YAML files or one such file")
+        if self.harness_tasks():
+            require_lm_eval()
 
 
 def load_sets(config: EvalConfig) -> dict[str, list[dict]]:
     """The benchmark's evaluation sets as rows (question, answer, and where present paraphrased/perturbed answers)."""
-    if config.benchmark == "world":
+    if config.benchmark == "wmdp":  # lm-evaluation-harness brings its own data (hubunlearn.harness)
+        sets = {}
+    elif config.benchmark == "world":
         from .quickstart import QuickstartSettings
         from .world import World
 
@@ -505,11 +540,21 @@ def run_eval(config: EvalConfig, output_dir: str | Path) -> dict[str, Any]:
 
     output_dir = Path(output_dir)
     check_eval_output(output_dir)
+    manager = None
+    if config.harness_tasks():  # every harness task and its data checked before any model loads
+        from .harness import check_tasks
+
+        manager = check_tasks(config.harness_tasks(), config.lm_eval_include)
     sets = load_sets(config)
     reference, source = reference_statistics(config, sets)
     model, tokenizer = load_for_eval(config.model, config.adapter, config.trust_remote_code, config.revision, config.device)
-    per_example = evaluate_sets(model, tokenizer, sets, config)
+    per_example = evaluate_sets(model, tokenizer, sets, config) if sets else {}
     summary = summarize(per_example, config, reference)
+    if manager is not None:
+        from .harness import run_tasks
+
+        summary["lm_eval"] = run_tasks(model, tokenizer, config.harness_tasks(), config.lm_eval_include, config.max_examples,
+                                       config.batch_size, manager)
     summary["device"] = str(model_device(model))  # where the model computed (config.device says what was asked)
     if reference is not None:
         summary["reference"] = {name: summarize_set(name, results) for name, results in reference.items()}
@@ -536,6 +581,10 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     aggregates = {k: v["value"] for k, v in summary["aggregates"].items() if isinstance(v, dict) and isinstance(v.get("value"), float)}
     if aggregates:
         metrics.setdefault("tofu", {})[stage] = aggregates
+    for name, values in (summary.get("lm_eval") or {}).get("tasks", {}).items():  # the harness's own names
+        from .harness import headline
+
+        metrics.setdefault(name, {})[stage] = headline(values)
     privleak = {f"privleak_{attack}": v for attack, v in (summary["aggregates"].get("mia") or {}).get("privleak", {}).items() if v is not None}
     if privleak:
         metrics.setdefault("mia", {})[stage] = privleak
@@ -545,7 +594,8 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
                             "reference_source": summary.get("reference_source"), "conventions": summary["conventions"]}
     mia = summary["aggregates"].get("mia") or {}
     recorded = {"examples": summary.get("examples"), "mia": {k: mia[k] for k in ("auc", "privleak") if mia.get(k)},
-                "attacks": summary.get("attacks")}
+                "attacks": summary.get("attacks"),
+                "lm_eval": {k: v for k, v in (summary.get("lm_eval") or {}).items() if k != "subtasks"}}
     for key, value in recorded.items():  # per stage (for the card), keeping the other stages' earlier records
         stages = {s: v for s, v in (previous.get(key) or {}).items() if s != stage}
         if value:
@@ -589,7 +639,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     sets = summary["sets"]
     keys = [k for k in ("probability", "truth_ratio", "rouge_recall", "rouge_f1", "exact_memorization",
                         "extraction_strength", "extraction_strength_tf") if any(k in v for v in sets.values())]
-    lines = [f"{'metric':<24}" + "".join(f"{name:>14}" for name in sets)]
+    lines = [f"{'metric':<24}" + "".join(f"{name:>14}" for name in sets)] if sets else []
     for key in keys:
         lines.append(f"{key:<24}" + "".join(f"{sets[name][key]:>14.4f}" if sets[name].get(key) is not None else f"{'-':>14}"
                                             for name in sets))
@@ -599,6 +649,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         else:
             shown = f"{value['value']:.4g}" if value["value"] is not None else f"unavailable: {value['unavailable']}"
             lines.append(f"{name:<24}{shown}")
+    if summary.get("lm_eval"):
+        from .harness import format_lines
+
+        lines += format_lines(summary["lm_eval"])
     if summary.get("reference_source"):
         lines.append(f"{'reference':<24}{describe_reference(summary['reference_source'])}")
     for name, result in summary.get("attacks", {}).items():

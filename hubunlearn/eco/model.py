@@ -85,6 +85,9 @@ class ECOModel(torch.nn.Module):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
+    def tie_weights(self, *args, **kwargs):  # the wrapped model's (lm-evaluation-harness's HFLM calls it)
+        return self.model.tie_weights(*args, **kwargs)
+
     @contextmanager
     def _selecting(self, selection: torch.Tensor):
         """Corrupt ``selection`` during this thread's (or task's) forward passes, and only there."""
