@@ -159,7 +159,7 @@ def evaluation_note(record: dict) -> str:
 
 def eval_results(record: dict) -> list[EvalResult] | None:
     """The ``model-index`` entries: every metric of the unlearned model (the ``after`` stage)."""
-    data = record["data"]
+    data = {**((record.get("evaluation") or {}).get("datasets") or {}), **record["data"]}  # an eval's own data (MUSE's), by set
     results = [
         EvalResult(task_type="text-generation", dataset_type=(data.get(set_name) or {}).get("id") or f"local/{set_name}",
                    dataset_name=f"{set_name} set", dataset_config=(data.get(set_name) or {}).get("config"),
