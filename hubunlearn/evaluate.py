@@ -559,10 +559,10 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     if privleak:
         metrics.setdefault("mia", {})[stage] = privleak
     previous = record.get("evaluation") or {}
-    record["evaluation"] = {"benchmark": summary["config"]["benchmark"], "forget_split": summary["config"]["forget_split"],
-                            **({"revision": summary["config"]["revision"]} if summary["config"].get("revision") else {}),
+    record["evaluation"] = {"benchmark": summary["config"]["benchmark"],
                             **({"corpus": summary["config"]["corpus"], "datasets": {"muse": {"id": None if summary["data"]["revision"] is None
-                                else summary["data"]["source"]}}} if muse else {}),
+                                else summary["data"]["source"]}}} if muse else {"forget_split": summary["config"]["forget_split"]}),
+                            **({"revision": summary["config"]["revision"]} if summary["config"].get("revision") else {}),
                             "reference_source": summary.get("reference_source"), "conventions": summary["conventions"]}
     mia = summary["aggregates"].get("mia") or {}
     recorded = {"examples": summary.get("examples"), "mia": {k: mia[k] for k in ("auc", "privleak") if mia.get(k)},

@@ -82,9 +82,9 @@ def _hub_rows(source: str, config_name: str, split: str) -> list[dict]:
 
     try:
         rows = datasets.load_dataset(source, config_name, split=split, revision=MUSE_REVISION if source in CORPORA.values() else None)
-    except ValueError as error:  # an unknown split: the caller tries the older name
-        raise KeyError(split) from error
-    except Exception as error:  # offline, unknown repo, gated
+    except Exception as error:  # an unknown split (the caller tries the older name); offline, unknown repo or config, gated
+        if isinstance(error, ValueError) and str(error).startswith("Unknown split"):
+            raise KeyError(split) from error
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"cannot load {source}:{config_name}@{split} from the Hub ({first_line}): check the network, "
                          "or pass --data FOLDER holding a copy in the MUSE layout") from error

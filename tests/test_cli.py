@@ -15,7 +15,7 @@ from hubunlearn.unlearn import RECIPES, parse_unlearn_args
 
 from .conftest import REPO, TOFU
 
-RECIPE_FILES = sorted((REPO / "trainers").glob("*.yaml"))
+RECIPE_FILES = sorted((REPO / "trainers").glob("*-tofu.yaml"))  # the MUSE recipes: test_muse_eval.py
 
 
 @pytest.fixture(scope="module")
