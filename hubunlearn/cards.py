@@ -159,9 +159,9 @@ def evaluation_note(record: dict) -> str:
 
 def eval_results(record: dict) -> list[EvalResult] | None:
     """The ``model-index`` entries: every metric of the unlearned model (the ``after`` stage)."""
-    data = record["data"]
     harness = ((record.get("evaluation") or {}).get("lm_eval") or {}).get("after", {}).get("tasks", {})  # lm-eval tasks: their own names and data
-    data = {**{name: {**(task.get("dataset") or {}), "harness": True} for name, task in harness.items()}, **data}
+    data = {**{name: {**(task.get("dataset") or {}), "harness": True} for name, task in harness.items()},
+            **((record.get("evaluation") or {}).get("datasets") or {}), **record["data"]}  # an eval's own data (MUSE's), by set
     results = [
         EvalResult(task_type="text-generation", dataset_type=(data.get(set_name) or {}).get("id") or f"local/{set_name}",
                    dataset_name=set_name if (data.get(set_name) or {}).get("harness") else f"{set_name} set",

@@ -10,7 +10,7 @@ from .logs import command_output, quiet_weight_loading
 
 COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
-    "eval": "Measure what a model forgot and what it cost: TOFU metrics, extraction strength, MIAs, attacks.",
+    "eval": "Measure what a model forgot and what it cost: TOFU or MUSE metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
     "bench": "Benchmarks: `bench run` compares every method on TOFU-mini; `bench plot` redraws its plot; `bench build-tofu` trains TOFU-mini itself.",
     "trace": "Causal tracing (KUDA's first step): which FFN layers carry a forget set; per-layer table and heat map.",
@@ -69,10 +69,12 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="Hub id or folder of the model (a full unlearned checkpoint, an ECO bundle).")
     parser.add_argument("--revision", help="Branch, tag or commit of a Hub --model (default: main).")
     parser.add_argument("--adapter", help="A LoRA adapter (Hub id or folder) to apply on --model.")
-    parser.add_argument("--benchmark", default="tofu", help="tofu (default), world (the built-in example) or wmdp (lm-evaluation-harness).")
+    parser.add_argument("--benchmark", default="tofu", help="tofu (default), muse (with --corpus), wmdp (lm-evaluation-harness) or world (the built-in example).")
+    parser.add_argument("--corpus", help="MUSE's corpus with --benchmark muse: news or books.")
     parser.add_argument("--forget_split", default="forget10", help="TOFU forget split: forget01, forget05 or forget10.")
-    parser.add_argument("--data", help="Folder laid out like locuslab/TOFU (default: the Hub dataset).")
-    parser.add_argument("--metrics", type=_csv, default=DEFAULT_METRICS, help=f"Comma-separated, from: {', '.join(METRICS)}.")
+    parser.add_argument("--data", help="Folder laid out like locuslab/TOFU or muse-bench/MUSE-News (default: the Hub dataset).")
+    parser.add_argument("--metrics", type=_csv, default=DEFAULT_METRICS, help=f"Comma-separated, from: {', '.join(METRICS)}; with --benchmark muse: "
+                        "verbmem_f, knowmem_f, knowmem_r, privleak (default: all four).")
     parser.add_argument("--max_examples", type=int, help="Evaluate the first N rows of each set.")
     parser.add_argument("--reference", help="Model trained without the forget set; its statistics are cached.")
     parser.add_argument("--reference_stats", help="per_example.json of an earlier eval, used as the reference.")
@@ -99,7 +101,7 @@ def _eval(argv: list[str]) -> int:
         read_record(args.record_to)
     quiet_weight_loading()
     config = EvalConfig(model=args.model, revision=args.revision, adapter=args.adapter, benchmark=args.benchmark, forget_split=args.forget_split,
-                        data=args.data, metrics=args.metrics, max_examples=args.max_examples, reference=args.reference,
+                        corpus=args.corpus, data=args.data, metrics=args.metrics, max_examples=args.max_examples, reference=args.reference,
                         reference_stats=args.reference_stats, holdout=args.holdout, attacks=args.attack,
                         relearn_steps=args.relearn_steps, relearn_learning_rate=args.relearn_learning_rate,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,

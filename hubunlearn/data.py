@@ -69,6 +69,12 @@ class DataSpec:
         return os.path.exists(self.source)
 
 
+def _split_of(path: Path) -> str:
+    """The split a data file of a config folder holds: its name before the first dot, less a shard suffix
+    (``forget_qa.json``, ``forget_qa-00000-of-00001.parquet``: ``forget_qa``; not ``forget_qa_icl``)."""
+    return path.name.split(".")[0].split("-")[0]
+
+
 def _local_data_files(spec: DataSpec) -> list[Path]:
     path = Path(spec.source)
     if path.is_file():
@@ -89,9 +95,11 @@ def _local_data_files(spec: DataSpec) -> list[Path]:
     folder = path / spec.config
     if folder.is_dir():
         files = sorted(p for p in folder.rglob("*") if p.suffix in DATA_FILE_BUILDERS)
-        for_split = [p for p in files if p.name.startswith(spec.split)]
-        if for_split or files:
+        for_split = [p for p in files if _split_of(p) == spec.split]
+        if for_split or (files and spec.split == "train"):  # a folder of one set whose files name no split: its rows
             return for_split or files
+        if files:
+            raise UsageError(f"no split '{spec.split}' in {folder}; choose one of: {', '.join(sorted({_split_of(p) for p in files}))}")
     found = sorted({p.stem for p in path.iterdir() if p.suffix in DATA_FILE_BUILDERS or p.is_dir()})
     raise UsageError(f"no data set '{spec.config}' in {path}; choose one of: {', '.join(found) or 'none'}")
 

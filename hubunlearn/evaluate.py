@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 TOFU_SETS = {"forget": "{forget_split}_perturbed", "retain": "retain_perturbed",
              "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
-BENCHMARKS = ("tofu", "world", "wmdp")
+BENCHMARKS = ("tofu", "world", "muse", "wmdp")
 SET_METRICS = ("probability", "truth_ratio", "rouge", "exact_memorization", "extraction_strength", "extraction_strength_tf")
 AGGREGATE_METRICS = ("forget_quality", "model_utility", "mia")
 METRICS = SET_METRICS + AGGREGATE_METRICS
@@ -45,6 +45,7 @@ class EvalConfig:
     revision: str | None = None  # of a Hub model (branch, tag or commit); the adapter loads at its own default
     benchmark: str = "tofu"
     forget_split: str = "forget10"
+    corpus: str | None = None  # MUSE's corpus: news or books (hubunlearn.muse)
     data: str | None = None
     metrics: tuple[str, ...] = DEFAULT_METRICS
     max_examples: int | None = None
@@ -75,7 +76,10 @@ class EvalConfig:
             raise UsageError(f"unknown benchmark '{self.benchmark}': choose one of {', '.join(BENCHMARKS)}")
         if self.benchmark == "tofu" and self.forget_split not in TOFU_SPLITS:
             raise UsageError(f"unknown split '{self.forget_split}': choose one of {', '.join(TOFU_SPLITS)}")
-        unknown = [m for m in self.metrics if m not in METRICS]
+        from .muse import check_config
+
+        check_config(self)  # --corpus, and MUSE's own metrics and options
+        unknown = [m for m in self.metrics if m not in METRICS] if self.benchmark != "muse" else []
         if unknown:
             raise UsageError(f"unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS)}")
         from .attacks import ATTACKS
@@ -444,8 +448,13 @@ def covers_sets(reference: Any, sets: dict[str, list[dict]]) -> bool:
     """Whether ``reference`` holds per-example statistics of exactly these sets: the same questions, in order."""
     return isinstance(reference, dict) and all(
         isinstance(reference.get(name), list) and len(reference[name]) == len(rows)
-        and all(isinstance(r, dict) and r.get("question") == row["question"] for r, row in zip(reference[name], rows))
+        and all(isinstance(r, dict) and _row_key(r) == _row_key(row) for r, row in zip(reference[name], rows))
         for name, rows in sets.items())
+
+
+def _row_key(row: dict) -> Any:
+    """What identifies a row across evals: its question (QA rows) or its text (raw-text rows, MUSE's privleak)."""
+    return row.get("question", row.get("text"))
 
 
 def _read_cache(path: Path, key: dict[str, Any], sets: dict[str, list[dict]]) -> dict[str, list[dict]] | None:
@@ -482,6 +491,8 @@ def describe_reference(source: dict[str, Any]) -> str:
     """One line naming where reference statistics came from: path or id, and fingerprint, commit or file hash."""
     if "reference_stats" in source:
         return f"{source['reference_stats']} (sha256 {source['sha256'][:16]}…)"
+    if "published" in source:  # MUSE's published reference AUC
+        return source["published"]
     pin = (f"weights sha256 {source['fingerprint'][:16]}…" if "fingerprint" in source else
            f"commit {source['commit'][:12]}" if "commit" in source else "unpinned")
     return f"{source['reference']} ({pin}, {'cached statistics' if source['cached'] else 'statistics computed now'})"
@@ -538,6 +549,10 @@ def run_eval(config: EvalConfig, output_dir: str | Path) -> dict[str, Any]:
     from .attacks import run_attacks
     from .modeling import model_device
 
+    if config.benchmark == "muse":
+        from .muse import run_muse_eval
+
+        return run_muse_eval(config, output_dir)
     output_dir = Path(output_dir)
     check_eval_output(output_dir)
     manager = None
@@ -574,13 +589,17 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     artifact = Path(artifact)
     record = read_record(artifact)
     metrics = record.setdefault("metrics", {})
-    for name, values in summary["sets"].items():
+    muse = summary["config"]["benchmark"] == "muse"  # MUSE records its four named numbers (under "muse"), not set means
+    for name, values in ({} if muse else summary["sets"]).items():
         metrics.setdefault(name, {})[stage] = values
     for name, values in summary.get("reference", {}).items():
         metrics.setdefault(name, {})["reference"] = values
     aggregates = {k: v["value"] for k, v in summary["aggregates"].items() if isinstance(v, dict) and isinstance(v.get("value"), float)}
     if aggregates:
-        metrics.setdefault("tofu", {})[stage] = aggregates
+        metrics.setdefault("muse" if muse else "tofu", {})[stage] = aggregates
+    if muse and "privleak" in summary["aggregates"]:
+        metrics["muse"][stage]["privleak_auc"] = summary["aggregates"]["privleak"]["auc"]
+        metrics["muse"]["reference"] = {"privleak_auc": summary["aggregates"]["privleak"]["reference_auc"]}
     for name, values in (summary.get("lm_eval") or {}).get("tasks", {}).items():  # the harness's own names
         from .harness import headline
 
@@ -589,7 +608,9 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     if privleak:
         metrics.setdefault("mia", {})[stage] = privleak
     previous = record.get("evaluation") or {}
-    record["evaluation"] = {"benchmark": summary["config"]["benchmark"], "forget_split": summary["config"]["forget_split"],
+    record["evaluation"] = {"benchmark": summary["config"]["benchmark"],
+                            **({"corpus": summary["config"]["corpus"], "datasets": {"muse": {"id": None if summary["data"]["revision"] is None
+                                else summary["data"]["source"]}}} if muse else {"forget_split": summary["config"]["forget_split"]}),
                             **({"revision": summary["config"]["revision"]} if summary["config"].get("revision") else {}),
                             "reference_source": summary.get("reference_source"), "conventions": summary["conventions"]}
     mia = summary["aggregates"].get("mia") or {}
@@ -635,7 +656,12 @@ def _mia_lines(mia: dict[str, Any]) -> list[str]:
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a table: one row per metric, one column per set (4 decimals; "-" where a set has no such
     number); then the aggregates, the membership-inference block (AUCs 3 decimals, privleak in percent, 1
-    decimal), the reference's source and the attacks."""
+    decimal), the reference's source and the attacks. MUSE's summary has its own table
+    (:func:`~hubunlearn.muse.format_muse_summary`)."""
+    if summary["config"]["benchmark"] == "muse":
+        from .muse import format_muse_summary
+
+        return format_muse_summary(summary)
     sets = summary["sets"]
     keys = [k for k in ("probability", "truth_ratio", "rouge_recall", "rouge_f1", "exact_memorization",
                         "extraction_strength", "extraction_strength_tf") if any(k in v for v in sets.values())]

@@ -688,3 +688,67 @@ class HubServer:
                     rule["times"] -= 1
                     return rule["status"], rule["stall_s"]
         return None, 0.0
+
+
+# ---- a MUSE-layout fixture folder ----------------------------------------------------------------------------------
+
+MUSE_SPLITS = {"forget": 6, "retain1": 6, "retain2": 3, "holdout": 6}  # raw texts ("articles") per split
+
+
+def muse_articles(seed: int = 0) -> dict[str, list[dict]]:
+    """Short synthetic news articles per raw split (:data:`MUSE_SPLITS`), each ``{"text", "question", "answer"}``:
+    one fact (who did what where), its question and answer. Names are made-up syllables, distinct across articles."""
+    import random
+
+    syllables = ["ka", "lo", "mi", "ren", "tas", "vu", "dor", "pel", "shi", "gan", "bru", "zel"]
+    rng = random.Random(seed)
+
+    def word(n: int) -> str:
+        return "".join(rng.choice(syllables) for _ in range(n)).capitalize()
+
+    verbs = ["opened", "repaired", "sold", "painted", "closed", "moved"]
+    things = ["bridge", "library", "harbour", "mill", "market", "tower"]
+    days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
+    used, articles = set(), {}
+    for split, count in MUSE_SPLITS.items():
+        articles[split] = []
+        while len(articles[split]) < count:
+            person, town = word(2), word(3)
+            if person in used or town in used:
+                continue
+            used |= {person, town}
+            verb, thing, day, cost = rng.choice(verbs), rng.choice(things), rng.choice(days), rng.randint(10, 99)
+            text = (f"On {day} {person} {verb} the old {thing} of {town}. The work cost {cost} silver coins, "
+                    f"and the people of {town} came to watch.")
+            articles[split].append({"text": text, "question": f"Who {verb} the old {thing} of {town}?", "answer": person})
+    return articles
+
+
+def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str = "retain_qa") -> Path:
+    """A small folder in MUSE's layout (``muse-bench/MUSE-News``) for offline tests; returns it.
+
+    ``raw/{forget,retain1,retain2,holdout}.json`` (``text``); ``verbmem/forget.json`` (``prompt``: each forget
+    article's first 8 words, ``gt``: the rest); ``knowmem/forget_qa.json`` and ``{retain_qa}.json`` (one question per
+    forget / retain1 article) with two in-context examples each (``forget_qa_icl.json``, ``{retain_qa}_icl.json``,
+    from retain2 articles); ``privleak/{forget,retain,holdout}.json`` (the raw forget, retain1 and holdout texts).
+    ``retain_qa="retain2_qa"`` writes the older revision's split names. Files are JSON arrays, as MUSE's own."""
+    folder = Path(folder)
+    articles = muse_articles(seed)
+
+    def write(config: str, split: str, rows: list[dict]) -> None:
+        (folder / config).mkdir(parents=True, exist_ok=True)
+        (folder / config / f"{split}.json").write_text(json.dumps(rows, indent=1))
+
+    def qa(rows: list[dict]) -> list[dict]:
+        return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+    for split, rows in articles.items():
+        write("raw", split, [{"text": r["text"]} for r in rows])
+    write("verbmem", "forget", [{"prompt": " ".join(r["text"].split()[:8]), "gt": " ".join(r["text"].split()[8:])} for r in articles["forget"]])
+    write("knowmem", "forget_qa", qa(articles["forget"]))
+    write("knowmem", "forget_qa_icl", qa(articles["retain2"][:2]))
+    write("knowmem", retain_qa, qa(articles["retain1"]))
+    write("knowmem", f"{retain_qa}_icl", qa(articles["retain2"][1:3]))
+    for split, raw in (("forget", "forget"), ("retain", "retain1"), ("holdout", "holdout")):
+        write("privleak", split, [{"text": r["text"]} for r in articles[raw]])
+    return folder

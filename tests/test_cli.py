@@ -15,7 +15,7 @@ from hubunlearn.unlearn import RECIPES, parse_unlearn_args
 
 from .conftest import REPO, TOFU
 
-RECIPE_FILES = sorted((REPO / "trainers").glob("*-tofu.yaml"))  # the other benchmarks' recipes: their own tests
+RECIPE_FILES = sorted((REPO / "trainers").glob("*-tofu.yaml"))  # the other benchmarks' recipes (MUSE, WMDP): their own tests
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ def answer_probabilities(model, examples: Sequence[dict], pad_token_id: int, bat
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, examples: Sequence[dict], max_new_tokens: int = 48, batch_size: int = 32, description: str | None = None) -> list[str]:
-    """Greedy continuation of each example's prompt (its first ``prompt_length`` tokens), decoded, in order.
+def greedy_answers(model, tokenizer, examples: Sequence[dict], max_new_tokens: int = 48, batch_size: int = 32, description: str | None = None,
+                   strip: bool = True) -> list[str]:
+    """Greedy continuation of each example's prompt (its first ``prompt_length`` tokens), decoded (special tokens
+    left out; surrounding whitespace too unless ``strip=False``), in order.
 
     Batched for speed without changing an answer: rows are grouped by the length of their reference answer, then
     of their prompt (:func:`~hubunlearn.metrics.stats.longest_first`), so a batch's rows tend to finish together;
@@ -41,7 +43,7 @@ def greedy_answers(model, tokenizer, examples: Sequence[dict], max_new_tokens: i
             pad_token_id=tokenizer.pad_token_id,
         )
         for i, answer in zip(indices, tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)):
-            answers[i] = answer.strip()
+            answers[i] = answer.strip() if strip else answer
     return answers
 
 
