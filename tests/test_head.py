@@ -36,16 +36,20 @@ def every_loss(model, reference, batch, labels, chunked: bool):
             + 0.1 * losses.sequence_log_prob(retain, labels[2:])[0].sum())
 
 
-@pytest.mark.parametrize("hidden,layers,vocab", [(32, 2, 300), (48, 1, 1000)])
-def test_head_logits_give_the_logits_losses_and_gradients(hidden, layers, vocab):
+@pytest.mark.parametrize("hidden,layers,vocab,frozen_head", [(32, 2, 300, False), (48, 1, 1000, False), (32, 2, 300, True)])
+def test_head_logits_give_the_logits_losses_and_gradients(hidden, layers, vocab, frozen_head):
+    """Also with a frozen output layer (as under LoRA), where the chunked losses keep each position's gradient from
+    the forward pass instead of recomputing the chunk."""
     model, reference = llama(hidden, layers, vocab), llama(hidden, layers, vocab, seed=1)
+    model.lm_head.weight.requires_grad_(not frozen_head)
     batch, labels = batch_of(vocab)
     results = []
     for chunked in (False, True):
         model.zero_grad()
         loss = every_loss(model, reference, batch, labels, chunked)
         loss.backward()
-        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    assert ("lm_head.weight" in results[0][1]) is not frozen_head
     (plain, plain_grads), (chunked, chunked_grads) = results
     assert plain.abs() > 1e-3
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)

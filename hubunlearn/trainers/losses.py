@@ -74,34 +74,51 @@ class _Chunked(torch.autograd.Function):
 class _ChunkedHead(torch.autograd.Function):
     """:class:`_Chunked` on :class:`~hubunlearn.trainers.head.HeadLogits`: each chunk's logits are computed from the
     hidden states and the output layer's weight in the forward pass and again in the backward, never kept; the
-    backward writes the hidden states' gradient into one buffer and sums the weight's over the chunks (the weight's
-    only when it trains). Autocast, where the forward ran under it, is resumed for the recomputation."""
+    backward writes the hidden states' gradient into one buffer and sums the weight's over the chunks. Autocast, where
+    the forward ran under it, is resumed for the recomputation.
+
+    With a frozen output layer (LoRA, FILA: the weight needs no gradient) nothing is recomputed: each position's value
+    depends on its own hidden state only, so the forward keeps ``∂value/∂hidden`` per position (the hidden states'
+    size) and the backward scales it by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, function, step, hidden, weight, *others):
         ctx.function, ctx.step, ctx.others = function, step, others
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(hidden, weight)
-        return torch.cat([function(F.linear(hidden[:, s : s + step], weight), *(_positions(o, s, s + step) for o in others))
-                          for s in range(0, hidden.shape[1], step)], 1)
+        ctx.frozen_weight = not weight.requires_grad
+        if not ctx.frozen_weight:
+            ctx.save_for_backward(hidden, weight)
+            return torch.cat([function(F.linear(hidden[:, s : s + step], weight), *(_positions(o, s, s + step) for o in others))
+                              for s in range(0, hidden.shape[1], step)], 1)
+        unit, values = torch.zeros_like(hidden, memory_format=torch.contiguous_format), []
+        for s in range(0, hidden.shape[1], step):
+            part = hidden[:, s : s + step].detach().requires_grad_()
+            with torch.enable_grad():
+                value = function(F.linear(part, weight), *(_positions(o, s, s + step) for o in others))
+                if value.requires_grad:
+                    unit[:, s : s + step] = torch.autograd.grad(value.sum(), part)[0]
+            values.append(value.detach())
+        ctx.save_for_backward(unit)
+        return torch.cat(values, 1)
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.frozen_weight:
+            unit = ctx.saved_tensors[0]
+            return (None, None, unit * grad_output.unsqueeze(-1).to(unit.dtype), None, *([None] * len(ctx.others)))
         hidden, weight = ctx.saved_tensors
-        wants_weight = ctx.needs_input_grad[3]
         grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-        grad_weight = torch.zeros_like(weight) if wants_weight else None
-        leaf_weight = weight.detach().requires_grad_(wants_weight)
+        grad_weight = torch.zeros_like(weight)
+        leaf_weight = weight.detach().requires_grad_()
         device, enabled, dtype = ctx.autocast
         for s in range(0, hidden.shape[1], ctx.step):
             part = hidden[:, s : s + ctx.step].detach().requires_grad_()
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 value = ctx.function(F.linear(part, leaf_weight), *(_positions(o, s, s + ctx.step) for o in ctx.others))
-            grads = torch.autograd.grad(value, (part, leaf_weight) if wants_weight else (part,), grad_output[:, s : s + ctx.step])
-            grad_hidden[:, s : s + ctx.step] = grads[0]
-            if wants_weight:
-                grad_weight += grads[1]
+            grad_part, grad_chunk_weight = torch.autograd.grad(value, (part, leaf_weight), grad_output[:, s : s + ctx.step])
+            grad_hidden[:, s : s + ctx.step] = grad_part
+            grad_weight += grad_chunk_weight
         return (None, None, grad_hidden, grad_weight, *([None] * len(ctx.others)))
 
 
@@ -109,7 +126,8 @@ def chunked(function: Callable[..., torch.Tensor], logits: torch.Tensor | HeadLo
             chunk_positions: int | None = None) -> torch.Tensor:
     """``function(logits, *others)`` computed over chunks of positions (dimension 1 of each ``(batch, length, ...)``
     tensor) and concatenated along dimension 1; ``function`` maps ``(batch, c, ...)`` slices to a ``(batch, c)``
-    result. Gradients flow to ``logits`` only (``others``: targets, a frozen reference's logits). ``logits`` and the
+    result, each position's value from that position's inputs alone (chunking and the frozen output layer's
+    gradient rely on it). Gradients flow to ``logits`` only (``others``: targets, a frozen reference's logits). ``logits`` and the
     reference's may be :class:`~hubunlearn.trainers.head.HeadLogits`, whose logits are then built one chunk at a time
     (in the backward pass too), never all at once.
 
