@@ -141,7 +141,10 @@ def _in_child(function, *args):
         pool = context.Pool(1)
     finally:
         for name, value in saved.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
     with pool:
         return pool.apply(function, args)
 

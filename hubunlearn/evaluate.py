@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .artifacts import KEPT_ON_OVERWRITE, RECORD_NAME, read_record, staging_dir
 from .data import DataFormat, load_rows
@@ -498,9 +498,18 @@ def describe_reference(source: dict[str, Any]) -> str:
     return f"{source['reference']} ({pin}, {'cached statistics' if source['cached'] else 'statistics computed now'})"
 
 
-def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tuple[dict[str, list[dict]] | None, dict[str, Any] | None]:
+def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]],
+                         compute: Callable[[Any, Any], dict[str, list[dict]]] | None = None,
+                         covers: Callable[[dict], bool] | None = None,
+                         covered: str = "statistics of these forget questions",
+                         same: str = "the same benchmark, split and --max_examples",
+                         ) -> tuple[dict[str, list[dict]] | None, dict[str, Any] | None]:
     """The reference model's per-example statistics and where they came from: ``--reference_stats`` (the file and
-    its SHA-256), or the cache entry for exactly these weights, rows and settings, or computed and cached."""
+    its SHA-256), or the cache entry for exactly these weights, rows and settings, or computed and cached.
+
+    ``compute(model, tokenizer)`` evaluates the reference (default: :func:`evaluate_sets` on ``sets``); ``covers``
+    tells whether a ``--reference_stats`` file holds what is needed (default: the forget set's rows), ``covered``
+    and ``same`` say what, in the error when it does not. ``(None, None)`` without a reference."""
     if config.reference_stats:
         path = Path(config.reference_stats)
         if not path.is_file():
@@ -509,9 +518,9 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tup
             reference = json.loads(path.read_text())
         except ValueError as error:
             raise UsageError(f"--reference_stats {path} is not JSON ({error}): give a per_example.json from an earlier eval") from error
-        if not covers_sets(reference, {"forget": sets["forget"]}):
-            raise UsageError(f"--reference_stats {path} holds no statistics of these forget questions: pass the per_example.json "
-                             "of an eval with the same benchmark, split and --max_examples, or use --reference MODEL")
+        if not (covers or (lambda stats: covers_sets(stats, {"forget": sets["forget"]})))(reference):
+            raise UsageError(f"--reference_stats {path} holds no {covered}: pass the per_example.json "
+                             f"of an eval with {same}, or use --reference MODEL")
         source = {"reference_stats": str(path), "sha256": _sha256(path)}
     elif config.reference:
         identity = model_identity(config.reference)
@@ -525,7 +534,8 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]]) -> tup
         else:
             model, tokenizer = load_for_eval(config.reference, trust_remote_code=config.trust_remote_code, revision=source.get("commit"),
                                              device=config.device)
-            reference = evaluate_sets(model, tokenizer, sets, config)
+            reference = compute(model, tokenizer) if compute else evaluate_sets(model, tokenizer, sets, config)
+            del model
             if path:
                 _write_atomically(path, {"key": key, "reference_source": source, "per_example": reference,
                                          "checksum": _json_sha256(reference)})

@@ -224,40 +224,17 @@ def reference_auc(config, sets: dict[str, list[dict]]) -> tuple[float, dict[str,
     from .metrics.muse import PUBLISHED_REFERENCE_AUC
 
     privleak_sets = {name: sets[name] for name in PRIVLEAK_SETS}
-    if config.reference_stats:
-        path = Path(config.reference_stats)
-        if not path.is_file():
-            raise UsageError(f"--reference_stats {path} does not exist: give the per_example.json of an earlier muse eval")
-        try:
-            reference = json.loads(path.read_text())
-        except ValueError as error:
-            raise UsageError(f"--reference_stats {path} is not JSON ({error}): give the per_example.json of an earlier muse eval") from error
-        if not ev.covers_sets(reference, privleak_sets) or any("min_k" not in r for name in PRIVLEAK_SETS for r in reference[name]):
-            raise UsageError(f"--reference_stats {path} holds no Min-K% statistics of these privleak texts: pass the per_example.json "
-                             "of a muse eval with the same --corpus, --data and --max_examples, or use --reference MODEL")
-        source = {"reference_stats": str(path), "sha256": ev._sha256(path)}
-    elif config.reference:
-        identity = ev.model_identity(config.reference)
-        key = ev.reference_cache_key(identity, replace(config, metrics=("privleak",)), privleak_sets) if identity else None
-        path = ev.reference_cache_path(key) if key else None
-        reference = ev._read_cache(path, key, privleak_sets) if path else None
-        source = {"reference": config.reference, **{k: v for k, v in (identity or {}).items() if k != "repo"},
-                  "cached": reference is not None, "cache_file": str(path) if path else None}
-        if reference is None:
-            model, tokenizer = ev.load_for_eval(config.reference, trust_remote_code=config.trust_remote_code,
-                                                revision=source.get("commit"), device=config.device)
-            reference = evaluate_muse(model, tokenizer, privleak_sets, config.batch_size)
-            del model
-            if path:
-                ev._write_atomically(path, {"key": key, "reference_source": source, "per_example": reference,
-                                            "checksum": ev._json_sha256(reference)})
-    else:
+    reference, source = ev.reference_statistics(
+        replace(config, metrics=("privleak",)), privleak_sets,
+        compute=lambda model, tokenizer: evaluate_muse(model, tokenizer, privleak_sets, config.batch_size),
+        covers=lambda stats: ev.covers_sets(stats, privleak_sets) and all("min_k" in r for name in PRIVLEAK_SETS for r in stats[name]),
+        covered="Min-K% statistics of these privleak texts", same="the same --corpus, --data and --max_examples (a muse eval)")
+    if reference is None:
         value = PUBLISHED_REFERENCE_AUC[config.corpus]
         source = {"published": f"MUSE's published AUC of the model retrained without the {config.corpus} forget set ({value})"}
         if config.data:
             logger.warning("--data %s with no --reference: PrivLeak is taken against MUSE's published %s reference AUC, which "
                            "holds for MUSE's own privleak texts only", config.data, config.corpus)
-        reference = None
     value = auc_of(reference) if reference is not None else value
     if not 0 < value < 1:
         raise UsageError(f"the reference's privleak AUC is {value:g} ({ev.describe_reference(source)}): it tells forget from holdout "
