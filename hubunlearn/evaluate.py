@@ -518,7 +518,7 @@ def reference_statistics(config: EvalConfig, sets: dict[str, list[dict]],
             reference = json.loads(path.read_text())
         except ValueError as error:
             raise UsageError(f"--reference_stats {path} is not JSON ({error}): give a per_example.json from an earlier eval") from error
-        if not (covers or (lambda stats: covers_sets(stats, {"forget": sets["forget"]})))(reference):
+        if not (covers(reference) if covers else covers_sets(reference, {"forget": sets["forget"]})):
             raise UsageError(f"--reference_stats {path} holds no {covered}: pass the per_example.json "
                              f"of an eval with {same}, or use --reference MODEL")
         source = {"reference_stats": str(path), "sha256": _sha256(path)}
