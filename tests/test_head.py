@@ -135,3 +135,36 @@ def test_mean_nll_with_gradients_in_the_forward_pass_equals_the_logits_one(weigh
         torch.testing.assert_close(head_w_grad, w_grad)
     else:
         assert head_w_grad is None
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_evaluation_statistics_from_hidden_states_equal_the_full_logits_ones(spread, monkeypatch):
+    """token_stats (every metric's forward pass) reads the final hidden states and makes the labelled positions'
+    logits a few at a time: same numbers as a log-softmax of the model's full logits, and the output layer never
+    returns vocabulary-sized logits, in the plain and the shared-prompt paths."""
+    from hubunlearn.metrics import stats
+
+    model, vocab = llama(32, 2, 1000).eval(), 1000
+    batch, labels = batch_of(vocab, rows=4, length=15)
+    examples = [{"input_ids": ids[mask.bool()].tolist(), "labels": row[mask.bool()].tolist(), "prompt_length": 5}
+                for ids, mask, row in zip(batch["input_ids"], batch["attention_mask"], labels)]
+    examples.append({**examples[0], "input_ids": examples[0]["input_ids"][:5] + examples[1]["input_ids"][5:12],
+                     "labels": [-100] * 5 + examples[1]["input_ids"][5:12]})  # shares the first example's prompt
+    widths = []
+    model.lm_head.register_forward_hook(lambda module, args, output: widths.append(output.shape[-1]))
+    monkeypatch.setattr(stats, "default_chunk_positions", lambda *args: 3)  # several chunks per batch
+    for share_prompts in (True, False):
+        widths.clear()
+        got = stats.token_stats(model, examples, 0, batch_size=3, spread=spread, share_prompts=share_prompts)
+        assert widths and set(widths) == {32}  # hidden states, never the vocabulary
+        for example, result in zip(examples, got):
+            with torch.no_grad():
+                log_probs = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1].log_softmax(-1)
+            targets = torch.tensor(example["labels"][1:])
+            at = targets != -100
+            expected = log_probs[at].gather(-1, targets[at].unsqueeze(-1)).squeeze(-1)
+            assert result.log_probs == pytest.approx(expected.tolist(), abs=1e-5)
+            assert result.correct == (log_probs[at].argmax(-1) == targets[at]).tolist()
+            if spread:
+                mean = (log_probs[at].exp() * log_probs[at]).sum(-1)
+                assert result.mean_log_probs == pytest.approx(mean.tolist(), abs=1e-5)

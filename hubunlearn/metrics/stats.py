@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import IGNORE_INDEX, pad_examples
 from ..modeling import model_device
-from ..trainers.losses import shift
+from ..trainers.head import final_hidden_states
+from ..trainers.losses import default_chunk_positions, shift
 
 
 @dataclass
@@ -63,21 +65,33 @@ def split(values: Sequence, sizes: Sequence[int]) -> list[list]:
     return runs
 
 
-def _statistics(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spread: bool) -> list[list[list]]:
+def _statistics(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spread: bool,
+                weight: torch.Tensor | None = None) -> list[list[list]]:
     """Per-row lists of (log p, argmax correct[, mean, std]) at the ``mask``ed positions of ``logits`` (rows, positions,
     vocabulary) predicting ``targets`` (rows, positions): only those positions are read, in float32, and
-    ``log p(y) = logit(y) - logsumexp(logits)`` never materialises the log-softmax unless ``spread`` asks for it."""
-    logits, targets = logits[mask].float(), targets[mask]  # (labelled tokens, vocabulary), (labelled tokens,)
-    normaliser = logits.logsumexp(-1)
-    columns = [torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - normaliser, logits.argmax(-1) == targets]
-    if spread:
-        log_softmax = logits - normaliser.unsqueeze(-1)
-        probs = log_softmax.exp()
-        mean = (probs * log_softmax).sum(-1)
-        # E[(log p - mean)^2], not E[(log p)^2] - mean^2: near-uniform rows (mean ≈ -log V) lose the variance to cancellation
-        columns += [mean, (probs * (log_softmax - mean.unsqueeze(-1)).square()).sum(-1).sqrt()]
+    ``log p(y) = logit(y) - logsumexp(logits)`` never materialises the log-softmax unless ``spread`` asks for it.
+
+    With the output layer's ``weight`` (vocabulary, hidden), ``logits`` are the final hidden states (rows, positions,
+    hidden) and the logits of the masked positions are made a chunk of positions at a time
+    (:func:`~hubunlearn.trainers.losses.default_chunk_positions`): nothing of vocabulary size is held for all of them."""
+    selected, targets = logits[mask], targets[mask]  # (labelled tokens, vocabulary or hidden), (labelled tokens,)
+    size = len(selected) if weight is None else default_chunk_positions(1, weight.shape[0], selected.device)
+    columns: list[list[torch.Tensor]] = [[] for _ in range(4 if spread else 2)]
+    for part, part_targets in zip(selected.split(max(size, 1)), targets.split(max(size, 1))):
+        part = (part if weight is None else F.linear(part, weight)).float()
+        normaliser = part.logsumexp(-1)
+        values = [torch.gather(part, -1, part_targets.unsqueeze(-1)).squeeze(-1) - normaliser, part.argmax(-1) == part_targets]
+        if spread:
+            log_softmax = part - normaliser.unsqueeze(-1)
+            probs = log_softmax.exp()
+            mean = (probs * log_softmax).sum(-1)
+            # E[(log p - mean)^2], not E[(log p)^2] - mean^2: near-uniform rows (mean ≈ -log V) lose the variance to cancellation
+            values += [mean, (probs * (log_softmax - mean.unsqueeze(-1)).square()).sum(-1).sqrt()]
+        for column, value in zip(columns, values):
+            column.append(value)
     counts = mask.sum(-1).tolist()
-    return [list(row) for row in zip(*(split(c.tolist(), counts) for c in columns))]
+    joined = [torch.cat(c).tolist() if c else [] for c in columns]
+    return [list(row) for row in zip(*(split(c, counts) for c in joined))]
 
 
 def _stats_of(values: list[list]) -> TokenStats:
@@ -121,8 +135,9 @@ def _shared_prompt_stats(model, examples: Sequence[dict], units, pad_token_id: i
     members = [i for _, unit_members in units for i in unit_members]
     first = pad_examples([{"input_ids": p, "labels": p} for p in prompts], pad_token_id, "left")
     prompt_mask = first["attention_mask"].to(device)
-    output = model(input_ids=first["input_ids"].to(device), attention_mask=prompt_mask, use_cache=True,
-                   position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))  # positions from 0 at each prompt's first token, as generate
+    with final_hidden_states(model) as head:  # hidden states where the logits were: the statistics make the logits a chunk at a time
+        output = model(input_ids=first["input_ids"].to(device), attention_mask=prompt_mask, use_cache=True,
+                       position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))  # positions from 0 at each prompt's first token, as generate
     cache_name = "cache" if getattr(output, "cache", None) is not None else "past_key_values"  # transformers >= 5.24 calls it cache
     cache, last_logits = getattr(output, cache_name, None), output.logits[:, -1:, :]
     if cache is None or not hasattr(cache, "batch_select_indices"):
@@ -132,11 +147,12 @@ def _shared_prompt_stats(model, examples: Sequence[dict], units, pad_token_id: i
                                   for i, u in zip(members, owner.tolist())], pad_token_id)
     ids, labels, mask = (continuations[k].to(device) for k in ("input_ids", "labels", "attention_mask"))
     positions = prompt_mask.sum(-1)[owner].unsqueeze(-1) + torch.arange(ids.shape[1], device=device)
-    logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], dim=-1), position_ids=positions,
-                   use_cache=False, **{cache_name: cache}).logits
+    with final_hidden_states(model) as head:
+        logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[owner], mask], dim=-1), position_ids=positions,
+                       use_cache=False, **{cache_name: cache}).logits
     logits = torch.cat([last_logits[owner], logits[:, :-1, :]], dim=1)  # position t's logits predict continuation token t
     valid = labels != IGNORE_INDEX
-    rows = _statistics(logits, labels.masked_fill(~valid, 0), valid, spread)
+    rows = _statistics(logits, labels.masked_fill(~valid, 0), valid, spread, None if head is None else head.weight)
     return {i: _stats_of(row) for i, row in zip(members, rows)}
 
 
@@ -179,8 +195,9 @@ def token_stats(model, examples: Sequence[dict], pad_token_id: int, batch_size: 
         extra = {}
         if getattr(model, "classifies_prompts", False) and all("prompt_length" in e for e in chunk):
             extra["classify_lengths"] = [int(e["prompt_length"]) for e in chunk]  # an ECO model's classifier reads the prompts
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+        with final_hidden_states(model) as head:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         logits, targets, mask = shift(logits, batch["labels"])
-        for i, row in zip(indices, _statistics(logits, targets, mask, spread)):
+        for i, row in zip(indices, _statistics(logits, targets, mask, spread, None if head is None else head.weight)):
             results[i] = _stats_of(row)
     return results

@@ -17,6 +17,7 @@ tensor, which every loss also accepts.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -69,22 +70,31 @@ def output_layer(model) -> torch.nn.Linear | None:
     return head if getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES else None
 
 
-def policy_logits(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> torch.Tensor | HeadLogits:
-    """The model's logits on ``batch`` (``input_ids``, ``attention_mask``): a :class:`HeadLogits` when ``chunked``
-    and the output layer allows it (:func:`output_layer`), else the logits tensor of the model's forward pass.
+@contextmanager
+def final_hidden_states(model, chunked: bool = True):
+    """Within this context the model's forward returns its final hidden states ``(batch, length, hidden)`` where the
+    logits would be, when ``chunked`` and the output layer allows it (:func:`output_layer`); yields that layer (whose
+    ``weight`` makes the logits), else None and the forward is unchanged.
 
-    The output layer's ``forward`` is replaced by the identity for this one call, so the model returns its final
-    hidden states where the logits would be; hooks, gradient checkpointing and DDP see the same modules as ever, and
-    the weight stays an input of the forward's graph (:class:`_PassHidden`)."""
+    The output layer's ``forward`` is replaced by the identity, so hooks, gradient checkpointing, DDP and a KV cache
+    see the same modules as ever, and the weight stays an input of the forward's graph (:class:`_PassHidden`)."""
     head = output_layer(model) if chunked else None
     if head is None:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        yield None
+        return
     head.forward = lambda hidden: _PassHidden.apply(hidden, head.weight)
     try:
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        yield head
     finally:
         del head.forward
-    return HeadLogits(hidden, head.weight)
+
+
+def policy_logits(model, batch: dict[str, torch.Tensor], chunked: bool = True) -> torch.Tensor | HeadLogits:
+    """The model's logits on ``batch`` (``input_ids``, ``attention_mask``): a :class:`HeadLogits` when ``chunked``
+    and the output layer allows it (:func:`final_hidden_states`), else the logits tensor of the model's forward pass."""
+    with final_hidden_states(model, chunked) as head:
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return output if head is None else HeadLogits(output, head.weight)
 
 
 class _PassHidden(torch.autograd.Function):
