@@ -90,21 +90,27 @@ def build_model(shape: dict):
     return LlamaForCausalLM(config)
 
 
-def step_timer():
+def step_timer(cuda: bool = False):
+    import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall time of each optimiser step, and when the first one began."""
+        """Wall time of each optimiser step, and when the first one began (on a GPU, after its queued work is done)."""
 
         def __init__(self):
             self.times, self.first_begin, self._start = [], None, None
 
+        def _now(self) -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
         def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
+            self._start = self._now()
             self.first_begin = self.first_begin or self._start
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(self._now() - self._start)
 
     return StepTimer()
 
@@ -123,6 +129,7 @@ def worker(spec: dict) -> dict:
     from hubunlearn.trainers import METHODS
 
     parity = parity_module()
+    cuda = spec.get("device", "cpu") == "cuda"
     baseline, _ = resident_memory_mib()  # everything imported, nothing built
     tool, _, rest = spec["run"].partition(":")
     method, *variants = rest.split("+")
@@ -130,15 +137,17 @@ def worker(spec: dict) -> dict:
     rows = json.loads(Path(spec["rows"]).read_text())
     model = build_model(spec["shape"])
     parameters = sum(p.numel() for p in model.parameters())
-    timer = step_timer()
+    timer = step_timer(cuda)
     steps = spec["warmup"] + spec["steps"]
-    common = dict(output_dir=spec["output"], max_steps=steps, seed=0, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+    common = dict(output_dir=spec["output"], max_steps=steps, seed=0, report_to="none", save_strategy="no", use_cpu=not cuda, disable_tqdm=True,
                   logging_steps=10_000, **SETTINGS)
     start = time.perf_counter()
     if tool == "reference":
         encode = lambda set_rows: [parity.reference_encode(tokenizer, r["question"], r["answer"], max_length=LENGTH) for r in set_rows]  # noqa: E731
         pairs = parity.ReferencePairs(encode(rows["forget"]), encode(rows["retain"]))
         ref_model = copy.deepcopy(model).eval() if method == "npo" else None
+        if ref_model is not None and cuda:
+            ref_model.to("cuda")  # as OpenUnlearning's accelerator-prepared reference
         trainer = parity.reference_trainer_class()(method=method, ref_model=ref_model, model=model, train_dataset=pairs,
                                                    data_collator=parity.ReferenceCollator(tokenizer.pad_token_id), callbacks=[timer],
                                                    args=TrainingArguments(remove_unused_columns=False, **common))
@@ -150,7 +159,10 @@ def worker(spec: dict) -> dict:
         trainer = trainer_class(model=model, args=config, forget_dataset=rows["forget"], retain_dataset=rows["retain"],
                                 processing_class=tokenizer, peft_config=lora, callbacks=[timer])
     trainer.train()
-    _, peak = resident_memory_mib()
+    if cuda:  # the GPU's peak allocated memory: nothing was on it before the model
+        baseline, peak = 0.0, torch.cuda.max_memory_allocated() / 2**20
+    else:
+        _, peak = resident_memory_mib()
     timed = timer.times[spec["warmup"]:]
     return {"parameters": parameters, "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "baseline_mib": round(baseline, 1), "peak_rss_mib": round(peak, 1),
@@ -246,11 +258,12 @@ def run_one(spec: dict, folder: Path) -> dict:
     return json.loads(out_path.read_text())
 
 
-def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads: int, results: dict | None = None) -> dict:
+def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads: int, results: dict | None = None,
+        device: str = "cpu") -> dict:
     """Run ``models`` into ``results`` (a previous invocation's, whose other models are kept: each model may take its
     own number of steps and rounds, recorded with it)."""
     results = results if results and results.get("schema") == SCHEMA else {"models": {}}
-    results.update(schema=SCHEMA, machine={**machine(), "threads": threads}, targets=TARGETS,
+    results.update(schema=SCHEMA, machine={**machine(), "threads": threads, "device": device}, targets=TARGETS,
                    settings={"batch": BATCH, "length": LENGTH, **SETTINGS})
     code = code_state(ROOT)
     with tempfile.TemporaryDirectory() as scratch:
@@ -262,7 +275,7 @@ def run(data: Path, models, runs, steps: int, warmup: int, rounds: int, threads:
             for round_ in range(rounds):
                 for run_name in runs:
                     spec = {"run": run_name, "model": name, "shape": MODELS[name], "tokenizer": str(tokenizer), "rows": str(rows),
-                            "steps": steps, "warmup": warmup, "threads": threads, "output": str(scratch / "trainer")}
+                            "steps": steps, "warmup": warmup, "threads": threads, "output": str(scratch / "trainer"), "device": device}
                     started = time.perf_counter()
                     figures = run_one(spec, scratch)
                     entry["parameters"] = figures["parameters"]
@@ -347,14 +360,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every run")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the runs train; on cuda peak memory is "
+                        "torch's peak allocated GPU memory, and the results go to results/scale_cuda.json (the README table stays the CPU's)")
     parser.add_argument("--table", action="store_true", help="only rewrite the README table from the results JSON")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="results JSON, kept for the models not run now (the README "
+    parser.add_argument("--output", type=Path, default=None, help="results JSON, kept for the models not run now (the README "
                         "table is rewritten only for the default)")
     parser.add_argument("--loss-memory", action="store_true", help="only measure the log-probability loss's peak memory, "
                         "three ways (LOSS_WAYS), into the results JSON")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: SPEC.json OUT.json, one run
     parser.add_argument("--loss-worker", nargs=2, help=argparse.SUPPRESS)  # internal: WAY VOCAB
     args = parser.parse_args()
+    args.output = args.output or (RESULTS if args.device == "cpu" else RESULTS.with_name("scale_cuda.json"))
     if args.loss_worker:
         print(json.dumps(loss_memory_worker(args.loss_worker[0], int(args.loss_worker[1]))))
         return
@@ -370,7 +386,7 @@ def main() -> None:
         args.output.write_text(json.dumps(results, indent=2) + "\n")
     else:
         previous = json.loads(args.output.read_text()) if args.output.is_file() else None
-        results = run(args.data, args.models, args.runs, args.steps, args.warmup, args.rounds, args.threads, previous)
+        results = run(args.data, args.models, args.runs, args.steps, args.warmup, args.rounds, args.threads, previous, args.device)
         args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     if args.output == RESULTS and BEGIN in README.read_text():

@@ -164,8 +164,11 @@ def token_stats(model, examples: Sequence[dict], pad_token_id: int, batch_size: 
     Examples are batched by length (:func:`longest_first`; right padding), and only the labelled positions' logits
     are read, in float32: ``log p(y_t) = logit(y_t) - logsumexp(logits)`` and the argmax, without materialising the
     log-softmax; ``spread=False`` skips the mean and standard deviation of ``log p`` under ``p`` (Min-k%++ only;
-    they are then None), the one statistic that needs the whole distribution. Memory per batch beyond the model's
-    logits: about ``labelled tokens × vocabulary × 4`` bytes (× 3 with ``spread``).
+    they are then None), the one statistic that needs the whole distribution. Where the output layer allows it
+    (:func:`~hubunlearn.trainers.head.final_hidden_states`) the model returns its final hidden states and the
+    labelled positions' logits are made a chunk at a time (32 MiB of float32 on the CPU, 128 MiB on accelerators):
+    no ``batch × length × vocabulary`` tensor is ever held. Otherwise the model's logits are, plus about
+    ``labelled tokens × vocabulary × 4`` bytes (× 3 with ``spread``).
 
     ``share_prompts``: examples that continue the same unlabelled prompt (``prompt_length`` tokens: a question's
     answer, paraphrased and perturbed answers) share one forward pass of it through the KV cache, so each prompt
