@@ -171,8 +171,10 @@ def _load_rows(spec: DataSpec) -> datasets.Dataset:
             raise UsageError(f"cannot read {spec}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
     if not looks_like_repo_id(spec.source):
         raise UsageError(f"data '{spec.source}' is neither an existing file or folder nor a Hub dataset id (ORG/NAME)")
+    from .muse import MUSE_REVISIONS  # unlearning reads the MUSE corpora at the commit their eval reads
+
     try:
-        return datasets.load_dataset(spec.source, spec.config, split=spec.split)
+        return datasets.load_dataset(spec.source, spec.config, split=spec.split, revision=MUSE_REVISIONS.get(spec.source))
     except Exception as error:
         from .gated import gated_message
 

@@ -24,9 +24,11 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 CORPORA = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
-# The Hub datasets' revision. Not a commit hash: none could be looked up offline when this was written, so the
-# loader pins the layout instead (SET_SPLITS: the newer split names first, the older ones accepted).
-MUSE_REVISION = "main"
+# The Hub datasets' pinned commits, each corpus its own. Taken from a public OpenUnlearning reproduction's provenance
+# record (2026), not looked up on the Hub from here (no network); the loader also accepts the older split names
+# (SET_SPLITS), so a revision of either layout reads the same sets.
+MUSE_REVISIONS = {"muse-bench/MUSE-News": "506bd5b150b92814d45e4404a82f120ab2d748bf",
+                  "muse-bench/MUSE-Books": "051ba90319e920d410d87cfdbd61f25843c1b892"}
 METRICS = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 SET_SPLITS = {  # evaluated set -> (config, the split names it may have, newest layout first)
     "verbmem_forget": ("verbmem", ("forget",)),
@@ -81,7 +83,7 @@ def _hub_rows(source: str, config_name: str, split: str) -> list[dict]:
     import datasets
 
     try:
-        rows = datasets.load_dataset(source, config_name, split=split, revision=MUSE_REVISION if source in CORPORA.values() else None)
+        rows = datasets.load_dataset(source, config_name, split=split, revision=MUSE_REVISIONS.get(source))
     except Exception as error:  # an unknown split (the caller tries the older name); offline, unknown repo or config, gated
         if isinstance(error, ValueError) and str(error).startswith("Unknown split"):
             raise KeyError(split) from error
@@ -108,7 +110,7 @@ def _local_rows(folder: Path, config_name: str, split: str) -> list[dict]:
 def load_muse_sets(config) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """The sets ``config.metrics`` need, as rows, and where they came from (``{"source", "revision", "splits":
     {set: "config@split"}}``). ``--data`` is a folder in MUSE's layout (``verbmem/forget.json``,
-    ``knowmem/forget_qa.json``, ...) or a Hub id; by default the Hub dataset of ``--corpus`` at :data:`MUSE_REVISION`.
+    ``knowmem/forget_qa.json``, ...) or a Hub id; by default the Hub dataset of ``--corpus`` at its commit in :data:`MUSE_REVISIONS`.
     ``--max_examples`` cuts every evaluated set, never the in-context examples. One-line errors name a missing
     config and its folder, a missing split (both names of a renamed one) and missing columns."""
     source = config.data or CORPORA[config.corpus]
@@ -133,7 +135,7 @@ def load_muse_sets(config) -> tuple[dict[str, list[dict]], dict[str, Any]]:
                              f"MUSE's {config_name} rows hold {', '.join(COLUMNS[config_name])}")
         cut = config.max_examples and not name.endswith("_icl")
         sets[name], splits[name] = (rows[: config.max_examples] if cut else rows), f"{config_name}@{split}"
-    return sets, {"source": source, "revision": None if local else MUSE_REVISION, "splits": splits}
+    return sets, {"source": source, "revision": None if local else MUSE_REVISIONS.get(source), "splits": splits}
 
 
 # ---- running the model -------------------------------------------------------------------------------------------
