@@ -132,3 +132,42 @@ def test_the_trace_title_fits_and_names_the_token_rule(tmp_path):
         path = plot_trace(result, tmp_path / f"{rule}.png", "Causal tracing of /a/rather/long/local/path/to/some-unlearned-checkpoint-folder's FFN layers")
         # 5.5 inches at 100 dpi, plus bbox_inches="tight"'s 0.1-inch pads: a title wider than the figure would widen it
         assert png_size(path)[0] <= 5.5 * 100 + 2 * 10
+
+
+def test_a_terminated_run_stops_its_child(tmp_path):
+    """SIGTERM to a bench process (a scheduler's stop, `kill`) ends the spawned child that measures a run, too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pid_file = tmp_path / "run.py", tmp_path / "child.pid"
+    script.write_text(
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "def sleeper(path):\n"
+        "    Path(path).write_text(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    from hubunlearn.bench import _in_child\n"
+        "    _in_child(sleeper, sys.argv[1])\n")
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the child outlived its terminated parent")
+    finally:
+        parent.kill()
