@@ -692,7 +692,8 @@ class HubServer:
 
 # ---- a MUSE-layout fixture folder ----------------------------------------------------------------------------------
 
-MUSE_SPLITS = {"forget": 6, "retain1": 6, "retain2": 3, "holdout": 6}  # raw texts ("articles") per split
+MUSE_SPLITS = {"forget": 6, "retain1": 6, "retain2": 3, "holdout": 6, "extra_forget": 2}  # articles per split
+MUSE_FOLDS = 4  # scal and sust: forget_1..forget_4
 
 
 def muse_articles(seed: int = 0) -> dict[str, list[dict]]:
@@ -731,6 +732,9 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
     article's first 8 words, ``gt``: the rest); ``knowmem/forget_qa.json`` and ``{retain_qa}.json`` (one question per
     forget / retain1 article) with two in-context examples each (``forget_qa_icl.json``, ``{retain_qa}_icl.json``,
     from retain2 articles); ``privleak/{forget,retain,holdout}.json`` (the raw forget, retain1 and holdout texts).
+    ``scal/forget_1..4.json`` (the first 2, 4, 6, 8 articles of forget + extra_forget: nested, growing) and
+    ``sust/forget_1..4.json`` (articles 1-2, 3-4, 5-6, 7-8 of the same: disjoint, 2 each), the layout of MUSE's
+    scalability and sustainability configs (``extra_forget`` articles are in no other config).
     ``retain_qa="retain2_qa"`` writes the older revision's split names. Files are JSON arrays, as MUSE's own."""
     folder = Path(folder)
     articles = muse_articles(seed)
@@ -743,7 +747,8 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
         return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
     for split, rows in articles.items():
-        write("raw", split, [{"text": r["text"]} for r in rows])
+        if split != "extra_forget":
+            write("raw", split, [{"text": r["text"]} for r in rows])
     write("verbmem", "forget", [{"prompt": " ".join(r["text"].split()[:8]), "gt": " ".join(r["text"].split()[8:])} for r in articles["forget"]])
     write("knowmem", "forget_qa", qa(articles["forget"]))
     write("knowmem", "forget_qa_icl", qa(articles["retain2"][:2]))
@@ -751,4 +756,8 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
     write("knowmem", f"{retain_qa}_icl", qa(articles["retain2"][1:3]))
     for split, raw in (("forget", "forget"), ("retain", "retain1"), ("holdout", "holdout")):
         write("privleak", split, [{"text": r["text"]} for r in articles[raw]])
+    pool = [{"text": r["text"]} for r in articles["forget"] + articles["extra_forget"]]
+    for k in range(1, MUSE_FOLDS + 1):
+        write("scal", f"forget_{k}", pool[: 2 * k])
+        write("sust", f"forget_{k}", pool[2 * (k - 1): 2 * k])
     return folder
