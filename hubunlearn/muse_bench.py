@@ -284,7 +284,8 @@ def plot(results: dict, path: Path) -> Path:
     for panel, names in zip(axes[0], panels):
         for index, metric in enumerate(names):
             values = [s["metrics"].get(metric) for s in steps]
-            panel.plot(xs, values, marker="o", label=METRIC_LABELS[metric], color=plt.get_cmap("tab10")(index if metric != "privleak" else 3))
+            panel.plot(xs, values, marker="osD"[index], markersize=8 - 2 * index, label=METRIC_LABELS[metric],  # equal values stay visible
+                       color=plt.get_cmap("tab10")(index if metric != "privleak" else 3))
         panel.set_xticks(xs)
         if not scal:
             panel.set_xticklabels(["target"] + [str(s["step"]) for s in steps[1:]])

@@ -692,12 +692,13 @@ class HubServer:
 
 # ---- a MUSE-layout fixture folder ----------------------------------------------------------------------------------
 
-MUSE_SPLITS = {"forget": 6, "retain1": 6, "retain2": 3, "holdout": 6, "extra_forget": 2}  # articles per split
-MUSE_FOLDS = 4  # scal and sust: forget_1..forget_4
+MUSE_SPLITS = {"forget": 6, "retain1": 6, "retain2": 3, "holdout": 6}  # raw texts ("articles") per split
+MUSE_FOLDS = 4  # scal and sust: forget_1..forget_4, made of the forget articles and 2 more (drawn last, "extra_forget")
 
 
-def muse_articles(seed: int = 0) -> dict[str, list[dict]]:
-    """Short synthetic news articles per raw split (:data:`MUSE_SPLITS`), each ``{"text", "question", "answer"}``:
+def muse_articles(seed: int = 0, splits: dict[str, int] = MUSE_SPLITS) -> dict[str, list[dict]]:
+    """Short synthetic news articles per raw split (``splits``: name -> count, drawn in that order; default
+    :data:`MUSE_SPLITS`), each ``{"text", "question", "answer"}``:
     one fact (who did what where), its question and answer. Names are made-up syllables, distinct across articles."""
     import random
 
@@ -711,7 +712,7 @@ def muse_articles(seed: int = 0) -> dict[str, list[dict]]:
     things = ["bridge", "library", "harbour", "mill", "market", "tower"]
     days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
     used, articles = set(), {}
-    for split, count in MUSE_SPLITS.items():
+    for split, count in splits.items():
         articles[split] = []
         while len(articles[split]) < count:
             person, town = word(2), word(3)
@@ -737,7 +738,7 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
     scalability and sustainability configs (``extra_forget`` articles are in no other config).
     ``retain_qa="retain2_qa"`` writes the older revision's split names. Files are JSON arrays, as MUSE's own."""
     folder = Path(folder)
-    articles = muse_articles(seed)
+    articles = muse_articles(seed, {**MUSE_SPLITS, "extra_forget": 2})
 
     def write(config: str, split: str, rows: list[dict]) -> None:
         (folder / config).mkdir(parents=True, exist_ok=True)
