@@ -279,7 +279,10 @@ def _trace(argv: list[str]) -> int:
 
 def _add_bench_muse(actions) -> None:
     muse = actions.add_parser("muse", help="MUSE's scalability (scal) or sustainability (sust) criterion: unlearn forget_1..4, "
-                                           "measure after each; table and plot. Unlearn flags after --.")
+                                           "measure after each; table and plot. Unlearn flags after --.",
+                              description="MUSE's scalability or sustainability criterion: every step is `hubunlearn unlearn "
+                                          "--config RECIPE` on a fold, then the `eval --benchmark muse` numbers. `hubunlearn unlearn` "
+                                          "flags after -- override the recipe for every step, e.g. -- --learning_rate 1e-5 --max_steps 20.")
     muse.add_argument("--criterion", required=True, help="scal (forget sets of growing size, each from the target) or sust "
                                                          "(sequential requests, each from the previous step's model).")
     muse.add_argument("--corpus", default="news", help="news (default) or books.")

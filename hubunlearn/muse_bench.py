@@ -112,8 +112,9 @@ def fold_rows(config: MuseBenchConfig) -> list[int]:
         try:
             rows = load_rows(f"{config.source}:{config.criterion}@forget_{k}")
         except UsageError as error:
+            hint = "" if source.is_dir() else " (offline: pass --data FOLDER holding a copy in MUSE's layout)"
             raise UsageError(f"cannot read {config.source}:{config.criterion}@forget_{k} ({error}): the {CRITERIA[config.criterion]} "
-                             f"bench needs forget_1..forget_{config.folds} of the '{config.criterion}' config") from None
+                             f"bench needs forget_1..forget_{config.folds} of the '{config.criterion}' config{hint}") from None
         if len(rows) == 0 or "text" not in rows.column_names:
             raise UsageError(f"{config.source}:{config.criterion}@forget_{k} has {'no rows' if len(rows) == 0 else 'no text column'}: "
                              f"MUSE's {config.criterion} rows hold text")

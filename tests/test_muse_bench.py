@@ -104,6 +104,8 @@ def test_sustainability_chains_each_request_on_the_previous_model(run_cli, tiny_
     ({"--corpus": "poems"}, "unknown corpus 'poems': choose one of news, books"),
     ({"--data": "{tmp}/no-scal"}, "the MUSE folder {tmp}/no-scal has no 'scal' config: expected a folder {tmp}/no-scal/scal"),
     ({"--criterion": "sust", "--data": "{tmp}/no-fold"}, "cannot read {tmp}/no-fold:sust@forget_3 ("),
+    ({"--data": None}, "cannot read muse-bench/MUSE-News:scal@forget_1 ("),  # the tests run offline
+    ({"--corpus": "books", "--data": None}, "(offline: pass --data FOLDER holding a copy in MUSE's layout)"),
     ({"--folds": "5"}, "--folds must be in 1..4 (MUSE's scal config has forget_1..forget_4); got 5"),
     ({"--config": "no-such-recipe"}, "recipe 'no-such-recipe' not found"),
     ({"--metrics": "forget_quality"}, "forget_quality is a TOFU metric: --benchmark muse measures"),
@@ -121,8 +123,8 @@ def test_bad_bench_muse_input_is_one_line_exit_2_and_nothing_written(run_cli, ti
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     flags = {"--criterion": "scal", "--model": str(tiny_model), "--data": str(muse_dir), "--output_dir": str(tmp_path / "never")}
     unlearn = change.pop("unlearn", [])
-    flags.update({k: v.format(tmp=tmp_path) for k, v in change.items()})
-    code, _, err = run_cli("bench", "muse", *[part for flag, value in flags.items() for part in (flag, value)], *unlearn)
+    flags.update({k: v.format(tmp=tmp_path) if v else v for k, v in change.items()})
+    code, _, err = run_cli("bench", "muse", *[part for flag, value in flags.items() if value for part in (flag, value)], *unlearn)
     assert code == 2
     assert_one_error_line(err, message.format(tmp=tmp_path))
     assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
