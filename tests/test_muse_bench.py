@@ -135,3 +135,15 @@ def test_unlearn_flags_after_dashes_belong_to_bench_muse_only(run_cli, tmp_path)
     code, _, err = run_cli("bench", "plot", "--results_dir", tmp_path, "--", "--learning_rate", "1")
     assert code == 2
     assert_one_error_line(err, "only `hubunlearn bench muse` takes unlearn flags after --; `bench plot` got --learning_rate 1")
+
+
+def test_a_step_that_fails_mid_run_leaves_nothing_behind(run_cli, tiny_model, tmp_path):
+    data = write_muse_folder(tmp_path / "data")
+    (data / "sust" / "forget_2.json").write_text(json.dumps([{"text": ""}]))  # passes the checks, fails when step 2 trains
+    output = tmp_path / "out"
+    code, _, err = bench(run_cli, tiny_model, data, output, "sust", "--folds", "2", "--metrics", "knowmem_r",
+                         unlearn=["--", "--max_length", "32", "--max_steps", "1", "--disable_tqdm", "true"])
+    assert code == 2
+    assert "[sust 1/2] measuring step 1's model" in err  # step 1 ran
+    assert_one_error_line(err, "no usable forget example")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no output folder, no temporary one, no step model
