@@ -12,7 +12,8 @@ COMMANDS = {
     "unlearn": "Remove a forget set from a model with one of the unlearning methods; save a checkpoint or adapter.",
     "eval": "Measure what a model forgot and what it cost: TOFU or MUSE metrics, extraction strength, MIAs, attacks.",
     "push": "Publish an artifact folder to the Hugging Face Hub in one commit, with its model card.",
-    "bench": "Benchmarks: `bench run` compares every method on TOFU-mini; `bench plot` redraws its plot; `bench build-tofu` trains TOFU-mini itself.",
+    "bench": "Benchmarks: `bench run` compares every method on TOFU-mini; `bench plot` redraws its plot; `bench build-tofu` trains TOFU-mini itself; "
+             "`bench muse` runs MUSE's scalability or sustainability criterion.",
     "trace": "Causal tracing (KUDA's first step): which FFN layers carry a forget set; per-layer table and heat map.",
     "space": "Show the original and the unlearned model side by side in a Gradio app, locally or as a Hub Space.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
@@ -157,6 +158,7 @@ def _push(argv: list[str]) -> int:
 def _bench(argv: list[str]) -> int:
     from .tofu_mini import DEFAULT_EPOCHS, FORGET_SPLITS, LEARNING_RATE, build_tofu_mini, tofu_data_folder
 
+    argv, unlearn_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = _Parser(prog="hubunlearn bench", description=COMMANDS["bench"])
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     actions.required = True
@@ -189,7 +191,12 @@ def _bench(argv: list[str]) -> int:
     plot = actions.add_parser("plot", help="Redraw the Pareto plot from the results JSON of an earlier run (runs nothing).")
     plot.add_argument("--results_dir", default="benchmarks/results", help="Where the JSON is; the plot goes beside it.")
     plot.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Whose results: cpu (default) or cuda.")
+    _add_bench_muse(actions)
     args = parser.parse_args(argv)
+    if unlearn_args and args.action != "muse":
+        raise UsageError(f"only `hubunlearn bench muse` takes unlearn flags after --; `bench {args.action}` got {' '.join(unlearn_args)}")
+    if args.action == "muse":
+        return _bench_muse(args, unlearn_args)
     if args.action == "plot":
         from .bench import replot
 
@@ -267,6 +274,47 @@ def _trace(argv: list[str]) -> int:
         print(f"| {layer} | {effect:+.4f} | {'✓' if layer in result.window else ''} |")
     plot_trace(result, output, f"Causal tracing of {args.model}")
     print(f"hubunlearn: layers {result.window} carry the forget set most; heat map saved to {output}")
+    return 0
+
+
+def _add_bench_muse(actions) -> None:
+    muse = actions.add_parser("muse", help="MUSE's scalability (scal) or sustainability (sust) criterion: unlearn forget_1..4, "
+                                           "measure after each; table and plot. Unlearn flags after --.",
+                              description="MUSE's scalability or sustainability criterion: every step is `hubunlearn unlearn "
+                                          "--config RECIPE` on a fold, then the `eval --benchmark muse` numbers. `hubunlearn unlearn` "
+                                          "flags after -- override the recipe for every step, e.g. -- --learning_rate 1e-5 --max_steps 20.")
+    muse.add_argument("--criterion", required=True, help="scal (forget sets of growing size, each from the target) or sust "
+                                                         "(sequential requests, each from the previous step's model).")
+    muse.add_argument("--corpus", default="news", help="news (default) or books.")
+    muse.add_argument("--output_dir", required=True, help="Folder for results.json, table.md, plot.png and each step's eval.")
+    muse.add_argument("--config", help="Unlearning recipe (a path or a trainers/ name; default npo-muse-CORPUS).")
+    muse.add_argument("--model", help="Model to unlearn from (default: the recipe's model_name_or_path).")
+    muse.add_argument("--data", help="Folder in MUSE's layout, or a Hub dataset id (default muse-bench/MUSE-News or -Books).")
+    muse.add_argument("--folds", type=int, default=4, help="Unlearn forget_1..forget_N (default 4, MUSE's).")
+    muse.add_argument("--metrics", type=_csv, default=("verbmem_f", "knowmem_f", "knowmem_r", "privleak"),
+                      help="MUSE metrics measured after each step (default all four).")
+    muse.add_argument("--reference", help="Retrained reference model for PrivLeak (default MUSE's published AUC).")
+    muse.add_argument("--reference_stats", help="per_example.json of a --benchmark muse eval of the reference.")
+    muse.add_argument("--max_examples", type=int, help="Evaluate the first N rows of each MUSE set (quick runs).")
+    muse.add_argument("--batch_size", type=int, default=32, help="Eval batch size.")
+    muse.add_argument("--device", default="auto", help="Where the evals compute: auto, cpu, cuda[:N].")
+    muse.add_argument("--readme", help="A README whose table (between the muse CRITERION table markers) is rewritten.")
+    muse.add_argument("--overwrite_output_dir", action="store_true", help="Replace a non-empty --output_dir.")
+
+
+def _bench_muse(args, unlearn_args: list[str]) -> int:
+    from .muse_bench import MuseBenchConfig, run_muse_bench, table
+
+    config = MuseBenchConfig(criterion=args.criterion, output_dir=args.output_dir, corpus=args.corpus, config=args.config,
+                             model=args.model, data=args.data, folds=args.folds, unlearn_args=tuple(unlearn_args),
+                             metrics=args.metrics, reference=args.reference, reference_stats=args.reference_stats,
+                             max_examples=args.max_examples, batch_size=args.batch_size, device=args.device,
+                             overwrite_output_dir=args.overwrite_output_dir, readme=args.readme)
+    results = run_muse_bench(config)
+    print(table(results))
+    if args.readme:
+        print(f"hubunlearn: rewrote the muse {args.criterion} table in {args.readme}")
+    print(f"hubunlearn: results.json, table.md and plot.png in {args.output_dir}")
     return 0
 
 

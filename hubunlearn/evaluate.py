@@ -580,6 +580,7 @@ def run_eval(config: EvalConfig, output_dir: str | Path) -> dict[str, Any]:
 
         summary["lm_eval"] = run_tasks(model, tokenizer, config.harness_tasks(), config.lm_eval_include, config.max_examples,
                                        config.batch_size, manager)
+        per_example.update(summary["lm_eval"].pop("per_example"))  # each harness task's questions, under the task's name
     summary["device"] = str(model_device(model))  # where the model computed (config.device says what was asked)
     if reference is not None:
         summary["reference"] = {name: summarize_set(name, results) for name, results in reference.items()}
@@ -620,7 +621,8 @@ def record_into_artifact(summary: dict[str, Any], artifact: str | Path, stage: s
     previous = record.get("evaluation") or {}
     record["evaluation"] = {"benchmark": summary["config"]["benchmark"],
                             **({"corpus": summary["config"]["corpus"], "datasets": {"muse": {"id": None if summary["data"]["revision"] is None
-                                else summary["data"]["source"]}}} if muse else {"forget_split": summary["config"]["forget_split"]}),
+                                else summary["data"]["source"]}}} if muse else
+                               {"forget_split": summary["config"]["forget_split"]} if summary["config"]["benchmark"] == "tofu" else {}),
                             **({"revision": summary["config"]["revision"]} if summary["config"].get("revision") else {}),
                             "reference_source": summary.get("reference_source"), "conventions": summary["conventions"]}
     mia = summary["aggregates"].get("mia") or {}

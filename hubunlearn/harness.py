@@ -202,7 +202,7 @@ def run_tasks(model, tokenizer, names: tuple[str, ...], include: tuple[str, ...]
     if not any(isinstance(f, _LoadedModelNotice) for f in wrapper_log.filters):
         wrapper_log.addFilter(_LoadedModelNotice())
     results = lm_eval.simple_evaluate(model=served_lm(model, tokenizer, batch_size), tasks=list(names), task_manager=manager,
-                                      limit=limit, log_samples=False, bootstrap_iters=1000)
+                                      limit=limit, log_samples=True, bootstrap_iters=1000)
     samples = results.get("n-samples") or {}
     configs = results.get("configs") or {}
 
@@ -222,7 +222,22 @@ def run_tasks(model, tokenizer, names: tuple[str, ...], include: tuple[str, ...]
     tasks = {name: entry(name) for name in names}
     subtasks = {name: entry(name) for name in results["results"] if name not in tasks}
     return {"tasks": tasks, "subtasks": subtasks, "n_shot": {k: v for k, v in (results.get("n-shot") or {}).items() if k in tasks},
-            "lm_eval_version": lm_eval.__version__, "limit": limit}
+            "lm_eval_version": lm_eval.__version__, "limit": limit, "per_example": per_example(results.get("samples") or {})}
+
+
+def per_example(samples: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The harness's logged samples as ``per_example.json`` rows, per task (the members of a group each under their
+    own name): ``doc_id``, the document (``doc``: question, choices, answer as the task's data holds them), ``target``,
+    ``responses`` (for a multiple-choice task the log-likelihood of each choice, in order) and each metric (``acc``:
+    1.0 when the likeliest choice is the target)."""
+    def row(sample: dict) -> dict:
+        responses = [r[0] if isinstance(r, (list, tuple)) else r for r in sample.get("filtered_resps", [])]
+        return {"doc_id": sample.get("doc_id"), "doc": sample.get("doc"), "target": sample.get("target"),
+                "responses": [float(r) if isinstance(r, (int, float)) else r for r in responses],
+                **{metric: sample.get(metric) for metric in sample.get("metrics", [])}}
+
+    return {task: sorted((row(s) for s in rows), key=lambda r: r["doc_id"] if isinstance(r["doc_id"], int) else 0)
+            for task, rows in samples.items()}
 
 
 def headline(values: dict[str, Any]) -> dict[str, float]:

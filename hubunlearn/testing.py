@@ -693,10 +693,12 @@ class HubServer:
 # ---- a MUSE-layout fixture folder ----------------------------------------------------------------------------------
 
 MUSE_SPLITS = {"forget": 6, "retain1": 6, "retain2": 3, "holdout": 6}  # raw texts ("articles") per split
+MUSE_FOLDS = 4  # scal and sust: forget_1..forget_4, made of the forget articles and 2 more (drawn last, "extra_forget")
 
 
-def muse_articles(seed: int = 0) -> dict[str, list[dict]]:
-    """Short synthetic news articles per raw split (:data:`MUSE_SPLITS`), each ``{"text", "question", "answer"}``:
+def muse_articles(seed: int = 0, splits: dict[str, int] = MUSE_SPLITS) -> dict[str, list[dict]]:
+    """Short synthetic news articles per raw split (``splits``: name -> count, drawn in that order; default
+    :data:`MUSE_SPLITS`), each ``{"text", "question", "answer"}``:
     one fact (who did what where), its question and answer. Names are made-up syllables, distinct across articles."""
     import random
 
@@ -710,7 +712,7 @@ def muse_articles(seed: int = 0) -> dict[str, list[dict]]:
     things = ["bridge", "library", "harbour", "mill", "market", "tower"]
     days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
     used, articles = set(), {}
-    for split, count in MUSE_SPLITS.items():
+    for split, count in splits.items():
         articles[split] = []
         while len(articles[split]) < count:
             person, town = word(2), word(3)
@@ -731,9 +733,12 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
     article's first 8 words, ``gt``: the rest); ``knowmem/forget_qa.json`` and ``{retain_qa}.json`` (one question per
     forget / retain1 article) with two in-context examples each (``forget_qa_icl.json``, ``{retain_qa}_icl.json``,
     from retain2 articles); ``privleak/{forget,retain,holdout}.json`` (the raw forget, retain1 and holdout texts).
+    ``scal/forget_1..4.json`` (the first 2, 4, 6, 8 articles of forget + extra_forget: nested, growing) and
+    ``sust/forget_1..4.json`` (articles 1-2, 3-4, 5-6, 7-8 of the same: disjoint, 2 each), the layout of MUSE's
+    scalability and sustainability configs (``extra_forget`` articles are in no other config).
     ``retain_qa="retain2_qa"`` writes the older revision's split names. Files are JSON arrays, as MUSE's own."""
     folder = Path(folder)
-    articles = muse_articles(seed)
+    articles = muse_articles(seed, {**MUSE_SPLITS, "extra_forget": 2})
 
     def write(config: str, split: str, rows: list[dict]) -> None:
         (folder / config).mkdir(parents=True, exist_ok=True)
@@ -743,7 +748,8 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
         return [{"question": r["question"], "answer": r["answer"]} for r in rows]
 
     for split, rows in articles.items():
-        write("raw", split, [{"text": r["text"]} for r in rows])
+        if split != "extra_forget":
+            write("raw", split, [{"text": r["text"]} for r in rows])
     write("verbmem", "forget", [{"prompt": " ".join(r["text"].split()[:8]), "gt": " ".join(r["text"].split()[8:])} for r in articles["forget"]])
     write("knowmem", "forget_qa", qa(articles["forget"]))
     write("knowmem", "forget_qa_icl", qa(articles["retain2"][:2]))
@@ -751,4 +757,8 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
     write("knowmem", f"{retain_qa}_icl", qa(articles["retain2"][1:3]))
     for split, raw in (("forget", "forget"), ("retain", "retain1"), ("holdout", "holdout")):
         write("privleak", split, [{"text": r["text"]} for r in articles[raw]])
+    pool = [{"text": r["text"]} for r in articles["forget"] + articles["extra_forget"]]
+    for k in range(1, MUSE_FOLDS + 1):
+        write("scal", f"forget_{k}", pool[: 2 * k])
+        write("sust", f"forget_{k}", pool[2 * (k - 1): 2 * k])
     return folder
