@@ -148,7 +148,7 @@ def starting_model(config: MuseBenchConfig) -> str:
 
     model = config.model or load_recipe(config.config).get("model_name_or_path")
     if not model:
-        raise UsageError(f"no model to unlearn from: give --model, or a --config recipe with model_name_or_path")
+        raise UsageError("no model to unlearn from: give --model, or a --config recipe with model_name_or_path")
     return str(model)
 
 
