@@ -19,7 +19,7 @@ def load_benchmark(name):
     return module
 
 
-@pytest.mark.parametrize("name", ["methods_world", "tofu_mini_eval", "eco_tofu_mini", "eco_heldout", "fila_controls", "kuda_tofu_mini", "parity_graddiff", "eval_speed", "scale"])
+@pytest.mark.parametrize("name", ["methods_world", "tofu_mini_eval", "eco_tofu_mini", "eco_heldout", "fila_controls", "kuda_tofu_mini", "parity_graddiff", "eval_speed", "scale", "eval_cost"])
 def test_readme_table_matches_the_committed_results(name, tmp_path):
     bench = load_benchmark(name)
     results = json.loads(bench.RESULTS.read_text())
