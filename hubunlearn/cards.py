@@ -29,6 +29,9 @@ NOT_APPLICABLE = {  # hyperparameter -> when it does not apply to a record's run
     "num_train_epochs": lambda h: (h.get("max_steps") or -1) > 0,
     "max_steps": lambda h: (h.get("max_steps") or -1) <= 0,
     "record_examples": lambda h: True,  # demo prompts for the Space, not a setting of the unlearning
+    # evaluation during training (trainers/monitoring.py) shapes the artifact only through the state --keep_best kept
+    **{name: (lambda h: h.get("keep_best") is None) for name in ("eval_forget_quality_every", "eval_reference", "eval_reference_stats",
+                                                                 "eval_data", "eval_forget_split", "eval_examples", "eval_model_utility", "keep_best")},
 }
 STAGE_ORDER = ("reference", "original", "before", "after")
 LIBRARY = {"full": "transformers", "lora": "peft", "eco": "hubunlearn"}

@@ -51,7 +51,7 @@ def run(world_model_dir, world, tofu_like, tmp_path_factory):
     trainer.train()
     trainer.save_model()
     logged = {h["step"]: h for h in trainer.state.log_history if "eval_forget_quality" in h}
-    return folder, logged
+    return folder, logged, trainer
 
 
 def cli_eval(run_cli, model, tofu_like, reference, output):
@@ -70,7 +70,7 @@ def eval_numbers(summary):
 
 
 def test_the_logged_numbers_at_a_step_are_those_of_hubunlearn_eval_of_that_state(run, run_cli, world_model_dir, tofu_like, tmp_path):
-    folder, logged = run
+    folder, logged, trainer = run
     assert sorted(logged) == [0, 2, 4, 6]  # at the start (a --keep_best candidate), every 2 steps
     assert logged[0]["eval_forget_quality"] == 1.0 and logged[2]["eval_forget_quality"] < 1  # the original is its own reference
     summary, err = cli_eval(run_cli, folder / "step-2", tofu_like, world_model_dir, tmp_path / "eval")
@@ -79,7 +79,7 @@ def test_the_logged_numbers_at_a_step_are_those_of_hubunlearn_eval_of_that_state
 
 
 def test_keep_best_restores_the_best_state_within_the_budget(run, run_cli, world_model_dir, tofu_like, tmp_path):
-    folder, logged = run
+    folder, logged, trainer = run
     within = {step: h for step, h in logged.items() if h["eval_utility_kept"] >= TAU}
     assert within.keys() != logged.keys()  # the budget ruled a state out
     best = min(within, key=lambda step: (within[step]["eval_forget_probability"], step))
@@ -91,6 +91,7 @@ def test_keep_best_restores_the_best_state_within_the_budget(run, run_cli, world
     assert [h["step"] for h in record["evaluation_during_training"]["history"]] == [0, 2, 4, 6]
     assert record["calibration"]["alpha"] == 1  # the kept state is within the budget: nothing to mix
     assert f"**These weights are the state of step {best}**" in (folder / "artifact" / "README.md").read_text()
+    assert f"--keep_best forget_probability: kept step {best} " in trainer.summary()
 
     summary, _ = cli_eval(run_cli, folder / "artifact", tofu_like, world_model_dir, tmp_path / "eval")
     assert {k: logged[best][k] for k in eval_numbers(summary)} == pytest.approx(eval_numbers(summary), rel=1e-6)
@@ -124,7 +125,8 @@ EVALUATING = {"--eval_forget_quality_every": "2", "--eval_reference": "{model}"}
     ({**EVALUATING, "--eval_data": "{data}", "--eval_forget_split": "forget99"}, "unknown split 'forget99'"),
     ({**EVALUATING, "--keep_best": "forget_truth_ratio", "--forget": "{plain}"},
      "--keep_best forget_truth_ratio needs truth ratios, and the forget rows of the run's own forget and retain rows have no"),
-    ({**EVALUATING, "--method": "task_vector"}, "TaskVector makes its artifact after training"),
+    ({**EVALUATING, "--method": "task_vector"}, "evaluation during training does not apply to TaskVector, which makes its artifact"),
+    ({**EVALUATING, "--method": "eco"}, "evaluation during training does not apply to ECO, which trains no weights"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_dir, data_files, plain_rows, tmp_path, change, message):
     output = tmp_path / "never"
@@ -136,3 +138,17 @@ def test_bad_input_is_one_line_exit_2_and_no_output_folder(run_cli, world_model_
     assert code == 2
     assert_one_error_line(err, message)
     assert not output.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_under_two_processes_the_main_one_evaluates_and_both_restore_the_same_state(world_model_dir, tmp_path):
+    from .test_accelerate import launch
+
+    ranks = launch(world_model_dir, tmp_path / "ddp", tmp_path / "records", script="ddp_eval_during_training.py")
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [h["step"] for h in ranks[0]["logged"]] == [0, 2]
+    # every evaluation pass (and the reference's, unless an earlier run cached it) on the main process only
+    assert ranks[0]["passes"] - 2 in (0, 1) and ranks[1]["passes"] == 0
+    assert ranks[1]["logged"] == ranks[0]["logged"] and ranks[1]["kept"] == ranks[0]["kept"]  # the same numbers reach every process
+    assert ranks[0]["kept"]["step"] > 0 and ranks[1]["weights"] == ranks[0]["weights"]
+    record = json.loads((tmp_path / "ddp" / "unlearning.json").read_text())
+    assert record["evaluation_during_training"]["keep_best"]["step"] == ranks[0]["kept"]["step"]

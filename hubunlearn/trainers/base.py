@@ -471,6 +471,9 @@ class UnlearnTrainer(Trainer):
                          + (f"stopped at step {stopped} and restored step {calibration['early_stopping']['restored_step']}; "
                             if stopped is not None else "")
                          + ("no mixing needed" if calibration["alpha"] == 1 else f"mixed back to α = {calibration['alpha']:.3g}"))
+        kept = (self.record_extras.get("evaluation_during_training") or {}).get("keep_best")  # trainers/monitoring.py
+        if kept and "step" in kept:
+            lines.append(f"--keep_best {kept['metric']}: kept step {kept['step']} ({kept['metric']} {kept['value']:.4g})")
         if utility and "forgetting_warning" in utility:
             lines.append("WARNING: forgot little (forget answer probability kept above "
                          f"{FORGOT_LITTLE:.0%} of the original's)")

@@ -83,8 +83,7 @@ class EvaluationArguments:
             raise UsageError(f"--eval_reference_stats {self.eval_reference_stats} does not exist: give a per_example.json from an earlier eval")
         if every:
             self.eval_strategy, self.eval_steps = "steps", every
-        evaluating = every > 0 or str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no"
-        if self.keep_best is not None and not evaluating:
+        if self.keep_best is not None and not self.evaluates_in_training:
             raise UsageError(f"--keep_best {self.keep_best} picks among the evaluations during training: add "
                              "--eval_forget_quality_every N (or --eval_strategy steps --eval_steps N)")
         has_reference = bool(self.eval_reference or self.eval_reference_stats)
@@ -114,15 +113,15 @@ class EvaluationDuringTraining(TrainerCallback):
     """
 
     def __init__(self, trainer: "UnlearnTrainer", args):
-        from ..evaluate import EvalConfig, load_sets
         from ..data import DataFormat
+        from ..evaluate import EvalConfig, load_sets
         from . import engines
-
         from .eco import ECOTrainer
 
-        if not trainer.budget_checks_in_training or isinstance(trainer, ECOTrainer):
-            raise UsageError(f"{trainer._name} makes its artifact after training (the weights being trained are not it): "
-                             "evaluation during training does not apply; evaluate the artifact with hubunlearn eval")
+        if isinstance(trainer, ECOTrainer) or not trainer.budget_checks_in_training:
+            why = "trains no weights" if isinstance(trainer, ECOTrainer) else "makes its artifact from the trained weights after the last step"
+            raise UsageError(f"evaluation during training does not apply to {trainer._name}, which {why}: drop "
+                             "--eval_forget_quality_every/--eval_strategy and evaluate the artifact with hubunlearn eval")
         if engines.shards_weights(args):
             raise UsageError("evaluation during training runs the whole model on the main process, which FSDP and ZeRO-3 "
                              "shard: drop --eval_forget_quality_every/--eval_strategy, or use DDP or ZeRO-1/2")
@@ -134,7 +133,7 @@ class EvaluationDuringTraining(TrainerCallback):
         self.config = EvalConfig(model=trainer.base_model_id, benchmark="tofu", data=args.eval_data, forget_split=args.eval_forget_split,
                                  metrics=tuple(metrics), max_examples=args.eval_examples, reference=args.eval_reference,
                                  reference_stats=args.eval_reference_stats, batch_size=args.per_device_eval_batch_size,
-                                 device=str(args.device), data_format=DataFormat(max_length=args.max_length))
+                                 device=_eval_device(args.device), data_format=DataFormat(max_length=args.max_length))
         self.sets = load_sets(self.config) if args.eval_data else self._own_sets(trainer, args.eval_examples)
         self.source = f"{args.eval_data} ({args.eval_forget_split})" if args.eval_data else "the run's own forget and retain rows"
         if args.keep_best in NEEDS_PERTURBED and not _has_perturbed(self.sets["forget"]):
@@ -291,6 +290,11 @@ def _has_perturbed(rows: list[dict]) -> bool:
     from ..metrics.tofu import PARAPHRASED_KEY, PERTURBED_KEY
 
     return bool(rows) and all(row.get(PERTURBED_KEY) and row.get(PARAPHRASED_KEY) for row in rows)
+
+
+def _eval_device(device: torch.device) -> str:
+    """Where the reference model computes its statistics, in eval's --device terms: the training device."""
+    return str(device) if device.type == "cuda" else device.type if device.type == "cpu" else "auto"
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
