@@ -152,3 +152,22 @@ def test_under_two_processes_the_main_one_evaluates_and_both_restore_the_same_st
     assert ranks[0]["kept"]["step"] > 0 and ranks[1]["weights"] == ranks[0]["weights"]
     record = json.loads((tmp_path / "ddp" / "unlearning.json").read_text())
     assert record["evaluation_during_training"]["keep_best"]["step"] == ranks[0]["kept"]["step"]
+
+
+def test_rows_without_perturbed_answers_log_what_they_can_and_say_so_once(world_model_dir, world, plain_rows, tmp_path, caplog):
+    """The Trainer's own --eval_strategy runs the same evaluation; without a reference and without paraphrased and
+    perturbed forget answers, the answer probabilities (and the retain truth ratio) are logged, the rest said once."""
+    from hubunlearn.data import load_rows
+    from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer
+
+    config = GradDiffConfig(output_dir=str(tmp_path / "out"), max_steps=2, eval_strategy="steps", eval_steps=1, eval_examples=2,
+                            per_device_train_batch_size=2, report_to="none", disable_tqdm=True)
+    trainer = GradDiffTrainer(str(world_model_dir), config, forget_dataset=load_rows(str(plain_rows)), retain_dataset=world.rows("retain"))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "eval_forget_probability" in h]
+    assert [h["step"] for h in logged] == [1, 2]
+    assert all({k for k in h if k.startswith("eval_")} == {"eval_forget_probability", "eval_retain_probability",
+                                                             "eval_retain_truth_ratio"} for h in logged)
+    said = [r.getMessage() for r in caplog.records if "evaluation during training: no forget_truth_ratio" in r.getMessage()]
+    assert len(said) == 1 and "have no paraphrased_answer/perturbed_answer" in said[0]
+    assert trainer.record_extras["evaluation_during_training"]["reference"] is None

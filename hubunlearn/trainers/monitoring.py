@@ -128,6 +128,8 @@ class EvaluationDuringTraining(TrainerCallback):
         metrics = ["probability", "truth_ratio"]
         if args.eval_reference or args.eval_reference_stats:
             metrics.append("forget_quality")
+        else:
+            logger.info("evaluation during training without a reference: no forget quality (%s)", REFERENCE_HOW)
         if args.eval_model_utility:
             metrics += ["rouge", "model_utility"]
         self.config = EvalConfig(model=trainer.base_model_id, benchmark="tofu", data=args.eval_data, forget_split=args.eval_forget_split,
