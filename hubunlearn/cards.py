@@ -29,6 +29,9 @@ NOT_APPLICABLE = {  # hyperparameter -> when it does not apply to a record's run
     "num_train_epochs": lambda h: (h.get("max_steps") or -1) > 0,
     "max_steps": lambda h: (h.get("max_steps") or -1) <= 0,
     "record_examples": lambda h: True,  # demo prompts for the Space, not a setting of the unlearning
+    # evaluation during training (trainers/monitoring.py) shapes the artifact only through the state --keep_best kept
+    **{name: (lambda h: h.get("keep_best") is None) for name in ("eval_forget_quality_every", "eval_reference", "eval_reference_stats",
+                                                                 "eval_data", "eval_forget_split", "eval_examples", "eval_model_utility", "keep_best")},
 }
 STAGE_ORDER = ("reference", "original", "before", "after")
 LIBRARY = {"full": "transformers", "lora": "peft", "eco": "hubunlearn"}
@@ -249,6 +252,8 @@ def training_summary(record: dict) -> str:
             text += (f" Training stopped at step {stopping['stopped_at_step']}, when the budget was crossed, and went back to "
                      + (f"step {restored}, the last state within it." if restored else
                         "the original weights (no check was within it): **these weights are the original's; nothing was unlearned.**"))
+    if record.get("evaluation_during_training"):  # trainers/monitoring.py
+        text += "\n\n" + evaluation_during_training_text(record["evaluation_during_training"])
     utility = record.get("utility")  # the trainer's before/after measurement (trainers/base.py _record_utility)
     if utility and "retain_kept" in utility:
         text += (f"\n\nAnswer probability before → after, on {utility['examples']['forget']} forget and {utility['examples']['retain']} "
@@ -259,6 +264,21 @@ def training_summary(record: dict) -> str:
         if "forgetting_warning" in utility:
             text += f" **Warning: {utility['forgetting_warning']}.**"
     return text + (f"\n\nLibraries: {versions}." if versions else "")
+
+
+def evaluation_during_training_text(evaluation: dict) -> str:
+    """Evaluation during training (``--eval_forget_quality_every``) and the state ``--keep_best`` kept, in a sentence or two."""
+    every = f"every {evaluation['every']} steps" if evaluation["every"] != "epoch" else "every epoch"
+    examples = ", ".join(f"{n} {name}" for name, n in evaluation["examples"].items())
+    text = (f"Evaluated during training {every} on {evaluation['sets']} ({examples} rows; {len(evaluation['history'])} evaluations"
+            + (f"; forget quality against the reference {evaluation['reference']}" if evaluation.get("reference") else "") + ").")
+    kept = evaluation.get("keep_best")
+    if kept and "step" in kept:
+        text += (f" **These weights are the state of step {kept['step']}** ({kept['metric']} {kept['value']:.4g}): "
+                 f"{kept['reason']} (--keep_best).")
+    elif kept:
+        text += f" --keep_best {kept['metric']}: {kept['reason']}."
+    return text
 
 
 def task_vector_text(task_vector: dict, calibration: dict | None) -> str:

@@ -20,13 +20,13 @@ from hubunlearn.testing import free_port
 from .conftest import REPO
 
 
-def launch(world_model_dir, output, records, mode="full") -> list[dict]:
-    """Run tests/scripts/ddp_unlearn.py on two CPU processes; return what each rank recorded."""
+def launch(world_model_dir, output, records, mode="full", script="ddp_unlearn.py") -> list[dict]:
+    """Run tests/scripts/``script`` on two CPU processes; return what each rank recorded."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     records.mkdir()
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(REPO / "tests" / "scripts" / "ddp_unlearn.py"), str(world_model_dir), str(output), str(records), mode]
+               str(REPO / "tests" / "scripts" / script), str(world_model_dir), str(output), str(records), mode]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

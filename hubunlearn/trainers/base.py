@@ -54,6 +54,7 @@ from ..errors import NonFiniteLossError, UsageError
 from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer, model_device
 from . import engines, losses
 from .head import HeadLogits, policy_logits
+from .monitoring import EvaluationArguments, EvaluationDuringTraining
 
 logger = logging.getLogger(__name__)
 TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -66,7 +67,7 @@ FORGOT_LITTLE = 0.9  # a run whose forget answer probability stays above this sh
 
 
 @dataclass
-class UnlearnConfig(TrainingArguments):
+class UnlearnConfig(EvaluationArguments, TrainingArguments):
     """Arguments shared by every unlearning method; each method adds its own fields."""
 
     retain_losses: ClassVar[tuple[str, ...]] = RETAIN_LOSSES  # what --retain_loss accepts for this method
@@ -126,6 +127,7 @@ class UnlearnConfig(TrainingArguments):
 
     def __post_init__(self):
         self._fit_precision_to_machine()
+        self.check_evaluation()  # evaluation during training, --keep_best (trainers/monitoring.py)
         try:
             super().__post_init__()
         except ValueError as error:  # TrainingArguments' own validation: one line, not a traceback
@@ -309,13 +311,16 @@ class UnlearnTrainer(Trainer):
             ref_model.eval().requires_grad_(False)
 
         self.pairs = ForgetRetainDataset(forget_examples, retain_examples, seed=args.seed)
+        self.evaluation = EvaluationDuringTraining(self, args) if args.evaluates_in_training else None  # trainers/monitoring.py
         super().__init__(
             model=model,
             args=args,
             data_collator=ForgetRetainCollator(processing_class.pad_token_id),
             train_dataset=self.pairs,
+            eval_dataset=self.evaluation.eval_dataset if self.evaluation else None,
             processing_class=processing_class,
-            callbacks=[_EpochForPairing(self.pairs), _StopOnNonFiniteGradient(self), *(callbacks or [])],
+            callbacks=[_EpochForPairing(self.pairs), _StopOnNonFiniteGradient(self), *(callbacks or []),
+                       *([self.evaluation] if self.evaluation else [])],
         )
         # Per-step dicts go to --report_to targets only: the bar shows the losses, a summary ends the run.
         if self.pop_callback(ProgressCallback) is not None:
@@ -466,6 +471,9 @@ class UnlearnTrainer(Trainer):
                          + (f"stopped at step {stopped} and restored step {calibration['early_stopping']['restored_step']}; "
                             if stopped is not None else "")
                          + ("no mixing needed" if calibration["alpha"] == 1 else f"mixed back to α = {calibration['alpha']:.3g}"))
+        kept = (self.record_extras.get("evaluation_during_training") or {}).get("keep_best")  # trainers/monitoring.py
+        if kept and "step" in kept:
+            lines.append(f"--keep_best {kept['metric']}: kept step {kept['step']} ({kept['metric']} {kept['value']:.4g})")
         if utility and "forgetting_warning" in utility:
             lines.append("WARNING: forgot little (forget answer probability kept above "
                          f"{FORGOT_LITTLE:.0%} of the original's)")
@@ -619,6 +627,16 @@ class UnlearnTrainer(Trainer):
             if any(f"{ALTERNATE}input_ids" in getattr(self.pairs, part).column_names for part in self.reference_statistics):
                 usage["statistics"]["of"] = "each answer and its paired alternate answer"  # IdkDPO's refusals
         return usage
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """With evaluation during training on (``--eval_forget_quality_every``, ``--eval_strategy``): forget quality and
+        the other numbers of :mod:`.monitoring`, logged and handed to the callbacks as the Trainer's own metrics are."""
+        if self.evaluation is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = self.evaluation.evaluate(metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # ---- losses -----------------------------------------------------------------------------------------------
 
