@@ -353,7 +353,19 @@ def _tune(argv: list[str]) -> int:
                         data=args.data, forget_split=args.forget_split, reference=args.reference, reference_stats=args.reference_stats,
                         max_eval_examples=args.max_eval_examples, eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
     quiet_weight_loading()
-    result = run_tune(config)
+    try:
+        result = run_tune(config)
+    except UsageError as error:  # a misspelled flag reaches the unlearn parser: name tune's flag when it is closer
+        import difflib
+
+        words = str(error).split()
+        if not str(error).startswith("unrecognized argument"):
+            raise
+        flag, theirs = words[2].rstrip(":"), words[6].rstrip("?") if words[3:6] == ["did", "you", "mean"] else ""
+        ours = did_you_mean(flag, parser)[len(": did you mean "):-1]
+        if ours and difflib.SequenceMatcher(None, flag, ours).ratio() > difflib.SequenceMatcher(None, flag, theirs).ratio():
+            raise UsageError(f"unrecognized argument {flag}: did you mean {ours}? (see hubunlearn tune --help)") from None
+        raise
     for method, reason in result.skipped.items():
         print(f"hubunlearn: skipped {method}: {reason}")
     for method, files in result.files.items():

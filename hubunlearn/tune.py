@@ -24,7 +24,7 @@ import logging
 import math
 import shutil
 import tempfile
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,7 +447,9 @@ def open_study(search: MethodSearch, config: TuneConfig, study_path: Path):
     direction = OBJECTIVES[config.objective][0]
     existing = optuna.load_study(study_name=search.method, storage=storage) if search.method in optuna.get_all_study_names(storage) else None
     done = len(existing.trials) if existing else 0
-    sampler = optuna.samplers.TPESampler(seed=config.seed + done, constraints_func=_constraints)
+    with warnings.catch_warnings():  # constraints_func is marked experimental; its use here is the documented one
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=config.seed + done, constraints_func=_constraints)
     pruner = (optuna.pruners.ThresholdPruner(lower=config.utility_budget) if config.budget_check_steps
               else optuna.pruners.NopPruner())
     study = optuna.create_study(study_name=search.method, storage=storage, direction=direction, sampler=sampler, pruner=pruner,

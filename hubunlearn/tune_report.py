@@ -14,7 +14,7 @@ METRIC_COLUMNS = ("forget_quality", "model_utility", "forget_truth_ratio", "forg
                   "forget_extraction_strength", "retain_probability")
 
 
-def trial_rows(study, tau: float) -> list[dict[str, Any]]:
+def trial_rows(study) -> list[dict[str, Any]]:
     """One row per trial: number, state (complete, pruned, fail), feasible (within the budget), params, objective,
     metrics, utility kept (share of the original's model utility; for a pruned trial the retain probe's share at the
     step it was pruned), steps, pruned_at_step, seconds."""
@@ -59,29 +59,38 @@ def _figure(width: float = 7.0, height: float = 4.8):
     return plt, *plt.subplots(figsize=(width, height))
 
 
-def pareto_plot(rows: list[dict], path: Path, title: str, objective: str, tau: float, best: int | None) -> Path:
+def pareto_plot(rows: list[dict], path: Path, title: str, objective: str, tau: float, best: int | None,
+                original: float | None = None) -> Path:
     """Objective (forget quality on a log scale) against the share of the original's model utility kept, every trial:
     complete ones as dots (the in-budget Pareto front joined), pruned ones as crosses on the bottom edge at the retain
-    probe's share when they were pruned, the budget τ as a vertical line and the best trial as a star."""
+    probe's share when they were pruned, the budget τ as a vertical line, the best trial as a star and the original
+    model's ``original`` objective at 1."""
     plt, figure, axes = _figure()
     log = objective == "forget_quality"
     complete = [r for r in rows if r["state"] == "complete" and r["utility_kept"] is not None and r["objective"] is not None]
     pruned = [r for r in rows if r["state"] == "pruned" and r["utility_kept"] is not None]
     floor = 1e-300
     values = [max(r["objective"], floor) if log else r["objective"] for r in complete]
+    everything = values + ([max(original, floor) if log else original] if original is not None else [])
     for feasible, colour, label in ((True, "tab:blue", "complete, within budget"), (False, "tab:orange", "complete, over budget")):
         points = [(r["utility_kept"], v) for r, v in zip(complete, values) if r["feasible"] == feasible]
         if points:
             axes.scatter(*zip(*points), color=colour, s=36, zorder=3, label=label)
+    labels: dict[tuple, list[str]] = {}  # trials at the same point share one label
     for r, v in zip(complete, values):
-        axes.annotate(str(r["number"]), (r["utility_kept"], v), textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.3")
+        labels.setdefault((round(r["utility_kept"], 4), float(f"{v:.4g}")), []).append(str(r["number"]))
+    for point, numbers in labels.items():
+        axes.annotate(", ".join(numbers), point, textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.3")
+    if original is not None:
+        axes.scatter([1.0], [max(original, floor) if log else original], marker="D", color="0.5", s=30, zorder=3,
+                     label="original model")
     from .tune import OBJECTIVES
 
     front = _front([(r["utility_kept"], v) for r, v in zip(complete, values)], maximize=OBJECTIVES[objective][0] == "maximize")
     if len(front) > 1:
         axes.plot(*zip(*front), color="tab:blue", alpha=0.4, linewidth=1, zorder=2, label="Pareto front")
-    if values:
-        low, high = min(values), max(values)
+    if everything:
+        low, high = min(everything), max(everything)
         if log:
             bottom = 10 ** (math.floor(math.log10(low)) - 1)
             axes.set_yscale("log")
@@ -162,7 +171,7 @@ def write_reports(study, search, config, evaluation, best) -> dict[str, Path]:
     from .tune import OBJECTIVES, recipe_for, write_recipe
 
     folder = search.directory
-    rows = trial_rows(study, config.utility_budget)
+    rows = trial_rows(study)
     importance = importances(study, config.objective)
     table = {"method": search.method, "objective": config.objective, "direction": OBJECTIVES[config.objective][0],
              "utility_budget": config.utility_budget, "space": describe(search.space), "original": evaluation.original,
@@ -172,7 +181,8 @@ def write_reports(study, search, config, evaluation, best) -> dict[str, Path]:
     counts = {state: sum(r["state"] == state for r in rows) for state in ("complete", "pruned", "fail")}
     title = (f"{search.method}: {len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned"
              + (f", {counts['fail']} failed" if counts["fail"] else "") + f"), budget {config.utility_budget:g}× model utility")
-    files["pareto"] = pareto_plot(rows, folder / "pareto.png", title, config.objective, config.utility_budget, best.number if best else None)
+    files["pareto"] = pareto_plot(rows, folder / "pareto.png", title, config.objective, config.utility_budget,
+                                   best.number if best else None, evaluation.original.get(config.objective))
     files["importance"] = importance_plot(importance, folder / "importance.png", f"{search.method}: parameter importance for {config.objective}")
     if best is not None:
         metrics = best.user_attrs["metrics"]

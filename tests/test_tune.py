@@ -13,7 +13,7 @@ pytest.importorskip("optuna")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PNG = b"\x89PNG\r\n\x1a\n"
-SPACE = "learning_rate=1e-4:3e-3,max_steps=1:3,beta"  # NPO: a few steps, the learning rate and β
+SPACE = "learning_rate=2e-3:2e-2,max_steps=1:3,beta"  # NPO: a few steps, the learning rate and β
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,10 @@ def test_a_tune_writes_the_table_both_plots_and_a_recipe_that_reruns_to_the_same
         assert row["feasible"] == (row["utility_kept"] >= 0.5) and row["objective"] == row["forget_quality"]
     rows = list(csv.DictReader((output / "trials.csv").open()))
     assert [int(r["number"]) for r in rows] == [0, 1, 2] and float(rows[1]["beta"]) == pytest.approx(table["trials"][1]["params"]["beta"])
+    if len({r["objective"] for r in table["trials"]}) > 1:  # fANOVA importances of the searched parameters, summing to 1
+        assert set(table["importance"]) == {"learning_rate", "max_steps", "beta"} and sum(table["importance"].values()) == pytest.approx(1)
+    else:
+        assert "different results" in table["importance"]
     for name in ("pareto.png", "importance.png"):
         assert (output / name).read_bytes().startswith(PNG) and imread(output / name).shape[0] > 300
 
@@ -101,9 +105,9 @@ def test_resuming_adds_trials_and_a_study_of_another_method_is_refused(run_cli, 
     assert [r["number"] for r in trials] == [0, 1, 2, 3] and trials[3]["params"] not in [r["params"] for r in trials[:3]]
 
     before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
-    for change, message in ((["--method", "graddiff"], "holds the search of method npo, not graddiff"),
+    for change, message in ((["--method", "graddiff", "--space", "learning_rate,max_steps"], "holds the search of method npo, not graddiff"),
                             (["--method", "npo", "--utility_budget", "0.7"], "was made for another utility budget of npo"),
-                            (["--method", "npo", "--space", "learning_rate=1e-4:1e-3,max_steps=1:3,beta"], "another space of npo")):
+                            (["--method", "npo", "--space", "learning_rate=1e-3:1e-2,max_steps=1:3,beta"], "another space of npo")):
         args = {"--trials": "1", "--utility_budget": "0.5", "--space": SPACE, "--seed": "3", **dict(zip(change[::2], change[1::2]))}
         code, _, err = run_cli(*tune_args(world_model_dir, tofu_like, world_reference_dir, output, *[x for kv in args.items() for x in kv]))
         assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err, err
@@ -170,6 +174,7 @@ def test_a_space_is_restricted_and_re_ranged_by_name():
     ({"--output_dir": "x"}, "--output_dir is not an unlearn flag of tune"),
     ({"--beta": "0.2"}, "--beta is searched: drop the flag, or leave beta out of --space"),
     ({"--learning_rat": "1e-4"}, "unrecognized argument --learning_rat: did you mean --learning_rate?"),
+    ({"--trails": "3"}, "unrecognized argument --trails: did you mean --trials? (see hubunlearn tune --help)"),
     ({"--study": "{tmp}/not-a-study.db"}, "is not an Optuna study file"),
     ({"--output": "{tmp}/foreign"}, "holds other files (notes.txt, ...): choose an empty folder or an earlier tune's"),
 ])
