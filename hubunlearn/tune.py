@@ -20,6 +20,7 @@ runs as is (:mod:`hubunlearn.tune_report`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -328,7 +329,7 @@ def check_study_file(path: Path, searches: list[MethodSearch], config: TuneConfi
 
 
 def _short(value: Any, limit: int = 120) -> str:
-    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
