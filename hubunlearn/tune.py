@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
 
 from .errors import NonFiniteLossError, UsageError
 from .search_spaces import describe, method_space, restrict
@@ -345,37 +346,28 @@ def check_output(output: Path) -> None:
             raise UsageError(f"--output {output} holds other files ({foreign[0]}, ...): choose an empty folder or an earlier tune's")
 
 
-class UtilityProbePruning:
-    """A ``TrainerCallback`` that reports the share of the original's retain answer probability the model keeps (the
-    trainer's probe on ``--utility_probe_size`` retain examples) to the trial every ``every`` steps, and prunes the
-    trial when Optuna's pruner says so (below the budget ``τ``)."""
+class UtilityProbePruning(TrainerCallback):
+    """Reports the share of the original's retain answer probability the model keeps (the trainer's probe on
+    ``--utility_probe_size`` retain examples) to the Optuna ``trial`` every ``every`` steps, and prunes the trial
+    (raises ``optuna.TrialPruned``) when Optuna's pruner says so: below the budget ``tau``."""
 
-    def __new__(cls, *args, **kwargs):
-        from transformers import TrainerCallback
+    def __init__(self, trial, trainer, every: int, tau: float):
+        self.trial, self.trainer, self.every, self.tau = trial, trainer, every, tau
+        self.history: list[dict] = []
 
-        class _Callback(TrainerCallback):
-            def __init__(self, trial, trainer, every: int, tau: float):
-                self.trial, self.trainer, self.every, self.tau = trial, trainer, every, tau
-                self.history: list[dict] = []
-
-            def on_step_end(self, args, state, control, **kwargs):
-                before = getattr(self.trainer, "_before", None) or {}
-                if state.global_step % self.every or not before.get("retain"):
-                    return
-                after = self.trainer.measure()
-                share = after["retain"] / before["retain"]
-                self.history.append({"step": state.global_step, "retain_kept": share, "forget_probability": after["forget"]})
-                self.trial.report(share, state.global_step)
-                if self.trial.should_prune():
-                    optuna = require_optuna()
-
-                    self.trial.set_user_attr("probe", self.history)
-                    self.trial.set_user_attr("pruned_at_step", state.global_step)
-                    self.trial.set_user_attr("utility_kept", share)
-                    self.trial.set_user_attr("constraint", self.tau - share)
-                    raise optuna.TrialPruned(f"retain probe kept {share:.3g} of the original's at step {state.global_step}")
-
-        return _Callback(*args, **kwargs)
+    def on_step_end(self, args, state, control, **kwargs):
+        before = getattr(self.trainer, "_before", None) or {}  # the trainer's measurement before the first step
+        if state.global_step % self.every or not before.get("retain"):
+            return
+        after = self.trainer.measure()
+        share = after["retain"] / before["retain"]
+        self.history.append({"step": state.global_step, "retain_kept": share, "forget_probability": after["forget"]})
+        self.trial.report(share, state.global_step)
+        if self.trial.should_prune():
+            for key, value in (("probe", self.history), ("pruned_at_step", state.global_step), ("utility_kept", share),
+                               ("constraint", self.tau - share)):
+                self.trial.set_user_attr(key, value)
+            raise require_optuna().TrialPruned(f"retain probe kept {share:.3g} of the original's at step {state.global_step}")
 
 
 def _objective(search: MethodSearch, config: TuneConfig, evaluation: Evaluation, say):
@@ -511,8 +503,8 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
         from .artifacts import check_output_dir
 
         check_output_dir(config.save_best, False)
+    say(f"evaluating the reference's statistics (cached) and the original model {searches[0].base_model}")
     evaluation = make_evaluation(config, searches[0].base_model)
-    say(f"evaluating the original model {searches[0].base_model}")
     evaluation.original_summary = evaluate_model(evaluation, searches[0].base_model, revision=searches[0].base_revision)
     evaluation.original = metrics_of(evaluation.original_summary)
     if not evaluation.original["model_utility"]:

@@ -82,7 +82,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str, objective: str, tau: f
     for point, numbers in labels.items():
         axes.annotate(", ".join(numbers), point, textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.3")
     if original is not None:
-        axes.scatter([1.0], [max(original, floor) if log else original], marker="D", color="0.5", s=30, zorder=3,
+        axes.scatter([1.0], [max(original, floor) if log else original], marker="D", color="0.5", s=30, zorder=2,
                      label="original model")
     from .tune import OBJECTIVES
 

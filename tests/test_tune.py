@@ -192,3 +192,19 @@ def test_bad_tune_input_is_one_line_exit_2_and_nothing_written(run_cli, world_mo
     assert last.startswith("hubunlearn: error: ") and message in last and "Traceback" not in err, err
     assert not (tmp_path / "never").exists() and (tmp_path / "not-a-study.db").read_text() == "hello"
     assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
+
+
+def test_several_methods_get_a_study_each_and_a_comparison(run_cli, world_model_dir, world_reference_dir, tofu_like, tmp_path):
+    code, out, err = run_cli(*tune_args(world_model_dir, tofu_like, world_reference_dir, tmp_path / "out", "--method", "GradAscent,npo",
+                                        "--trials", "1", "--utility_budget", "0.3", "--budget_check_steps", "0",
+                                        "--space", "learning_rate=1e-3:3e-3,max_steps=1:2"))
+    assert code == 0, err
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [r["method"] for r in comparison["methods"]] == ["ga", "npo"] and "| ga | 1 (0) |" in out
+    for row in comparison["methods"]:
+        trials = json.loads((tmp_path / "out" / row["method"] / "trials.json").read_text())
+        assert trials["method"] == row["method"] and len(trials["trials"]) == 1
+        assert row["objective"] == (trials["trials"][0]["objective"] if trials["trials"][0]["feasible"] else None)
+    from hubunlearn.tune import require_optuna
+
+    assert sorted(require_optuna().get_all_study_names(f"sqlite:///{tmp_path / 'out' / 'study.db'}")) == ["ga", "npo"]
