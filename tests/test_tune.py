@@ -9,7 +9,6 @@ from hubunlearn.search_spaces import Choice, Float, Int, method_space, restrict
 from hubunlearn.trainers import METHODS, UnlearnConfig
 from hubunlearn.unlearn import UnlearnArguments
 
-pytest.importorskip("optuna")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -208,3 +207,13 @@ def test_several_methods_get_a_study_each_and_a_comparison(run_cli, world_model_
     from hubunlearn.tune import require_optuna
 
     assert sorted(require_optuna().get_all_study_names(f"sqlite:///{tmp_path / 'out' / 'study.db'}")) == ["ga", "npo"]
+
+
+def test_without_optuna_the_command_says_how_to_install_it(run_cli, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what `import optuna` meets when it is not installed
+    code, _, err = run_cli("tune", "--method", "npo", "--output", tmp_path / "never")
+    assert code == 2 and err.strip().splitlines()[-1] == ("hubunlearn: error: hubunlearn tune needs Optuna, which is not installed: "
+                                                          "pip install 'hubunlearn[tune]'")
+    assert not (tmp_path / "never").exists()
