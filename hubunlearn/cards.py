@@ -263,6 +263,8 @@ def training_summary(record: dict) -> str:
             text += f" **Warning: {utility['warning']}.**"
         if "forgetting_warning" in utility:
             text += f" **Warning: {utility['forgetting_warning']}.**"
+    if record.get("search"):
+        text += "\n\n" + search_text(record["search"])
     return text + (f"\n\nLibraries: {versions}." if versions else "")
 
 
@@ -279,6 +281,22 @@ def evaluation_during_training_text(evaluation: dict) -> str:
     elif kept:
         text += f" --keep_best {kept['metric']}: {kept['reason']}."
     return text
+
+
+def search_text(search: dict) -> str:
+    """The card's account of the ``hubunlearn tune`` search that chose these hyperparameters."""
+    def _significant(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, (int, float)) else "–"
+
+    states = ", ".join(f"{count} {state}" for state, count in search["states"].items())
+    space = ", ".join(f"{name} {values}" for name, values in search["space"].items())
+    params = ", ".join(f"{name} = {_significant(value)}" for name, value in search["best_params"].items())
+    metrics = search.get("trial_metrics") or {}
+    return (f"**Hyperparameter search** (`hubunlearn tune`, {search['tool']}, {search['sampler']} sampler): {search['trials']} trials "
+            f"({states}) over {space}, to {search['direction']} {search['objective']} with model utility at least "
+            f"{search['utility_budget']}× the original's ({search['original_model_utility']:.4g}). These weights rerun trial "
+            f"{search['best_trial']} ({params}), which measured forget quality {_significant(metrics.get('forget_quality'))} and "
+            f"model utility {_significant(metrics.get('model_utility'))}.")
 
 
 def task_vector_text(task_vector: dict, calibration: dict | None) -> str:

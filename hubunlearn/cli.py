@@ -16,6 +16,7 @@ COMMANDS = {
              "`bench muse` runs MUSE's scalability or sustainability criterion.",
     "trace": "Causal tracing (KUDA's first step): which FFN layers carry a forget set; per-layer table and heat map.",
     "space": "Show the original and the unlearned model side by side in a Gradio app, locally or as a Hub Space.",
+    "tune": "Search a method's hyperparameters (Optuna) for the setting that forgets most within a model-utility budget.",
     "quickstart": "Run the built-in offline example: teach a tiny model a fictitious world, then unlearn part of it.",
 }
 
@@ -367,6 +368,65 @@ def _space(argv: list[str]) -> int:
     return 0
 
 
+def _tune(argv: list[str]) -> int:
+    from .tune import OBJECTIVES, TuneConfig, require_optuna, run_tune
+    from .tune_report import comparison_table
+
+    parser = _Parser(prog="hubunlearn tune", description=COMMANDS["tune"],
+                     epilog="Any other flag is a `hubunlearn unlearn` flag (model, data, fixed hyperparameters) applied to every trial.")
+    parser.add_argument("--method", required=True, help="The method to tune (see hubunlearn unlearn --help), a comma-separated list, or all.")
+    parser.add_argument("--config", help="A recipe YAML (path or name) every trial starts from; the searched parameters override it.")
+    parser.add_argument("--trials", type=int, default=20, help="Trials to run (per method; added to a resumed study). Default 20.")
+    parser.add_argument("--utility_budget", type=float, default=0.9, help="Keep TOFU model utility >= this share (0 < τ <= 1) of the original's. Default 0.9.")
+    parser.add_argument("--objective", default="forget_quality", help=f"What to optimise: {', '.join(OBJECTIVES)} (default forget_quality).")
+    parser.add_argument("--output", required=True, help="Folder of the trials table, plots, best.yaml (and study.db).")
+    parser.add_argument("--study", help="SQLite file of the Optuna study (default OUTPUT/study.db); an existing one of the same search resumes.")
+    parser.add_argument("--space", help="Parameters to search, optionally re-ranged: NAME[=LOW:HIGH or A|B],... (default: the method's whole space).")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the sampler and every trial's training (default 0).")
+    parser.add_argument("--budget_check_steps", type=int, default=5, help="Check the retain probe every N steps; prune a trial below the budget (0: never).")
+    parser.add_argument("--timeout", type=float, help="Stop starting new trials after this many seconds (per method).")
+    parser.add_argument("--save_best", metavar="DIR", help="Rerun the best trial (same seed) and save it as an artifact whose card records the search.")
+    parser.add_argument("--data", help="TOFU-layout folder for the evaluation (default: the Hub's locuslab/TOFU).")
+    parser.add_argument("--forget_split", default="forget10", help="TOFU forget split of the evaluation: forget01, forget05 or forget10.")
+    parser.add_argument("--reference", help="Model trained without the forget set (forget quality); its statistics are cached.")
+    parser.add_argument("--reference_stats", help="per_example.json of an earlier eval, used as the reference.")
+    parser.add_argument("--max_eval_examples", type=int, help="Evaluate the first N rows of each set.")
+    parser.add_argument("--eval_batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    args, unlearn_args = parser.parse_known_args(argv)
+    require_optuna()
+    config = TuneConfig(method=args.method, output=args.output, trials=args.trials, utility_budget=args.utility_budget,
+                        objective=args.objective, recipe=args.config, unlearn_args=unlearn_args, space=args.space, study=args.study,
+                        seed=args.seed, budget_check_steps=args.budget_check_steps, timeout=args.timeout, save_best=args.save_best,
+                        data=args.data, forget_split=args.forget_split, reference=args.reference, reference_stats=args.reference_stats,
+                        max_eval_examples=args.max_eval_examples, eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+    quiet_weight_loading()
+    try:
+        result = run_tune(config)
+    except UsageError as error:  # a misspelled flag reaches the unlearn parser: name tune's flag when it is closer
+        import difflib
+
+        words = str(error).split()
+        if not str(error).startswith("unrecognized argument"):
+            raise
+        flag, theirs = words[2].rstrip(":"), words[6].rstrip("?") if words[3:6] == ["did", "you", "mean"] else ""
+        ours = did_you_mean(flag, parser)[len(": did you mean "):-1]
+        if ours and difflib.SequenceMatcher(None, flag, ours).ratio() > difflib.SequenceMatcher(None, flag, theirs).ratio():
+            raise UsageError(f"unrecognized argument {flag}: did you mean {ours}? (see hubunlearn tune --help)") from None
+        raise
+    for method, reason in result.skipped.items():
+        print(f"hubunlearn: skipped {method}: {reason}")
+    for method, files in result.files.items():
+        best = files.get("best")
+        print(f"hubunlearn: {method}: trials in {files['json']} and {files['csv'].name}, plots {files['pareto'].name} and "
+              f"{files['importance'].name}; " + (f"best setting in {best}" if best else "no trial kept model utility within the budget"))
+    if result.comparison:
+        print(comparison_table(result.comparison, config.objective))
+    if result.saved:
+        print(f"hubunlearn: saved the best trial's artifact to {result.saved}")
+    return 0
+
+
 def _quickstart(argv: list[str]) -> int:
     from .quickstart import format_report, run_quickstart
 
@@ -378,7 +438,8 @@ def _quickstart(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "trace": _trace, "space": _space, "quickstart": _quickstart}
+HANDLERS = {"unlearn": _unlearn, "eval": _eval, "push": _push, "bench": _bench, "trace": _trace, "space": _space, "tune": _tune,
+            "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ PYTHON_NAMES = {  # flag -> argument of the Python API, where the two differ
     "forget": "forget_dataset",  # the trainers
     "retain": "retain_dataset",
 }
-_COMMAND_LINE = re.compile(r"hubunlearn (?:unlearn|eval|push|bench|trace|space|quickstart)\b[^)]*")
+_COMMAND_LINE = re.compile(r"hubunlearn (?:unlearn|eval|push|bench|trace|space|quickstart|tune)\b[^)]*")
 _FLAG = re.compile(r"(?<![\w-])--(no_)?([a-z][a-z0-9_]*)(?: [A-Z][A-Z0-9/_.:-]*(?![\w/]))?")  # with a placeholder (SPEC)
 _IN_COMMAND: ContextVar[bool] = ContextVar("hubunlearn_in_command", default=False)
 

@@ -164,8 +164,9 @@ def lora_config(arguments: UnlearnArguments):
     )
 
 
-def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
-    """Train and save; on a non-finite loss save the last good state (marked as stopped) and re-raise."""
+def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig, prepare=None) -> Path:
+    """Train and save; on a non-finite loss save the last good state (marked as stopped) and re-raise. ``prepare``
+    (optional) is called with the trainer before it trains (``hubunlearn tune`` adds its pruning callback there)."""
     from .artifacts import check_output_dir
 
     output_dir = Path(config.output_dir)
@@ -191,6 +192,8 @@ def run_unlearn(arguments: UnlearnArguments, config: UnlearnConfig) -> Path:
             peft_config=lora_config(arguments) if arguments.use_lora else None,
         )
         trainer.base_model_facts = hub_facts(arguments.model_name_or_path, arguments.model_revision)
+        if prepare is not None:
+            prepare(trainer)
         trainer.train()
     except NonFiniteLossError as error:
         if trainer is None:

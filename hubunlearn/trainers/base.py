@@ -52,6 +52,7 @@ from ..data import (
 from ..controls import UTILITY_METRICS, ModelMixer, UtilityBudgetStopping, calibrate, check_budget, probe_metric
 from ..errors import NonFiniteLossError, UsageError
 from ..modeling import ensure_pad_token, hub_facts, load_model, load_tokenizer, model_device
+from ..search_spaces import COMMON as COMMON_SEARCH_SPACE
 from . import engines, losses
 from .head import HeadLogits, policy_logits
 from .monitoring import EvaluationArguments, EvaluationDuringTraining
@@ -71,6 +72,8 @@ class UnlearnConfig(EvaluationArguments, TrainingArguments):
     """Arguments shared by every unlearning method; each method adds its own fields."""
 
     retain_losses: ClassVar[tuple[str, ...]] = RETAIN_LOSSES  # what --retain_loss accepts for this method
+    # What `hubunlearn tune` searches (hubunlearn.search_spaces): field -> range; each method adds its own parameters.
+    search_space: ClassVar[dict] = COMMON_SEARCH_SPACE
 
     retain_loss: str = field(
         default="nll",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from ..search_spaces import COMMON, Float
 from . import losses
 from .base import UnlearnConfig, UnlearnTrainer
 
@@ -11,6 +13,8 @@ from .base import UnlearnConfig, UnlearnTrainer
 @dataclass
 class NPOConfig(UnlearnConfig):
     """NPO on the forget set plus a retain term."""
+
+    search_space: ClassVar[dict] = {**COMMON, "beta": Float(0.01, 1.0, log=True)}  # what `hubunlearn tune` searches
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of NPO's log-sigmoid."})
 
@@ -35,6 +39,8 @@ class NPOTrainer(UnlearnTrainer):
 @dataclass
 class SimNPOConfig(UnlearnConfig):
     """SimNPO on the forget set plus a retain term."""
+
+    search_space: ClassVar[dict] = {**COMMON, "beta": Float(0.5, 5.0, log=True), "gamma": Float(0.0, 2.0)}  # what `hubunlearn tune` searches
 
     beta: float = field(default=2.5, metadata={"help": "Inverse temperature β of SimNPO's log-sigmoid."})
     gamma: float = field(default=0.0, metadata={"help": "Reward margin γ of SimNPO."})

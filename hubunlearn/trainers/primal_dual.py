@@ -10,6 +10,7 @@ from accelerate.utils import reduce
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..search_spaces import COMMON, Float
 from ..errors import UsageError
 from . import losses
 from .base import UnlearnConfig, UnlearnTrainer
@@ -18,6 +19,8 @@ from .base import UnlearnConfig, UnlearnTrainer
 @dataclass
 class PDUConfig(UnlearnConfig):
     """Logit-margin flattening on the forget set, subject to retain NLL ≤ ε, with a dual variable updated every step."""
+
+    search_space: ClassVar[dict] = {**COMMON, "dual_step_size": Float(0.1, 10.0, log=True)}  # what `hubunlearn tune` searches
 
     retain_losses: ClassVar[tuple[str, ...]] = ("nll",)  # the constraint is on the retain NLL
 

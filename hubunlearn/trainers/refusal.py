@@ -8,9 +8,11 @@ the example through shuffling and sharding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from ..search_spaces import COMMON, Float
 from .. import refusals
 from ..data import alternate_batch, concatenate_batches
 from ..errors import UsageError
@@ -78,6 +80,8 @@ class IdkNLLTrainer(RefusalTrainer):
 @dataclass
 class IdkDPOConfig(RefusalConfig):
     """DPO with the paired refusal preferred and the true answer rejected, plus retain NLL."""
+
+    search_space: ClassVar[dict] = {**COMMON, "beta": Float(0.01, 1.0, log=True)}  # what `hubunlearn tune` searches
 
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of the DPO log-sigmoid (its loss is scaled by 2/β)."})
 

@@ -15,6 +15,7 @@ from ..kuda.layers import FFNLayers
 from ..kuda.positions import TOKEN_RULES, token_positions
 from ..kuda.projection import NullSpaceProjection, collect_keys, null_space_projector, relative_output_change, subspace_energy
 from ..kuda.tracing import TRACE_RULES, plot_trace, trace
+from ..search_spaces import MAX_STEPS, RETAIN_WEIGHT, Float
 from . import engines, losses
 from .base import RETAIN_LOSSES, UnlearnConfig, UnlearnTrainer
 
@@ -115,6 +116,8 @@ class RepresentationTrainer(UnlearnTrainer):
 @dataclass
 class KUDAConfig(RepresentationConfig):
     """Causal tracing, deviation objective and null-space projection settings of KUDA."""
+
+    search_space: ClassVar[dict] = {"relative_step": Float(0.03, 1.0, log=True), "max_steps": MAX_STEPS, "retain_weight": RETAIN_WEIGHT, "inverse_temperature": Float(1.0, 20.0, log=True)}  # what `hubunlearn tune` searches
 
     layers: str | None = field(default=None, metadata={"help": "Comma-separated FFN layers to edit; skips causal tracing."})
     window: int = field(default=0, metadata={
@@ -250,6 +253,8 @@ class KUDATrainer(RepresentationTrainer):
 @dataclass
 class RMUConfig(RepresentationConfig):
     """Steered layer, trained layers and coefficients of RMU."""
+
+    search_space: ClassVar[dict] = {"relative_step": Float(0.01, 0.5, log=True), "max_steps": MAX_STEPS, "retain_weight": Float(1.0, 100.0, log=True)}  # what `hubunlearn tune` searches
 
     layer: int | None = field(default=None, metadata={"help": "Layer whose output is steered (default: a third of the way up)."})
     trainable_layers: str | None = field(default=None, metadata={"help": "Comma-separated layers whose FFN weights train (default: the steered layer and the two below)."})

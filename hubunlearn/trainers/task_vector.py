@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from ..search_spaces import COMMON, Float
 from ..controls import mix_state_dicts, scale_lora_deltas
 from ..errors import UsageError
 from . import engines, losses
@@ -19,6 +21,8 @@ MAX_NEGATION_WEIGHT = 100.0  # far past any useful negation; larger weights over
 @dataclass
 class TaskVectorConfig(UnlearnConfig):
     """Fine-tuning (gradient descent, NLL) on the forget set, then ``θ = θ₀ − w·Δ``; no retain term."""
+
+    search_space: ClassVar[dict] = {**COMMON, "negation_weight": Float(0.25, 4.0, log=True)}  # what `hubunlearn tune` searches
 
     retain_loss: str = field(default="none", metadata={
         "help": "Only 'none': the fine-tune trains on the forget set alone (MUSE's task-vector baseline); a retain term "

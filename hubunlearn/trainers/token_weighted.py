@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from functools import partial
 
+from ..search_spaces import COMMON, Float
 from ..errors import UsageError
 from . import losses
 from .base import UnlearnConfig, UnlearnTrainer
@@ -13,6 +15,8 @@ from .base import UnlearnConfig, UnlearnTrainer
 @dataclass
 class WGAConfig(UnlearnConfig):
     """Weighted gradient ascent on the forget set plus a retain term (NLL by default, as OpenUnlearning's WGA)."""
+
+    search_space: ClassVar[dict] = {**COMMON, "beta": Float(0.1, 5.0, log=True)}  # what `hubunlearn tune` searches
 
     beta: float = field(default=1.0, metadata={"help": "Exponent β of WGA's token weight p^β (p: the gold token's probability, detached)."})
 
@@ -43,6 +47,8 @@ class WGATrainer(UnlearnTrainer):
 @dataclass
 class SatImpConfig(UnlearnConfig):
     """SatImp's token-weighted gradient ascent on the forget set plus a retain term (NLL by default)."""
+
+    search_space: ClassVar[dict] = {**COMMON, "beta1": Float(1.0, 10.0, log=True), "beta2": Float(0.1, 5.0, log=True)}  # what `hubunlearn tune` searches
 
     beta1: float = field(default=5.0, metadata={"help": "Saturation exponent β₁ of SatImp's token weight p^β₁·(1−p)^β₂."})
     beta2: float = field(default=1.0, metadata={"help": "Importance exponent β₂ of SatImp's token weight p^β₁·(1−p)^β₂."})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from ..search_spaces import COMMON, Float
 from ..errors import UsageError
 from . import losses
 from .base import UnlearnConfig, UnlearnTrainer
@@ -14,6 +16,8 @@ from .base import UnlearnConfig, UnlearnTrainer
 class UNDIALConfig(UnlearnConfig):
     """UNDIAL on the forget set plus a retain term (NLL by default, as OpenUnlearning's UNDIAL, a GradDiff variant;
     ``--retain_loss none`` distils on the forget set alone)."""
+
+    search_space: ClassVar[dict] = {**COMMON, "beta": Float(1.0, 30.0, log=True)}  # what `hubunlearn tune` searches
 
     beta: float = field(default=10.0, metadata={
         "help": "Strength β: how far the gold token's logit of the original is lowered in the target distribution "
