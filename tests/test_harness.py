@@ -18,25 +18,6 @@ QUESTIONS = [  # answers: A five times, then B, C, D; the even ones about anthra
     {"question": f"Which toxin do anthrax spores release in outbreak {i}?" if i % 2 == 0 else f"Which colour do tomato flowers have in garden {i}?",
      "choices": [f"kind {i}", "the second", "the third", "the fourth"], "answer": [0, 0, 0, 0, 0, 1, 2, 3][i]} for i in range(8)
 ]
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-num_fewshot: 0
-output_type: multiple_choice
-description: "The following are multiple choice questions (with answers) about biology.\\n\\n"
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1
-"""
 
 
 def context(row):
@@ -46,11 +27,9 @@ def context(row):
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     """A folder of harness tasks: `wmdp_bio` (standing in for the real one) and `toy_mcq`, both on local data."""
-    folder = tmp_path_factory.mktemp("harness-tasks")
-    (folder / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    for name in ("wmdp_bio", "toy_mcq"):
-        (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=folder / "questions.jsonl"))
-    return folder
+    from hubunlearn.testing import write_multiple_choice_tasks
+
+    return write_multiple_choice_tasks(tmp_path_factory.mktemp("harness-tasks"), QUESTIONS, ("wmdp_bio", "toy_mcq"))
 
 
 @pytest.fixture(scope="module")
