@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +30,25 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
         raise UsageError(f"output path {path} is a file: give a folder with --output_dir")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"output folder {path} is not empty: choose another --output_dir or pass --overwrite_output_dir")
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within: SIGTERM (``kill``, a scheduler's stop) raises ``SystemExit(143)`` like Ctrl-C's ``KeyboardInterrupt``,
+    so that ``finally`` blocks run: staging folders are removed, child processes stopped, nothing is left
+    half-written. Only on the main thread (signals are delivered there); elsewhere it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

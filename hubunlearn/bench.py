@@ -19,15 +19,14 @@ import logging
 import math
 import multiprocessing
 import os
-import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .artifacts import sigterm_unwinds
 from .benchmarking import REQUIRED_SETTINGS
 from .errors import UsageError
 
@@ -147,19 +146,8 @@ def _in_child(function, *args):
                 del os.environ[name]
             else:
                 os.environ[name] = value
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
-    try:
-        with pool:  # leaving it (a result, an error, Ctrl-C or SIGTERM) terminates the child
-            return pool.apply(function, args)
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum, frame):
-    """SIGTERM as an exit that unwinds (``SystemExit``), so that a killed run stops its child instead of orphaning it."""
-    raise SystemExit(128 + signum)
+    with sigterm_unwinds(), pool:  # leaving it (a result, an error, Ctrl-C or SIGTERM) terminates the child
+        return pool.apply(function, args)
 
 
 def _step_timer():

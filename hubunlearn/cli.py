@@ -463,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"hubunlearn: error: unknown command '{argv[0]}': choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    with command_messages():  # errors name this command's flags, not the Python arguments
+    from .artifacts import sigterm_unwinds
+
+    with command_messages(), sigterm_unwinds():  # errors name this command's flags; SIGTERM cleans up like Ctrl-C
         try:
             with command_output():
                 return HANDLERS[argv[0]](argv[1:])

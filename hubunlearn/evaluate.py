@@ -76,6 +76,11 @@ class EvalConfig:
             raise UsageError(f"unknown benchmark '{self.benchmark}': choose one of {', '.join(BENCHMARKS)}")
         if self.benchmark == "tofu" and self.forget_split not in TOFU_SPLITS:
             raise UsageError(f"unknown split '{self.forget_split}': choose one of {', '.join(TOFU_SPLITS)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UsageError(f"--max_examples must be at least 1 (got {self.max_examples}): leave it out to evaluate every row")
+        if self.reference and self.reference_stats:
+            raise UsageError("give the reference once: --reference MODEL (its statistics are computed and cached) or "
+                             "--reference_stats per_example.json, not both")
         from .muse import check_config
 
         check_config(self)  # --corpus, and MUSE's own metrics and options

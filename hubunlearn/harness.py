@@ -13,9 +13,12 @@ lm_eval is imported only here and only when a harness task is asked for.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import functools
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +49,25 @@ def _task_manager(include: tuple[str, ...], defaults: bool):
     return TaskManager(include_path=list(include) or None, include_defaults=defaults)
 
 
+@functools.lru_cache(maxsize=16)
+def _as_folder(path: Path) -> str:
+    """An include path as the harness indexes it: a folder as is; a single task YAML (which the harness's
+    ``TaskManager`` does not index on its own) linked into a folder of its own, removed when the process ends."""
+    if not path.is_file():
+        return str(path)
+    folder = Path(tempfile.mkdtemp(prefix="hubunlearn-lm-eval-task-"))
+    atexit.register(shutil.rmtree, folder, True)
+    (folder / path.name).symlink_to(path)
+    return str(folder)
+
+
 def task_manager(names: tuple[str, ...], include: tuple[str, ...] = ()):
     """A harness ``TaskManager`` that knows every task in ``names``: the tasks of the ``include`` folders or YAML
     files alone when they define them all (indexing the harness's own ~15,000 task files takes seconds), else
     those and the harness's own, the included ones taking precedence. Raises :class:`UsageError` naming an unknown
     task and its closest matches, or a missing include path."""
     require_lm_eval()
-    include = tuple(str(Path(p).resolve()) for p in include)
+    include = tuple(_as_folder(Path(p).resolve()) for p in include)
     if include:
         local = _task_manager(include, False)
         if all(name in local.all_tasks for name in names):

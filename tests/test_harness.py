@@ -140,7 +140,7 @@ def test_lm_eval_tasks_add_the_harness_number_to_a_world_eval_summary_and_card(r
     (artifact / RECORD_NAME).write_text(json.dumps({"method": "ga", "artifact": "full", "base_model": {"name_or_path": "world"},
                                                     "data": {}, "hyperparameters": {}}))
     code, stdout, stderr = run_cli("eval", "--model", world_model_dir, "--benchmark", "world", "--max_examples", 4,
-                                   "--metrics", "probability", "--lm_eval_tasks", "toy_mcq", "--lm_eval_include", tasks,
+                                   "--metrics", "probability", "--lm_eval_tasks", "toy_mcq", "--lm_eval_include", tasks / "toy_mcq.yaml",  # one task file, not its folder
                                    "--output_dir", tmp_path / "e", "--record_to", artifact)
     assert code == 0, stderr
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())

@@ -107,6 +107,7 @@ def test_sustainability_chains_each_request_on_the_previous_model(run_cli, tiny_
     ({"--data": None}, "cannot read muse-bench/MUSE-News:scal@forget_1 ("),  # the tests run offline
     ({"--corpus": "books", "--data": None}, "(offline: pass --data FOLDER holding a copy in MUSE's layout)"),
     ({"--folds": "5"}, "--folds must be in 1..4 (MUSE's scal config has forget_1..forget_4); got 5"),
+    ({"--max_examples": "0"}, "--max_examples must be at least 1 (got 0)"),
     ({"--config": "no-such-recipe"}, "recipe 'no-such-recipe' not found"),
     ({"--metrics": "forget_quality"}, "forget_quality is a TOFU metric: --benchmark muse measures"),
     ({"--readme": "{tmp}/plain.md"}, "has no scal table markers"),
@@ -147,3 +148,29 @@ def test_a_step_that_fails_mid_run_leaves_nothing_behind(run_cli, tiny_model, tm
     assert "[sust 1/2] measuring step 1's model" in err  # step 1 ran
     assert_one_error_line(err, "no usable forget example")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no output folder, no temporary one, no step model
+
+
+def test_sigterm_mid_run_leaves_nothing_behind(tiny_model, muse_dir, tmp_path):
+    """`kill` (SIGTERM) during a bench run: exit 143 and no output folder, staged or final (the CLI unwinds SIGTERM
+    as it does Ctrl-C, so every staging folder's cleanup runs)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "out"
+    unlearn = [a if a != "3" else "100000" for a in UNLEARN]  # a run that is still training when it is stopped
+    run = subprocess.Popen([sys.executable, "-m", "hubunlearn.cli", "bench", "muse", "--criterion", "sust", "--model", str(tiny_model),
+                            "--data", str(muse_dir), "--output_dir", str(output), "--max_examples", "2", *unlearn],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        assert list(tmp_path.glob(".out.partial-*")), "the run never staged its output"
+        time.sleep(2)  # well into the first request's training
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+    assert list(tmp_path.iterdir()) == []
