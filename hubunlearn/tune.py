@@ -48,6 +48,7 @@ OBJECTIVES = {
 }
 TUNE_FILES = ("study.db", "trials.json", "trials.csv", "pareto.png", "importance.png", "best.yaml", "comparison.json",
               "comparison.csv")
+BEST_MODEL = "best-model"  # best.yaml's output_dir, beside it: running it leaves the folder resumable
 TRIAL_FLAGS = ["--disable_tqdm", "true", "--no_summary"]  # how trials run; not part of the recipe (no effect on results)
 
 
@@ -341,7 +342,8 @@ def check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file: give a folder")
     if output.is_dir():
-        foreign = [p.name for p in output.iterdir() if p.name not in TUNE_FILES and p.name not in METHODS and not p.name.startswith(".trial-")]
+        foreign = [p.name for p in output.iterdir() if p.name not in TUNE_FILES and p.name not in METHODS and not p.name.startswith(".trial-")
+                   and p.name != BEST_MODEL]
         if foreign:
             raise UsageError(f"--output {output} holds other files ({foreign[0]}, ...): choose an empty folder or an earlier tune's")
 
@@ -449,6 +451,9 @@ def open_study(search: MethodSearch, config: TuneConfig, study_path: Path):
                                 load_if_exists=True)
     if existing is None:
         study.set_user_attr("hubunlearn", _signature(search, config))
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # a run killed mid-trial (trials run one at a time)
+        shutil.rmtree(search.directory / f".trial-{trial.number}", ignore_errors=True)
     return study
 
 
@@ -499,10 +504,8 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
     if not searches:
         raise UsageError(f"no method can run with these settings (e.g. {next(iter(skipped))}: {next(iter(skipped.values()))})")
     check_study_file(study_path, searches, config)
-    if config.save_best:
-        from .artifacts import check_output_dir
-
-        check_output_dir(config.save_best, False)
+    if config.save_best and Path(config.save_best).exists() and (not Path(config.save_best).is_dir() or any(Path(config.save_best).iterdir())):
+        raise UsageError(f"--save_best {config.save_best} already exists and is not an empty folder: choose a new one")
     say(f"evaluating the reference's statistics (cached) and the original model {searches[0].base_model}")
     evaluation = make_evaluation(config, searches[0].base_model)
     evaluation.original_summary = evaluate_model(evaluation, searches[0].base_model, revision=searches[0].base_revision)
@@ -512,7 +515,7 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
         raise UsageError(f"the original model's utility on this data is {why}: check --data (TOFU layout: retain, real "
                          "authors and world facts with paraphrased and perturbed answers)")
     created = not output.exists()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is said in one line here and kept in the table
     result = TuneResult(skipped=skipped)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -521,8 +524,13 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
             search.directory.mkdir(parents=True, exist_ok=True)
             study = open_study(search, config, study_path)
             say(f"{search.method}: {config.trials} trials over {', '.join(f'{k} {v}' for k, v in describe(search.space).items())}")
-            study.optimize(_objective(search, config, evaluation, say), n_trials=config.trials, timeout=config.timeout,
-                           catch=(NonFiniteLossError,))
+            try:
+                study.optimize(_objective(search, config, evaluation, say), n_trials=config.trials, timeout=config.timeout,
+                               catch=(NonFiniteLossError,))
+            except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: the trial under way is recorded as failed, not running
+                for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                raise
             result.studies[search.method] = study
             result.files[search.method] = tune_report.write_reports(study, search, config, evaluation, best_trial(study, config.utility_budget))
     except UsageError:

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ def write_reports(study, search, config, evaluation, best) -> dict[str, Path]:
     """``trials.json``, ``trials.csv``, ``pareto.png``, ``importance.png`` and (when a trial met the budget)
     ``best.yaml`` in the method's folder."""
     from .search_spaces import describe
-    from .tune import OBJECTIVES, recipe_for, write_recipe
+    from .tune import BEST_MODEL, OBJECTIVES, recipe_for, write_recipe
 
     folder = search.directory
     rows = trial_rows(study)
@@ -189,8 +190,8 @@ def write_reports(study, search, config, evaluation, best) -> dict[str, Path]:
         header = (f"hubunlearn tune: the best of {len(rows)} trials of {search.method} (trial {best.number}), seed {search.settings.get('seed')}\n"
                   f"{config.objective} {best.value:.6g}, model utility {metrics['model_utility']:.6g} "
                   f"({best.user_attrs['utility_kept']:.4f}× the original's; budget {config.utility_budget:g}×)\n"
-                  f"run it: hubunlearn unlearn --config {folder / 'best.yaml'}")
-        files["best"] = write_recipe(folder / "best.yaml", recipe_for(search, best.params, str(folder / "best-model")), header)
+                  f"run it: hubunlearn unlearn --config {shlex.quote(str(folder / 'best.yaml'))}")
+        files["best"] = write_recipe(folder / "best.yaml", recipe_for(search, best.params, str(folder / BEST_MODEL)), header)
     else:
         (folder / "best.yaml").unlink(missing_ok=True)  # an earlier session's best no longer describes this study
     return files

@@ -96,12 +96,18 @@ def test_a_tune_writes_the_table_both_plots_and_a_recipe_that_reruns_to_the_same
 
 
 def test_resuming_adds_trials_and_a_study_of_another_method_is_refused(run_cli, tuned, world_model_dir, world_reference_dir, tofu_like):
+    import optuna
+
     output = tuned / "out"
+    # A trial left running by a killed process, and best.yaml run as its header says (into OUTPUT/best-model):
+    optuna.load_study(study_name="npo", storage=f"sqlite:///{output / 'study.db'}").ask()
+    (output / "best-model").mkdir()
     code, _, err = run_cli(*tune_args(world_model_dir, tofu_like, world_reference_dir, output, "--method", "npo", "--trials", "1",
                                       "--utility_budget", "0.5", "--space", SPACE, "--seed", "3", "--budget_check_steps", "0"))
     assert code == 0, err
     trials = json.loads((output / "trials.json").read_text())["trials"]
-    assert [r["number"] for r in trials] == [0, 1, 2, 3] and trials[3]["params"] not in [r["params"] for r in trials[:3]]
+    assert [r["number"] for r in trials] == [0, 1, 2, 3, 4] and trials[4]["params"] not in [r["params"] for r in trials[:3]]
+    assert [r["state"] for r in trials] == ["complete"] * 3 + ["fail", "complete"]  # the stale trial: failed, not running
 
     before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
     for change, message in ((["--method", "graddiff", "--space", "learning_rate,max_steps"], "holds the search of method npo, not graddiff"),
@@ -176,6 +182,7 @@ def test_a_space_is_restricted_and_re_ranged_by_name():
     ({"--trails": "3"}, "unrecognized argument --trails: did you mean --trials? (see hubunlearn tune --help)"),
     ({"--study": "{tmp}/not-a-study.db"}, "is not an Optuna study file"),
     ({"--output": "{tmp}/foreign"}, "holds other files (notes.txt, ...): choose an empty folder or an earlier tune's"),
+    ({"--save_best": "{tmp}/foreign"}, "--save_best {tmp}/foreign already exists and is not an empty folder: choose a new one"),
 ])
 def test_bad_tune_input_is_one_line_exit_2_and_nothing_written(run_cli, world_model_dir, tofu_like, tmp_path, change, message):
     (tmp_path / "not-a-study.db").write_text("hello")
@@ -188,7 +195,7 @@ def test_bad_tune_input_is_one_line_exit_2_and_nothing_written(run_cli, world_mo
     code, _, err = run_cli("tune", *[part for flag, value in flags.items() if value is not None for part in (flag, value)])
     assert code == 2
     last = err.strip().splitlines()[-1]
-    assert last.startswith("hubunlearn: error: ") and message in last and "Traceback" not in err, err
+    assert last.startswith("hubunlearn: error: ") and message.format(tmp=tmp_path) in last and "Traceback" not in err, err
     assert not (tmp_path / "never").exists() and (tmp_path / "not-a-study.db").read_text() == "hello"
     assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
 
