@@ -506,6 +506,11 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
     check_study_file(study_path, searches, config)
     if config.save_best and Path(config.save_best).exists() and (not Path(config.save_best).is_dir() or any(Path(config.save_best).iterdir())):
         raise UsageError(f"--save_best {config.save_best} already exists and is not an empty folder: choose a new one")
+    from .data import looks_like_repo_id
+
+    for flag, model in (("--model_name_or_path", searches[0].base_model), ("--reference", config.reference)):
+        if model and not Path(model).exists() and not looks_like_repo_id(str(model)):  # before minutes of reference statistics
+            raise UsageError(f"{flag} {model} is neither a model folder nor a Hub id (ORG/NAME)")
     say(f"evaluating the reference's statistics (cached) and the original model {searches[0].base_model}")
     evaluation = make_evaluation(config, searches[0].base_model)
     evaluation.original_summary = evaluate_model(evaluation, searches[0].base_model, revision=searches[0].base_revision)

@@ -182,6 +182,8 @@ def test_a_space_is_restricted_and_re_ranged_by_name():
     ({"--trails": "3"}, "unrecognized argument --trails: did you mean --trials? (see hubunlearn tune --help)"),
     ({"--study": "{tmp}/not-a-study.db"}, "is not an Optuna study file"),
     ({"--output": "{tmp}/foreign"}, "holds other files (notes.txt, ...): choose an empty folder or an earlier tune's"),
+    ({"--model_name_or_path": "{tmp}/no-model"}, "--model_name_or_path {tmp}/no-model is neither a model folder nor a Hub id"),
+    ({"--reference": "{tmp}/no-reference"}, "--reference {tmp}/no-reference is neither a model folder nor a Hub id"),
     ({"--save_best": "{tmp}/foreign"}, "--save_best {tmp}/foreign already exists and is not an empty folder: choose a new one"),
 ])
 def test_bad_tune_input_is_one_line_exit_2_and_nothing_written(run_cli, world_model_dir, tofu_like, tmp_path, change, message):
