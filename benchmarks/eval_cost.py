@@ -46,8 +46,7 @@ def write_inputs(folder: Path) -> dict[str, list[str]]:
     """The MUSE-layout folder and the WMDP-format task; each benchmark's ``eval`` arguments."""
     from hubunlearn import testing
 
-    testing.MUSE_SPLITS = {"forget": MUSE_TEXTS, "retain1": MUSE_TEXTS, "retain2": 3, "holdout": MUSE_TEXTS}
-    muse = testing.write_muse_folder(folder / "muse")
+    muse = testing.write_muse_folder(folder / "muse", splits={"forget": MUSE_TEXTS, "retain1": MUSE_TEXTS, "retain2": 3, "holdout": MUSE_TEXTS})
     questions = [{"question": f"Which agent is described in report {i}?", "choices": [f"agent {i}", "the second", "the third", "the fourth"],
                   "answer": i % 4} for i in range(WMDP_QUESTIONS)]
     testing.write_multiple_choice_tasks(folder / "tasks", questions)

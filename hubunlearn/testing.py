@@ -726,7 +726,8 @@ def muse_articles(seed: int = 0, splits: dict[str, int] = MUSE_SPLITS) -> dict[s
     return articles
 
 
-def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str = "retain_qa") -> Path:
+def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str = "retain_qa",
+                      splits: dict[str, int] = MUSE_SPLITS) -> Path:
     """A small folder in MUSE's layout (``muse-bench/MUSE-News``) for offline tests; returns it.
 
     ``raw/{forget,retain1,retain2,holdout}.json`` (``text``); ``verbmem/forget.json`` (``prompt``: each forget
@@ -736,9 +737,10 @@ def write_muse_folder(folder: str | os.PathLike, seed: int = 0, retain_qa: str =
     ``scal/forget_1..4.json`` (the first 2, 4, 6, 8 articles of forget + extra_forget: nested, growing) and
     ``sust/forget_1..4.json`` (articles 1-2, 3-4, 5-6, 7-8 of the same: disjoint, 2 each), the layout of MUSE's
     scalability and sustainability configs (``extra_forget`` articles are in no other config).
-    ``retain_qa="retain2_qa"`` writes the older revision's split names. Files are JSON arrays, as MUSE's own."""
+    ``retain_qa="retain2_qa"`` writes the older revision's split names; ``splits``: raw texts per split (as
+    :func:`muse_articles`). Files are JSON arrays, as MUSE's own."""
     folder = Path(folder)
-    articles = muse_articles(seed, {**MUSE_SPLITS, "extra_forget": 2})
+    articles = muse_articles(seed, {**splits, "extra_forget": 2})
 
     def write(config: str, split: str, rows: list[dict]) -> None:
         (folder / config).mkdir(parents=True, exist_ok=True)

@@ -377,7 +377,7 @@ def _objective(search: MethodSearch, config: TuneConfig, evaluation: Evaluation,
 
     def objective(trial) -> float:
         params = {name: dimension.suggest(trial, name) for name, dimension in search.space.items()}
-        folder = search.directory / f".trial-{trial.number}"
+        folder = trial_folder(search, trial.number)
         shutil.rmtree(folder, ignore_errors=True)
         holder: dict[str, Any] = {}
 
@@ -451,10 +451,23 @@ def open_study(search: MethodSearch, config: TuneConfig, study_path: Path):
                                 load_if_exists=True)
     if existing is None:
         study.set_user_attr("hubunlearn", _signature(search, config))
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # a run killed mid-trial (trials run one at a time)
-        shutil.rmtree(search.directory / f".trial-{trial.number}", ignore_errors=True)
+    fail_running_trials(study, search)  # left by a run killed mid-trial (trials run one at a time)
     return study
+
+
+def fail_running_trials(study, search: MethodSearch) -> None:
+    """Record the study's running trials as failed and remove their folders: a trial stopped mid-way (Ctrl-C, SIGTERM,
+    a killed process) never stays ``running``."""
+    optuna = require_optuna()
+
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        shutil.rmtree(trial_folder(search, trial.number), ignore_errors=True)
+
+
+def trial_folder(search: MethodSearch, number: int) -> Path:
+    """Where trial ``number`` of the method's study saves its artifact while it is evaluated."""
+    return search.directory / f".trial-{number}"
 
 
 def best_trial(study, tau: float):
@@ -532,9 +545,8 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
             try:
                 study.optimize(_objective(search, config, evaluation, say), n_trials=config.trials, timeout=config.timeout,
                                catch=(NonFiniteLossError,))
-            except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: the trial under way is recorded as failed, not running
-                for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            except BaseException:  # SIGTERM (SystemExit) or Ctrl-C: the trial under way is recorded as failed
+                fail_running_trials(study, search)
                 raise
             result.studies[search.method] = study
             result.files[search.method] = tune_report.write_reports(study, search, config, evaluation, best_trial(study, config.utility_budget))

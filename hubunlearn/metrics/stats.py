@@ -75,9 +75,9 @@ def _statistics(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     hidden) and the logits of the masked positions are made a chunk of positions at a time
     (:func:`~hubunlearn.trainers.losses.default_chunk_positions`): nothing of vocabulary size is held for all of them."""
     selected, targets = logits[mask], targets[mask]  # (labelled tokens, vocabulary or hidden), (labelled tokens,)
-    size = len(selected) if weight is None else default_chunk_positions(1, weight.shape[0], selected.device)
+    size = max(1, len(selected) if weight is None else default_chunk_positions(1, weight.shape[0], selected.device))
     columns: list[list[torch.Tensor]] = [[] for _ in range(4 if spread else 2)]
-    for part, part_targets in zip(selected.split(max(size, 1)), targets.split(max(size, 1))):
+    for part, part_targets in zip(selected.split(size), targets.split(size)):
         part = (part if weight is None else F.linear(part, weight)).float()
         normaliser = part.logsumexp(-1)
         values = [torch.gather(part, -1, part_targets.unsqueeze(-1)).squeeze(-1) - normaliser, part.argmax(-1) == part_targets]
