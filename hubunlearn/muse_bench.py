@@ -75,8 +75,6 @@ class MuseBenchConfig:
             raise UsageError(f"unknown corpus '{self.corpus}': choose one of {', '.join(CORPORA)}")
         if not 1 <= self.folds <= FOLDS:
             raise UsageError(f"--folds must be in 1..{FOLDS} (MUSE's {self.criterion} config has forget_1..forget_{FOLDS}); got {self.folds}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise UsageError(f"--max_examples must be at least 1 (got {self.max_examples}): leave it out to evaluate every row")
         self.unlearn_args = tuple(str(a) for a in self.unlearn_args)
         for argument in self.unlearn_args:
             flag = argument.split("=")[0]
