@@ -65,10 +65,14 @@ class BenchConfig:
     data: str = "locuslab/TOFU"
     results_dir: str = "benchmarks/results"
     build: dict = field(default_factory=dict)
+    tofu_mini: str | None = None  # a built TOFU-mini folder (`bench build-tofu`'s), instead of building one from `data`
     max_eval_examples: int | None = None
     scaling: bool = True
     scaling_steps: int = 10
     fresh: bool = False
+    tune_trials: int = 0  # tuned rows: `hubunlearn tune` trials per weight-changing method (0: none)
+    tune_eval_examples: int | None = 50  # rows per evaluation set in the search (the tuned row itself is measured on all)
+    shared: bool = True  # the one-shared-setting rows (off: only the tuned rows are measured; the file's others are kept)
 
     def __post_init__(self):
         from .tofu_mini import FORGET_SPLITS
@@ -81,10 +85,25 @@ class BenchConfig:
             raise UsageError("--steps and --batch_size must be at least 1, --scaling_steps at least 2")
         if self.tau is not None and not 0 < self.tau <= 1:
             raise UsageError(f"--tau must be in (0, 1]; got {self.tau}")
+        if self.tune_trials < 0 or (self.tune_eval_examples is not None and self.tune_eval_examples < 1):
+            raise UsageError("--tune_trials must be at least 0 (0: no tuned rows) and --tune_eval_examples at least 1")
+        if self.tune_trials and self.tau is None:
+            raise UsageError("the tuned rows search within the utility budget: give --tau (e.g. 0.9) with --tune_trials")
+        if self.tofu_mini is not None:
+            if self.build:
+                raise UsageError("--tofu_mini is a built TOFU-mini: leave out --authors, --hidden_size, --num_layers and --epochs")
+            if not (Path(self.tofu_mini) / "tofu_mini.json").is_file():
+                raise UsageError(f"--tofu_mini {self.tofu_mini} is not a TOFU-mini folder (no tofu_mini.json): build one with "
+                                 "`hubunlearn bench build-tofu`")
+            self.tofu_mini = str(Path(self.tofu_mini).resolve())
+        if not self.shared and not self.tune_trials:
+            raise UsageError("--no_shared leaves nothing to measure: add --tune_trials N")
 
     def settings(self) -> dict:
         """What makes two runs comparable: results with other settings are not mixed."""
-        return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling", "fresh")}
+        return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling", "fresh", "shared")
+                and not k.startswith("tune_")  # each tuned row records its own search
+                and not (k == "tofu_mini" and v is None)}  # built from the data, as before the option was there
 
 
 # ---- measurements in child processes ---------------------------------------------------------------------------
@@ -210,14 +229,16 @@ def _method_run(job: dict) -> dict:
     forget, retain = json.loads(Path(job["rows"]).read_text()).values()
     with tempfile.TemporaryDirectory() as folder:
         output = str(Path(folder) / "artifact")
-        overrides = {"eco_reference": job["reference_model"]} if job["method"] == "eco" else {}  # σ tuned to the reference
+        overrides = dict(job.get("overrides", {}))  # a tuned row's setting
+        if job["method"] == "eco":
+            overrides["eco_reference"] = job["reference_model"]  # σ tuned to the reference
         trainer, timer, peak, seconds = _train(job["method"], model, tokenizer, forget, retain, job["steps"], job["batch_size"], output,
                                                job["threads"], job["tau"], **overrides)
         trainer.save_model()
         size = _folder_bytes(Path(output))
         evaluated = trainer.eco_model if job["method"] == "eco" else trainer.model
         sets = json.loads(Path(job["sets"]).read_text())
-        config = EvalConfig(model=job["target"], metrics=EVAL_METRICS)
+        config = EvalConfig(model=job["target"], metrics=EVAL_METRICS, progress=False)
         start = time.perf_counter()
         per_example = evaluate_sets(evaluated.eval(), tokenizer, sets, config)
         eval_seconds = time.perf_counter() - start
@@ -231,10 +252,48 @@ def _method_run(job: dict) -> dict:
                "step_seconds": statistics.median(timer.seconds) if timer.seconds else None,
                "train_seconds": round(seconds, 2), "peak_memory_bytes": peak, "artifact_bytes": size,
                "eval_seconds_per_100": round(100 * eval_seconds / sum(len(v) for v in sets.values()), 3), "code": job["code"]}
+        if job.get("tuned"):
+            row["tuned"] = job["tuned"]
         if job["method"] == "eco":
             row["prefill_overhead"] = _prefill_overhead(trainer.eco_model, model, tokenizer, [r["question"] for r in forget],
                                                         [r["question"] for r in retain])
     return row
+
+
+def _tune_run(job: dict) -> dict:
+    """``hubunlearn tune`` of one method on TOFU-mini (child process), trained as the shared rows are (batch, constant
+    learning rate, seed 0, the bench's fixed settings for what is not searched), evaluated on the first
+    ``tune_eval_examples`` rows of each set: the best trial within the budget and what the search spent."""
+    import torch
+
+    from .trainers import METHODS
+    from .search_spaces import method_space
+    from .tune import TuneConfig, best_trial, run_tune
+
+    torch.set_num_threads(job["threads"])
+    method = job["method"]
+    space = method_space(METHODS[method].config_class)
+    fixed = {"learning_rate": LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE), **REQUIRED_SETTINGS.get(method, {})}
+    flags = ["--model_name_or_path", job["target"], "--forget", f"{job['data']}:{job['split']}", "--retain", f"{job['data']}:retain",
+             "--per_device_train_batch_size", str(job["batch_size"]), "--lr_scheduler_type", "constant", "--report_to", "none",
+             "--logging_steps", "10000", *[x for name, value in fixed.items() if name not in space for x in (f"--{name}", str(value))]]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        config = TuneConfig(method=method, output=str(Path(folder) / "tune"), trials=job["tune_trials"], utility_budget=job["tau"],
+                            unlearn_args=flags, data=job["data"], forget_split=job["split"], reference=job["reference_model"],
+                            max_eval_examples=job["tune_eval_examples"])
+        study = run_tune(config, progress=lambda text: None).studies[method]
+    best = best_trial(study, job["tau"])
+    states = [t.state.name.lower() for t in study.trials]
+    trials = [{"state": t.state.name.lower(), "params": t.params, "utility_kept": t.user_attrs.get("utility_kept"),
+               "forget_quality": (t.user_attrs.get("metrics") or {}).get("forget_quality")} for t in study.trials]
+    return {"trials": len(states), "pruned": states.count("pruned"), "failed": states.count("fail"),
+            "within_budget": sum(t["state"] == "complete" and (t["utility_kept"] or 0) >= job["tau"] for t in trials),
+            "search_seconds": round(time.perf_counter() - start, 1), "eval_examples": job["tune_eval_examples"],
+            "utility_budget": job["tau"], "space": {name: d.describe() for name, d in space.items()},
+            "best_trial": best.number if best else None, "params": best.params if best else None,
+            "search_forget_quality": best.user_attrs["metrics"]["forget_quality"] if best else None,
+            "search_utility_kept": best.user_attrs["utility_kept"] if best else None, "history": trials}
 
 
 def _prefill_overhead(eco, base, tokenizer, forget_questions: list[str], retain_questions: list[str], rounds: int = 7) -> dict:
@@ -328,8 +387,8 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
 
     from .benchmarking import code_state, machine
     from .data import load_rows
-    from .evaluate import EvalConfig, evaluate_sets, load_sets
-    from .tofu_mini import build_tofu_mini, tofu_data_folder
+    from .evaluate import EvalConfig, evaluate_sets, load_sets, summarize
+    from .tofu_mini import TofuMini, build_tofu_mini, tofu_data_folder
 
     say = progress or (lambda text: print(text, file=sys.stderr))
     device_name = device()
@@ -339,7 +398,12 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
     path = results_path(results_dir, device_name)
     previous = _load_previous(path, config.settings(), config.fresh)
     build = {**(GPU_BUILD if device_name == "cuda" else CPU_BUILD), **config.build}
-    mini = build_tofu_mini(tofu_data_folder(config.data, config.split), forget_split=config.split, **build)
+    if config.tofu_mini:
+        mini = TofuMini.load(config.tofu_mini)
+        if mini.forget_split != config.split:
+            raise UsageError(f"--tofu_mini {config.tofu_mini} was built for {mini.forget_split}: pass --split {mini.forget_split}")
+    else:
+        mini = build_tofu_mini(tofu_data_folder(config.data, config.split), forget_split=config.split, **build)
     threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -348,7 +412,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         rows.write_text(json.dumps({"forget": load_rows(mini.spec(mini.forget_split)).to_list(),
                                     "retain": load_rows(mini.spec("retain")).to_list()}))
         eval_config = EvalConfig(model=str(mini.target_dir), data=str(mini.data_dir), forget_split=mini.forget_split,
-                                 metrics=EVAL_METRICS, max_examples=config.max_eval_examples)
+                                 metrics=EVAL_METRICS, max_examples=config.max_eval_examples, progress=False)
         sets = load_sets(eval_config)
         (scratch / "sets.json").write_text(json.dumps(sets))
         tokenizer = AutoTokenizer.from_pretrained(mini.target_dir)
@@ -356,18 +420,36 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         reference = evaluate_sets(AutoModelForCausalLM.from_pretrained(mini.reference_dir).eval(), tokenizer, sets, eval_config)
         eval_seconds = time.perf_counter() - start
         (scratch / "reference.json").write_text(json.dumps(reference))
+        target = evaluate_sets(AutoModelForCausalLM.from_pretrained(mini.target_dir).eval(), tokenizer, sets, eval_config)
+        aggregates = summarize(target, eval_config, reference)["aggregates"]
+        original = {name: aggregates[name]["value"] for name in ("forget_quality", "model_utility")}
         examples = sum(len(v) for v in sets.values())
 
         job = {"code": code_state(), "target": str(mini.target_dir), "reference_model": str(mini.reference_dir), "rows": str(rows), "sets": str(scratch / "sets.json"),
                "reference": str(scratch / "reference.json"), "steps": config.steps, "batch_size": config.batch_size,
                "threads": threads}
         wanted = [(m, None) for m in config.methods] + [(m, config.tau) for m in config.methods if config.tau and m != "eco"]
-        runs = [r for r in previous.get("runs", []) if (r["method"], r["tau"]) not in set(wanted)]
+        wanted = wanted if config.shared else []
+        tuned = [m for m in config.methods if m != "eco"] if config.tune_trials else []
+        replaced = {(m, tau, False) for m, tau in wanted} | {(m, None, True) for m in tuned}
+        runs = [r for r in previous.get("runs", []) if run_key(r) not in replaced]
         for index, (method, tau) in enumerate(wanted, 1):
             say(f"[{index}/{len(wanted)}] {method}{f' at τ = {tau}' if tau else ''}")
             runs.append(_in_child(_method_run, {**job, "method": method, "tau": tau}))
+        for index, method in enumerate(tuned, 1):
+            say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune within τ = {config.tau}")
+            search = _in_child(_tune_run, {**job, "method": method, "tau": config.tau, "data": str(mini.data_dir),
+                                           "split": mini.forget_split, "tune_trials": config.tune_trials,
+                                           "tune_eval_examples": config.tune_eval_examples})
+            if search["params"] is None:  # no trial within the budget: the row says so
+                runs.append({"method": method, "tau": None, "tuned": search, "forget_quality": None, "model_utility": None,
+                             "code": job["code"]})
+                continue
+            params = dict(search["params"])
+            runs.append(_in_child(_method_run, {**job, "method": method, "tau": None, "steps": params.pop("max_steps"),
+                                                "overrides": params, "tuned": search}))
         order = {m: i for i, m in enumerate(_all_methods())}
-        runs.sort(key=lambda r: (order.get(r["method"], 99), r["tau"] or 0))
+        runs.sort(key=lambda r: (order.get(r["method"], 99), "tuned" in r, r["tau"] or 0))
 
         scaling = None
         if config.scaling:
@@ -391,7 +473,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
             }
 
     results = {"schema": SCHEMA, "machine": machine(), "settings": config.settings(), "tofu_mini": {
-        "settings": mini.info["settings"], "parameter_count": mini.info["parameter_count"]},
+        "settings": mini.info["settings"], "parameter_count": mini.info["parameter_count"]}, "original": original,
         "evaluation": {"examples": examples, "seconds": round(eval_seconds, 2), "seconds_per_100": round(100 * eval_seconds / examples, 2)},
         "runs": runs, "scaling": scaling}
     if scaling is None:
@@ -401,6 +483,11 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
     staged.replace(path)
     pareto_plot(results, path.with_name(f"pareto_{device_name}.png"))
     return results
+
+
+def run_key(run: dict) -> tuple:
+    """What identifies a row: method, utility budget of the mixing (``None``: trained only), tuned or shared setting."""
+    return run["method"], run["tau"], "tuned" in run
 
 
 def _all_methods() -> list[str]:
@@ -441,17 +528,19 @@ def _point_groups(runs: list[dict]) -> list[tuple[tuple[float, float], list[dict
     """Runs at the same (utility, forget quality) point, together (a run the budget left unchanged, α = 1, sits
     exactly on its trained run)."""
     groups: dict[tuple[float, float], list[dict]] = {}
-    for run in runs:
+    for run in (r for r in runs if r["model_utility"] is not None):  # a tuned row with no trial within the budget has no point
         groups.setdefault((run["model_utility"], max(run["forget_quality"], 1e-300)), []).append(run)
     return list(groups.items())
 
 
 def _group_label(runs: list[dict]) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in runs))
     parts = []
-    for method in methods:
-        taus = [r["tau"] for r in runs if r["method"] == method]
-        parts.append(method + ("" if taus == [None] else f" τ {taus[0]}" if None not in taus else f" (τ {max(t for t in taus if t)}: same)"))
+    for method in dict.fromkeys(r["method"] for r in runs):
+        taus = [r["tau"] for r in runs if r["method"] == method and "tuned" not in r]
+        if taus:
+            parts.append(method + ("" if taus == [None] else f" τ {taus[0]}" if None not in taus else f" (τ {max(t for t in taus if t)}: same)"))
+        if any("tuned" in r for r in runs if r["method"] == method):
+            parts.append(f"{method} tuned")
     return ", ".join(parts)
 
 
@@ -459,7 +548,9 @@ def _draw_points(axes, groups, colours) -> None:
     """Trained runs as filled circles, budget runs as open squares around them, so that a square never hides a circle."""
     for (x, y), runs in groups:
         for run in runs:
-            if run["tau"] is None:
+            if "tuned" in run:
+                axes.scatter(x, y, marker="*", s=140, color=colours[run["method"]], edgecolors="black", linewidths=0.5, zorder=5)
+            elif run["tau"] is None:
                 axes.scatter(x, y, marker="o", s=30, color=colours[run["method"]], zorder=3)
             else:
                 axes.scatter(x, y, marker="s", s=90, facecolors="none", edgecolors=colours[run["method"]], linewidths=1.4, zorder=4)
@@ -506,6 +597,10 @@ def pareto_plot(results: dict, path: Path) -> Path:
     axes.set_title(f"TOFU-mini {results['tofu_mini']['settings']['forget_split']}: every method, {results['settings']['steps']} steps")
     axes.scatter([], [], marker="o", s=30, color="gray", label="trained")
     axes.scatter([], [], marker="s", s=90, facecolors="none", edgecolors="gray", label=f"mixed to the utility budget τ = {results['settings']['tau']}")
+    tuned = [r["tuned"]["trials"] for r in results["runs"] if "tuned" in r]
+    if tuned:
+        axes.scatter([], [], marker="*", s=140, color="gray", edgecolors="black", linewidths=0.5,
+                     label=f"tuned: the best of {max(tuned)} `hubunlearn tune` trials within τ")
     axes.legend(loc="lower left", fontsize=8)
     figure.canvas.draw()
     pixels = [axes.transData.transform(xy) for xy, _ in groups]
@@ -560,9 +655,58 @@ def _code_label(code: dict | None) -> str:
     return f"commit {code['commit']}" + (" with uncommitted changes" if code.get("uncommitted") else "")
 
 
+PARAMETER_NAMES = {"learning_rate": "lr", "max_steps": "steps", "retain_weight": "retain weight", "beta": "β", "gamma": "γ",
+                   "relative_step": "relative step", "inverse_temperature": "inverse temperature"}
+
+
+def _setting_text(params: dict) -> str:
+    return ", ".join(f"{PARAMETER_NAMES.get(k, k.replace('_', ' '))} {v:.2g}" if isinstance(v, float) else
+                     f"{PARAMETER_NAMES.get(k, k.replace('_', ' '))} {v}" for k, v in params.items())
+
+
+def distance_to_eco(run: dict, eco: dict | None) -> str:
+    """How far a row's forget quality is from ECO's, in orders of magnitude (log10 of the ratio), with whether the row
+    kept at least ECO's model utility (the comparison at equal utility) or less."""
+    if eco is None or run["forget_quality"] is None:
+        return "–"
+    orders = math.log10(max(eco["forget_quality"], 1e-300) / max(run["forget_quality"], 1e-300))
+    where = "at ≥ ECO's utility" if run["model_utility"] >= eco["model_utility"] else "at lower utility"
+    return f"{abs(orders):.1f} orders {'below' if orders > 0 else 'above'} ({where})"
+
+
+def tuned_table(results: dict) -> str:
+    """The tuned rows (``--tune_trials``) as a Markdown table with the search's cost and the distance to ECO; ``""``
+    when there are none."""
+    tuned = [r for r in results["runs"] if "tuned" in r]
+    if not tuned:
+        return ""
+    eco = next((r for r in results["runs"] if r["method"] == "eco" and "tuned" not in r), None)
+    original = results.get("original") or {}
+    search = tuned[0]["tuned"]
+    lines = [f"Tuned: each method at the best of its `hubunlearn tune` trials (constrained TPE: the highest forget quality with "
+             f"model utility ≥ {search['utility_budget']}× the original's {original.get('model_utility', float('nan')):.3f}; "
+             f"searched on the first {search['eval_examples'] or 'all'} rows of each set), then trained and measured again "
+             "as the rows above (every row). Distance to ECO: log10 of ECO's forget quality over the row's.",
+             "",
+             "| method | trials (pruned, within budget) | search time | tuned setting | forget quality ↑ | model utility ↑ (× original) | distance to ECO |",
+             "|---|---|---|---|---|---|---|"]
+    for r in tuned:
+        t = r["tuned"]
+        spent = f"{t['trials']} ({t['pruned']}, {t['within_budget']})"
+        minutes = f"{t['search_seconds'] / 60:.1f} min"
+        if r["forget_quality"] is None:
+            lines.append(f"| {r['method']} | {spent} | {minutes} | no trial within the budget | – | – | – |")
+            continue
+        kept = f" ({r['model_utility'] / original['model_utility']:.2f}×)" if original.get("model_utility") else ""
+        lines.append(f"| {r['method']} | {spent} | {minutes} | {_setting_text(t['params'])} | {r['forget_quality']:.2g} | "
+                     f"{r['model_utility']:.3f}{kept} | {distance_to_eco(r, eco)} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     """The README's benchmark table, from the results JSON alone."""
-    runs, settings, machine_info = results["runs"], results["settings"], results["machine"]
+    settings, machine_info = results["settings"], results["machine"]
+    runs = [r for r in results["runs"] if "tuned" not in r]
     graddiff = next((r["step_seconds"] for r in runs if r["method"] == "graddiff" and r["tau"] is None), None)
     lines = [
         f"Every method on TOFU-mini {results['tofu_mini']['settings']['forget_split']} "
@@ -585,7 +729,10 @@ def table(results: dict) -> str:
     if eco:
         lines += ["", f"ECO's forward pass costs {eco['prefill_overhead']['flagged']:.2f}× the base model's on flagged prompts "
                       f"(classifier and corruption) and {eco['prefill_overhead']['unflagged']:.2f}× on unflagged ones (classifier only)."]
-    versions = sorted({_code_label(r.get("code")) for r in runs})
+    tuned = tuned_table(results)
+    if tuned:
+        lines += ["", tuned]
+    versions = sorted({_code_label(r.get("code")) for r in results["runs"]})
     lines += ["", f"Measured at {versions[0]}." if len(versions) == 1 else
               f"The rows were measured at {len(versions)} versions of the code ({'; '.join(versions)}): rerun every method "
               "(no `--methods`) to compare them at one."]

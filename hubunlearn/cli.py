@@ -181,12 +181,17 @@ def _bench(argv: list[str]) -> int:
     run.add_argument("--data", default="locuslab/TOFU", help="Folder of TOFU's files, or the Hub dataset id.")
     run.add_argument("--results_dir", default="benchmarks/results", help="Where the JSON and the plot go.")
     run.add_argument("--readme", help="A README whose table (between the bench markers) is rewritten from the JSON.")
+    run.add_argument("--tofu_mini", help="A built TOFU-mini folder (`bench build-tofu --cache_dir`'s) instead of building one from --data.")
     run.add_argument("--authors", type=int, help="TOFU-mini retain authors (default 20).")
     run.add_argument("--hidden_size", type=int, help="TOFU-mini hidden size (default 256 on CPU, 768 on a GPU).")
     run.add_argument("--num_layers", type=int, help="TOFU-mini layers (default 4 on CPU, 8 on a GPU).")
     run.add_argument("--epochs", type=int, help="TOFU-mini training epochs.")
     run.add_argument("--max_eval_examples", type=int, help="Evaluate the first N rows of each set (quick runs).")
     run.add_argument("--no_scaling", action="store_true", help="Skip the forget-size and model-size scaling runs.")
+    run.add_argument("--tune_trials", type=int, default=0,
+                     help="Add tuned rows: each weight-changing method at the best of N `hubunlearn tune` trials within --tau (default 0: none).")
+    run.add_argument("--tune_eval_examples", type=int, default=50, help="Rows per evaluation set in the tuned rows' search (default 50).")
+    run.add_argument("--no_shared", action="store_true", help="Measure only the tuned rows; the file's shared-setting rows are kept.")
     run.add_argument("--fresh", action="store_true",
                      help="Replace a results file measured with other settings (without it such a file is refused, never mixed or dropped).")
     plot = actions.add_parser("plot", help="Redraw the Pareto plot from the results JSON of an earlier run (runs nothing).")
@@ -330,9 +335,10 @@ def _bench_run(args) -> int:
         raise UsageError(f"--readme {readme} has no benchmark table markers ({BENCH_BEGIN} ... {BENCH_END})")
     build = {key: value for key, value in (("num_authors", args.authors), ("hidden_size", args.hidden_size),
                                            ("num_layers", args.num_layers), ("epochs", args.epochs)) if value is not None}
-    config = BenchConfig(methods=args.methods, split=args.split, steps=args.steps, batch_size=args.batch_size,
+    config = BenchConfig(methods=args.methods, split=args.split, steps=args.steps, batch_size=args.batch_size, tofu_mini=args.tofu_mini,
                          tau=args.tau or None, data=args.data, results_dir=args.results_dir, build=build,
-                         max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling, fresh=args.fresh)
+                         max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling, fresh=args.fresh,
+                         tune_trials=args.tune_trials, tune_eval_examples=args.tune_eval_examples, shared=not args.no_shared)
     results = run_benchmark(config)
     print(table(results))
     if readme is not None:
@@ -383,7 +389,7 @@ def _tune(argv: list[str]) -> int:
     parser.add_argument("--study", help="SQLite file of the Optuna study (default OUTPUT/study.db); an existing one of the same search resumes.")
     parser.add_argument("--space", help="Parameters to search, optionally re-ranged: NAME[=LOW:HIGH or A|B],... (default: the method's whole space).")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the sampler and every trial's training (default 0).")
-    parser.add_argument("--budget_check_steps", type=int, default=5, help="Check the retain probe every N steps; prune a trial below the budget (0: never).")
+    parser.add_argument("--budget_check_steps", type=int, default=5, help="Check the retain probe every N steps from half a trial's steps on; prune a trial below the budget (0: never).")
     parser.add_argument("--timeout", type=float, help="Stop starting new trials after this many seconds (per method).")
     parser.add_argument("--save_best", metavar="DIR", help="Rerun the best trial (same seed) and save it as an artifact whose card records the search.")
     parser.add_argument("--data", help="TOFU-layout folder for the evaluation (default: the Hub's locuslab/TOFU).")

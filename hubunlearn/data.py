@@ -176,11 +176,15 @@ def _load_rows(spec: DataSpec) -> datasets.Dataset:
     try:
         return datasets.load_dataset(spec.source, spec.config, split=spec.split, revision=MUSE_REVISIONS.get(spec.source))
     except Exception as error:
-        from .gated import gated_message
+        from .gated import gated_message, hub_unreachable
 
         gated = gated_message(spec.source, error, spec.config)
         if gated:
             raise UsageError(gated) from error
+        if hub_unreachable(error):
+            raise UsageError(f"cannot load dataset {spec}: the Hub cannot be reached here (offline: HF_HUB_OFFLINE / "
+                             "HF_DATASETS_OFFLINE, or no network); run once online to cache it, or give a local file or "
+                             "folder") from error
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"cannot load dataset {spec} from the Hub ({first_line}); check the id, config and split") from error
 

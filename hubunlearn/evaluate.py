@@ -59,6 +59,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     trust_remote_code: bool = False
     device: str = "auto"  # where the model (and the reference model) compute: auto (the accelerator if any), cpu, cuda[:N]
+    progress: bool = True  # progress bars of the scoring and generation passes
     data_format: DataFormat = field(default_factory=lambda: DataFormat(max_length=512))
     # lm-evaluation-harness (hubunlearn.harness): the wmdp benchmark's tasks, harness tasks added as utility to any
     # benchmark, and folders or YAML files of harness tasks of one's own (local data)
@@ -207,13 +208,13 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], config: EvalCon
     encoded = {name: qa_examples(tokenizer, rows, config.data_format) for name, rows in sets.items()}
     every_row = [row for name in sets for row in encoded[name]]
     pool = [e for row in every_row for e in row.examples or []]
-    scored = token_stats(model, pool, tokenizer.pad_token_id, config.batch_size, "scoring answers", spread="mia" in metrics) if pool else []
+    scored = token_stats(model, pool, tokenizer.pad_token_id, config.batch_size, "scoring answers" if config.progress else None, spread="mia" in metrics) if pool else []
     stats = dict(zip(sets, split(split(scored, [len(row.examples or []) for row in every_row]), [len(rows) for rows in sets.values()])))
     fitting = {name: [i for i, row in enumerate(encoded[name]) if row.examples is not None] for name in sets}  # the others keep None values
     examples = {name: [encoded[name][i].examples[0] for i in fitting[name]] for name in sets}  # each fitting row's answer
     if "rouge" in metrics or "model_utility" in metrics:
         answers = greedy_answers(model, tokenizer, [e for name in sets for e in examples[name]], config.max_new_tokens,
-                                 config.batch_size, "generating answers")
+                                 config.batch_size, "generating answers" if config.progress else None)
         generations = dict(zip(sets, split(answers, [len(examples[name]) for name in sets])))
     per_example = {}
     for name, all_rows in sets.items():

@@ -38,3 +38,12 @@ def error_chain(error: BaseException | None) -> list[BaseException]:
         chain.append(error)
         error = error.__cause__ or error.__context__
     return chain
+
+
+def hub_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or one it came from) says the Hub could not be reached (offline mode or no network)."""
+    chain = error_chain(error)
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "TimeoutException"}) \
+        or "couldn't reach" in text or "offline" in text

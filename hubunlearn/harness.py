@@ -81,28 +81,17 @@ def task_manager(names: tuple[str, ...], include: tuple[str, ...] = ()):
     return manager
 
 
-def _offline(error: BaseException) -> bool:
-    """Whether ``error`` (or one it came from) says the Hub could not be reached."""
-    from .gated import error_chain
-
-    chain = error_chain(error)
-    names = {type(e).__name__ for e in chain}
-    text = " ".join(str(e) for e in chain).lower()
-    return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "TimeoutException"}) \
-        or "couldn't reach" in text or "offline" in text
-
-
 def load_error(name: str, dataset: str | None, error: BaseException) -> UsageError:
     """One line for a harness task whose data cannot be loaded: gated (how to get access), unreachable (offline: how
     to give it local data), or the error's first line."""
-    from .gated import gated_message
+    from .gated import gated_message, hub_unreachable
 
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
     where = f"its data set {dataset}" if dataset else "its data"
     gated = gated_message(dataset, error) if dataset else None
     if gated:
         return UsageError(f"lm-eval task '{name}': {gated}")
-    if _offline(error):
+    if hub_unreachable(error):
         return UsageError(f"lm-eval task '{name}' needs {where} from the Hub, which cannot be reached here (offline: "
                           f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or no network): run once online to cache it, or {LOCAL_DATA_HINT}")
     return UsageError(f"cannot load lm-eval task '{name}' ({where}): {first}")

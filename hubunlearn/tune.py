@@ -11,7 +11,8 @@ original's``. Out-of-budget trials keep their true objective value and are recor
 ``τ − utility kept`` goes to Optuna's constrained TPE (``constraints_func``), and the best trial is the best feasible
 one. During training, every ``budget_check_steps`` steps the share of the original's retain answer probability kept
 (the trainer's probe, a proxy of model utility) is reported to the trial; a trial whose share falls below ``τ`` is
-pruned (Optuna's ``ThresholdPruner``) and recorded as pruned, without the evaluation.
+pruned (Optuna's ``ThresholdPruner``) and recorded as pruned, without the evaluation. Checks start at half the trial's steps:
+on TOFU-mini, NPO at lr 3e-4 fell to 0.21 of the retain probability at step 18 and was back at 0.92 at step 60.
 
 Outputs (per method; with several methods, in one folder each, plus a comparison table): ``trials.json`` /
 ``trials.csv``, ``pareto.png``, ``importance.png`` and ``best.yaml``, a recipe that ``hubunlearn unlearn --config``
@@ -311,9 +312,8 @@ def check_study_file(path: Path, searches: list[MethodSearch], config: TuneConfi
     try:
         storage = optuna.storages.RDBStorage(storage_url(path), skip_table_creation=True)
         summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    except Exception as error:  # not SQLite, or not Optuna's tables
-        raise UsageError(f"--study {path} is not an Optuna study file ({str(error).splitlines()[0][:80]}): give the file "
-                         "of an earlier tune, or a new path") from None
+    except Exception:  # not SQLite, or not Optuna's tables
+        raise UsageError(f"--study {path} is not an Optuna study file: give the file of an earlier tune, or a new path") from None
     wanted = {search.method: search for search in searches}
     others = sorted(set(summaries) - set(wanted))
     if others:
@@ -350,7 +350,7 @@ def check_output(output: Path) -> None:
 
 class UtilityProbePruning(TrainerCallback):
     """Reports the share of the original's retain answer probability the model keeps (the trainer's probe on
-    ``--utility_probe_size`` retain examples) to the Optuna ``trial`` every ``every`` steps, and prunes the trial
+    ``--utility_probe_size`` retain examples) to the Optuna ``trial`` every ``every`` steps from half its steps on, and prunes the trial
     (raises ``optuna.TrialPruned``) when Optuna's pruner says so: below the budget ``tau``."""
 
     def __init__(self, trial, trainer, every: int, tau: float):
@@ -359,8 +359,8 @@ class UtilityProbePruning(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         before = getattr(self.trainer, "_before", None) or {}  # the trainer's measurement before the first step
-        if state.global_step % self.every or not before.get("retain"):
-            return
+        if state.global_step % self.every or not before.get("retain") or 2 * state.global_step < state.max_steps:
+            return  # from half the trial's steps on: an early dip that the retain term repairs later is no reason to prune
         after = self.trainer.measure()
         share = after["retain"] / before["retain"]
         self.history.append({"step": state.global_step, "retain_kept": share, "forget_probability": after["forget"]})
@@ -444,7 +444,8 @@ def open_study(search: MethodSearch, config: TuneConfig, study_path: Path):
     done = len(existing.trials) if existing else 0
     with warnings.catch_warnings():  # constraints_func is marked experimental; its use here is the documented one
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=config.seed + done, constraints_func=_constraints)
+        sampler = optuna.samplers.TPESampler(seed=config.seed + done, constraints_func=_constraints,
+                                             n_startup_trials=startup_trials(config.trials))
     pruner = (optuna.pruners.ThresholdPruner(lower=config.utility_budget) if config.budget_check_steps
               else optuna.pruners.NopPruner())
     study = optuna.create_study(study_name=search.method, storage=storage, direction=direction, sampler=sampler, pruner=pruner,
@@ -453,6 +454,12 @@ def open_study(search: MethodSearch, config: TuneConfig, study_path: Path):
         study.set_user_attr("hubunlearn", _signature(search, config))
     fail_running_trials(study, search)  # left by a run killed mid-trial (trials run one at a time)
     return study
+
+
+def startup_trials(trials: int) -> int:
+    """Random trials before TPE models the results: a third of a run's trials, 3 to 10 (Optuna's default, 10, would
+    leave a short search random throughout)."""
+    return max(3, min(10, trials // 3))
 
 
 def fail_running_trials(study, search: MethodSearch) -> None:
@@ -528,6 +535,7 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
     evaluation = make_evaluation(config, searches[0].base_model)
     evaluation.original_summary = evaluate_model(evaluation, searches[0].base_model, revision=searches[0].base_revision)
     evaluation.original = metrics_of(evaluation.original_summary)
+    evaluation.config.progress = False  # from here on, a line per trial is the progress
     if not evaluation.original["model_utility"]:
         why = "not measurable" if evaluation.original["model_utility"] is None else "0, so no share of it can be kept"
         raise UsageError(f"the original model's utility on this data is {why}: check --data (TOFU layout: retain, real "
@@ -541,7 +549,7 @@ def run_tune(config: TuneConfig, progress=None) -> TuneResult:
         for search in searches:
             search.directory.mkdir(parents=True, exist_ok=True)
             study = open_study(search, config, study_path)
-            say(f"{search.method}: {config.trials} trials over {', '.join(f'{k} {v}' for k, v in describe(search.space).items())}")
+            say(f"{search.method}: {config.trials} trial{'' if config.trials == 1 else 's'} over {', '.join(f'{k} {v}' for k, v in describe(search.space).items())}")
             try:
                 study.optimize(_objective(search, config, evaluation, say), n_trials=config.trials, timeout=config.timeout,
                                catch=(NonFiniteLossError,))

@@ -146,7 +146,7 @@ def importances(study, objective: str) -> dict[str, float] | str:
         return f"Optuna could not compute them: {error}"
 
 
-def importance_plot(values: dict[str, float] | str, path: Path, title: str) -> Path:
+def importance_plot(values: dict[str, float] | str, path: Path, title: str, complete_trials: int = 10) -> Path:
     plt, figure, axes = _figure(6.0, 3.6)
     if isinstance(values, str):
         axes.text(0.5, 0.5, f"Parameter importance not available:\n{values}", ha="center", va="center", wrap=True, fontsize=9)
@@ -158,11 +158,18 @@ def importance_plot(values: dict[str, float] | str, path: Path, title: str) -> P
             axes.text(values[name], y, f" {values[name]:.2f}", va="center", fontsize=8)
         axes.set_xlim(0, max(1.0, max(values.values()) * 1.15))
         axes.set_xlabel("importance (fANOVA, share of the objective's variance)")
+        if complete_trials < 10:  # fANOVA's forest on a handful of points: an indication, not a ranking
+            axes.text(0.99, 0.02, f"only {complete_trials} complete trials: indicative", transform=axes.transAxes, ha="right",
+                      va="bottom", fontsize=8, color="tab:red")
     axes.set_title(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def write_reports(study, search, config, evaluation, best) -> dict[str, Path]:
@@ -180,14 +187,15 @@ def write_reports(study, search, config, evaluation, best) -> dict[str, Path]:
     files = {"json": _atomic_write(folder / "trials.json", json.dumps(table, indent=2) + "\n"),
              "csv": _atomic_write(folder / "trials.csv", csv_text(rows, list(search.space)))}
     counts = {state: sum(r["state"] == state for r in rows) for state in ("complete", "pruned", "fail")}
-    title = (f"{search.method}: {len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned"
+    title = (f"{search.method}: {_count(len(rows), 'trial')} ({counts['complete']} complete, {counts['pruned']} pruned"
              + (f", {counts['fail']} failed" if counts["fail"] else "") + f"), budget {config.utility_budget:g}× model utility")
     files["pareto"] = pareto_plot(rows, folder / "pareto.png", title, config.objective, config.utility_budget,
                                    best.number if best else None, evaluation.original.get(config.objective))
-    files["importance"] = importance_plot(importance, folder / "importance.png", f"{search.method}: parameter importance for {config.objective}")
+    files["importance"] = importance_plot(importance, folder / "importance.png", f"{search.method}: parameter importance for {config.objective}",
+                                          counts["complete"])
     if best is not None:
         metrics = best.user_attrs["metrics"]
-        header = (f"hubunlearn tune: the best of {len(rows)} trials of {search.method} (trial {best.number}), seed {search.settings.get('seed')}\n"
+        header = (f"hubunlearn tune: the best of {_count(len(rows), 'trial')} of {search.method} (trial {best.number}), seed {search.settings.get('seed')}\n"
                   f"{config.objective} {best.value:.6g}, model utility {metrics['model_utility']:.6g} "
                   f"({best.user_attrs['utility_kept']:.4f}× the original's; budget {config.utility_budget:g}×)\n"
                   f"run it: hubunlearn unlearn --config {shlex.quote(str(folder / 'best.yaml'))}")

@@ -61,6 +61,9 @@ def test_runner_writes_valid_json_and_the_plot_and_never_mixes_or_drops_runs(run
     (["--split", "forget20"], "unknown forget split 'forget20'"),
     (["--steps", "0"], "--steps and --batch_size must be at least 1"),
     (["--tau", "1.5"], "--tau must be in (0, 1]"),
+    (["--tune_trials", "-1"], "--tune_trials must be at least 0"),
+    (["--tune_trials", "2", "--tau", "0"], "the tuned rows search within the utility budget: give --tau"),
+    (["--no_shared"], "--no_shared leaves nothing to measure: add --tune_trials N"),
     (["--results_dir", "/no/such/folder"], "results folder /no/such/folder does not exist"),
     (["--readme", "/no/such/README.md"], "has no benchmark table markers"),
 ])
@@ -171,3 +174,20 @@ def test_a_terminated_run_stops_its_child(tmp_path):
             pytest.fail("the child outlived its terminated parent")
     finally:
         parent.kill()
+
+
+def test_the_tuned_table_says_when_no_trial_kept_the_budget_and_how_far_each_row_is_from_eco():
+    from hubunlearn.bench import distance_to_eco, tuned_table
+
+    eco = {"method": "eco", "tau": None, "forget_quality": 0.5, "model_utility": 0.9}
+    search = {"trials": 6, "pruned": 2, "within_budget": 0, "search_seconds": 90.0, "eval_examples": 50, "utility_budget": 0.9,
+              "params": None}
+    results = {"original": {"model_utility": 0.92}, "runs": [
+        {"method": "npo", "tau": None, "forget_quality": None, "model_utility": None, "tuned": search},
+        {"method": "graddiff", "tau": None, "forget_quality": 5e-4, "model_utility": 0.91,
+         "tuned": {**search, "within_budget": 3, "params": {"learning_rate": 3e-5, "max_steps": 40}}}, eco]}
+    text = tuned_table(results)
+    assert "| npo | 6 (2, 0) | 1.5 min | no trial within the budget |" in text
+    assert "| graddiff | 6 (2, 3) | 1.5 min | lr 3e-05, steps 40 | 0.0005 | 0.910 (0.99×) | 3.0 orders below (at ≥ ECO's utility) |" in text
+    assert distance_to_eco({"forget_quality": 0.8, "model_utility": 0.5}, eco) == "0.2 orders above (at lower utility)"
+    assert tuned_table({"runs": [eco]}) == ""

@@ -171,3 +171,17 @@ def test_rows_without_perturbed_answers_log_what_they_can_and_say_so_once(world_
     said = [r.getMessage() for r in caplog.records if "evaluation during training: no forget_truth_ratio" in r.getMessage()]
     assert len(said) == 1 and "have no paraphrased_answer/perturbed_answer" in said[0]
     assert trainer.record_extras["evaluation_during_training"]["reference"] is None
+
+
+def test_keeping_the_starting_weights_is_said(world_model_dir, world, tofu_like, tmp_path, caplog):
+    """A learning rate of zero leaves every state equal to the start: ties keep step 0, and the run says nothing was unlearned."""
+    from hubunlearn.trainers import GradDiffConfig, GradDiffTrainer
+
+    config = GradDiffConfig(output_dir=str(tmp_path / "out"), max_steps=2, learning_rate=0.0, eval_forget_quality_every=1,
+                            eval_reference=str(world_model_dir), eval_data=str(tofu_like), eval_forget_split="forget01",
+                            eval_examples=4, keep_best="forget_quality", per_device_train_batch_size=2, report_to="none",
+                            disable_tqdm=True)
+    trainer = GradDiffTrainer(str(world_model_dir), config, forget_dataset=world.rows("forget"), retain_dataset=world.rows("retain"))
+    trainer.train()
+    assert trainer.record_extras["evaluation_during_training"]["keep_best"]["step"] == 0
+    assert any("kept the starting weights (step 0)" in r.getMessage() for r in caplog.records)

@@ -2,6 +2,7 @@
 resuming, the saved best artifact, every method's search space, and bad input."""
 
 import json
+import math
 
 import pytest
 
@@ -127,7 +128,7 @@ def test_a_trial_below_the_budget_at_a_check_is_pruned(run_cli, world_model_dir,
     assert code == 0, err
     table = json.loads((tmp_path / "out" / "trials.json").read_text())
     (trial,) = table["trials"]
-    assert trial["state"] == "pruned" and trial["pruned_at_step"] == 1 and trial["utility_kept"] < 1.0
+    assert trial["state"] == "pruned" and trial["pruned_at_step"] == math.ceil(trial["params"]["max_steps"] / 2) and trial["utility_kept"] < 1.0
     assert trial["forget_quality"] is None and not trial["feasible"] and table["best_trial"] is None
     assert not (tmp_path / "out" / "best.yaml").exists() and "no trial kept model utility within the budget" in out
     assert (tmp_path / "out" / "pareto.png").read_bytes().startswith(PNG)
@@ -226,3 +227,42 @@ def test_without_optuna_the_command_says_how_to_install_it(run_cli, monkeypatch,
     assert code == 2 and err.strip().splitlines()[-1] == ("hubunlearn: error: hubunlearn tune needs Optuna, which is not installed: "
                                                           "pip install 'hubunlearn[tune]'")
     assert not (tmp_path / "never").exists()
+
+
+def test_bench_tuned_rows_are_the_best_trial_of_a_search_measured_like_the_others(run_cli, world_model_dir, world_reference_dir,
+                                                                                  tofu_like, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hubunlearn.bench import BENCH_BEGIN, BENCH_END, results_path, table
+
+    mini = tmp_path / "mini"  # the world as a built TOFU-mini (`bench run --tofu_mini`): its data, target and reference
+    (mini / "data").mkdir(parents=True)
+    for source in tofu_like.glob("*.json"):
+        (mini / "data" / source.name.replace("forget.json", "forget01.json")).write_text(source.read_text())
+    (mini / "target").symlink_to(world_model_dir)
+    (mini / "reference").symlink_to(world_reference_dir)
+    (mini / "tofu_mini.json").write_text(json.dumps({"settings": {"forget_split": "forget01"},
+                                                     "parameter_count": AutoModelForCausalLM.from_pretrained(world_model_dir).num_parameters()}))
+    results_dir, readme = tmp_path / "results", tmp_path / "README.md"
+    results_dir.mkdir()
+    readme.write_text(f"# x\n{BENCH_BEGIN}\nold\n{BENCH_END}\n")
+    common = ["--tofu_mini", mini, "--split", "forget01", "--steps", "3", "--max_eval_examples", "8", "--no_scaling",
+              "--results_dir", results_dir, "--tau", "0.5"]
+    code, _, err = run_cli("bench", "run", "--methods", "eco", *common)
+    assert code == 0, err
+    code, out, err = run_cli("bench", "run", "--methods", "npo", "--tune_trials", "2", "--tune_eval_examples", "8", "--no_shared",
+                             "--readme", readme, *common)
+    assert code == 0, err
+    results = json.loads(results_path(results_dir, "cpu").read_text())
+    assert [(r["method"], r["tau"], "tuned" in r) for r in results["runs"]] == [("npo", None, True), ("eco", None, False)]
+    row, search = results["runs"][0], results["runs"][0]["tuned"]
+    assert search["trials"] == 2 and len(search["history"]) == 2 and search["eval_examples"] == 8
+    assert search["params"] is not None, search  # half the utility: the world model keeps it at these settings
+    # the search evaluated the same 8 rows per set: the row, trained again with the best trial's setting, reproduces it
+    assert row["steps"] == search["params"]["max_steps"]
+    assert row["forget_quality"] == pytest.approx(search["search_forget_quality"], rel=1e-3)
+    assert row["model_utility"] / results["original"]["model_utility"] == pytest.approx(search["search_utility_kept"], rel=1e-3)
+    text = table(results)
+    assert "Tuned: each method at the best of its `hubunlearn tune` trials" in text and "| npo | 2 (" in text and "orders" in text
+    assert f"{BENCH_BEGIN}\n{text}\n{BENCH_END}" in readme.read_text() and text in out
+    assert (results_dir / "pareto_cpu.png").read_bytes().startswith(PNG)

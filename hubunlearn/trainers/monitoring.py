@@ -135,7 +135,8 @@ class EvaluationDuringTraining(TrainerCallback):
         self.config = EvalConfig(model=trainer.base_model_id, benchmark="tofu", data=args.eval_data, forget_split=args.eval_forget_split,
                                  metrics=tuple(metrics), max_examples=args.eval_examples, reference=args.eval_reference,
                                  reference_stats=args.eval_reference_stats, batch_size=args.per_device_eval_batch_size,
-                                 device=_eval_device(args.device), data_format=DataFormat(max_length=args.max_length))
+                                 device=_eval_device(args.device), data_format=DataFormat(max_length=args.max_length),
+                                 progress=not args.disable_tqdm)
         self.sets = load_sets(self.config) if args.eval_data else self._own_sets(trainer, args.eval_examples)
         self.source = f"{args.eval_data} ({args.eval_forget_split})" if args.eval_data else "the run's own forget and retain rows"
         if args.keep_best in NEEDS_PERTURBED and not _has_perturbed(self.sets["forget"]):
@@ -182,6 +183,10 @@ class EvaluationDuringTraining(TrainerCallback):
                 for name, p in _trainable(self.trainer.accelerator.unwrap_model(self.trainer.model)).items():
                     p.copy_(self.snapshot[name])
             logger.info("--keep_best %s: restored step %d (%s %.4g)", keep, self.best["step"], keep, self.best["value"])
+            if self.best["step"] == 0 and self.trainer.is_world_process_zero():  # no later state was strictly better
+                logger.warning("--keep_best %s kept the starting weights (step 0): no later evaluation was better, so nothing "
+                               "was unlearned. Evaluate more rows (--eval_examples; small sets give tied, coarse values), train "
+                               "harder, or rank by --keep_best forget_probability", keep)
         self.snapshot = None
         self.trainer.record_extras["evaluation_during_training"] = self.record()
 
