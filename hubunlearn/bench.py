@@ -423,6 +423,9 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         target = evaluate_sets(AutoModelForCausalLM.from_pretrained(mini.target_dir).eval(), tokenizer, sets, eval_config)
         aggregates = summarize(target, eval_config, reference)["aggregates"]
         original = {name: aggregates[name]["value"] for name in ("forget_quality", "model_utility")}
+        if config.tune_trials and not original["model_utility"]:
+            raise UsageError(f"the tuned rows keep a share of the original's model utility, which is {original['model_utility']} "
+                             "on this TOFU-mini: build it with more --epochs, or leave out --tune_trials")
         examples = sum(len(v) for v in sets.values())
 
         job = {"code": code_state(), "target": str(mini.target_dir), "reference_model": str(mini.reference_dir), "rows": str(rows), "sets": str(scratch / "sets.json"),
@@ -433,25 +436,30 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         tuned = [m for m in config.methods if m != "eco"] if config.tune_trials else []
         replaced = {(m, tau, False) for m, tau in wanted} | {(m, None, True) for m in tuned}
         runs = [r for r in previous.get("runs", []) if run_key(r) not in replaced]
+        results = {"schema": SCHEMA, "machine": machine(), "settings": config.settings(), "tofu_mini": {
+            "settings": mini.info["settings"], "parameter_count": mini.info["parameter_count"]}, "original": original,
+            "evaluation": {"examples": examples, "seconds": round(eval_seconds, 2), "seconds_per_100": round(100 * eval_seconds / examples, 2)},
+            "runs": runs, "scaling": previous.get("scaling")}
+
+        def add(run: dict) -> None:  # saved at once: a long run stopped half-way keeps its finished rows
+            runs.append(run)
+            _save(results, path)
+
         for index, (method, tau) in enumerate(wanted, 1):
             say(f"[{index}/{len(wanted)}] {method}{f' at τ = {tau}' if tau else ''}")
-            runs.append(_in_child(_method_run, {**job, "method": method, "tau": tau}))
+            add(_in_child(_method_run, {**job, "method": method, "tau": tau}))
         for index, method in enumerate(tuned, 1):
             say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune within τ = {config.tau}")
             search = _in_child(_tune_run, {**job, "method": method, "tau": config.tau, "data": str(mini.data_dir),
                                            "split": mini.forget_split, "tune_trials": config.tune_trials,
                                            "tune_eval_examples": config.tune_eval_examples})
             if search["params"] is None:  # no trial within the budget: the row says so
-                runs.append({"method": method, "tau": None, "tuned": search, "forget_quality": None, "model_utility": None,
-                             "code": job["code"]})
+                add({"method": method, "tau": None, "tuned": search, "forget_quality": None, "model_utility": None, "code": job["code"]})
                 continue
             params = dict(search["params"])
-            runs.append(_in_child(_method_run, {**job, "method": method, "tau": None, "steps": params.pop("max_steps"),
-                                                "overrides": params, "tuned": search}))
-        order = {m: i for i, m in enumerate(_all_methods())}
-        runs.sort(key=lambda r: (order.get(r["method"], 99), "tuned" in r, r["tau"] or 0))
+            add(_in_child(_method_run, {**job, "method": method, "tau": None, "steps": params.pop("max_steps"), "overrides": params,
+                                        "tuned": search}))
 
-        scaling = None
         if config.scaling:
             scaling = {"forget_size": [], "model_size": []}
             available = [s for s in FORGET_SIZES if FORGET_SIZES[s] <= FORGET_SIZES[mini.forget_split]]
@@ -471,18 +479,19 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
                 "step_time_vs_parameters": growth([r["parameters"] for r in full], [r["step_seconds"] for r in full]),
                 "peak_memory_vs_parameters": growth([r["parameters"] for r in full], [r["peak_memory_bytes"] for r in full]),
             }
+            results["scaling"] = scaling
+    _save(results, path)
+    pareto_plot(results, path.with_name(f"pareto_{device_name}.png"))
+    return results
 
-    results = {"schema": SCHEMA, "machine": machine(), "settings": config.settings(), "tofu_mini": {
-        "settings": mini.info["settings"], "parameter_count": mini.info["parameter_count"]}, "original": original,
-        "evaluation": {"examples": examples, "seconds": round(eval_seconds, 2), "seconds_per_100": round(100 * eval_seconds / examples, 2)},
-        "runs": runs, "scaling": scaling}
-    if scaling is None:
-        results["scaling"] = previous.get("scaling")
+
+def _save(results: dict, path: Path) -> None:
+    """Write the results file atomically, its rows in method order (shared rows, then the tuned one)."""
+    order = {m: i for i, m in enumerate(_all_methods())}
+    results["runs"].sort(key=lambda r: (order.get(r["method"], 99), "tuned" in r, r["tau"] or 0))
     staged = path.with_suffix(".json.partial")
     staged.write_text(json.dumps(results, indent=2) + "\n")
     staged.replace(path)
-    pareto_plot(results, path.with_name(f"pareto_{device_name}.png"))
-    return results
 
 
 def run_key(run: dict) -> tuple:
@@ -557,20 +566,27 @@ def _draw_points(axes, groups, colours) -> None:
 
 
 def _label(axes, figure, groups, colours) -> None:
-    """One label per point group, in the method's colour, moved apart with a leader line where labels would collide."""
+    """One label per point group, in the method's colour."""
+    place_labels(axes, figure, [xy for xy, _ in groups], [_group_label(runs) for _, runs in groups],
+                 [colours[runs[0]["method"]] for _, runs in groups])
+
+
+def place_labels(axes, figure, points: list[tuple[float, float]], texts: list[str], colours: list, fontsize: float = 8) -> None:
+    """Label each point (data coordinates; the axes' limits already set) with its text, moved apart with a leader line
+    where labels would collide (:func:`label_offsets`)."""
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()
-    texts = [_group_label(runs) for _, runs in groups]
-    pixels = [tuple(axes.transData.transform(xy)) for xy, _ in groups]
-    probes = [axes.text(0, 0, text, fontsize=8) for text in texts]
+    pixels = [tuple(axes.transData.transform(xy)) for xy in points]
+    probes = [axes.text(0, 0, text, fontsize=fontsize) for text in texts]
     widths = [p.get_window_extent(renderer).width + 2 for p in probes]
+    height = max((p.get_window_extent(renderer).height for p in probes), default=12.0)
     for probe in probes:
         probe.remove()
-    offsets = label_offsets(pixels, widths, right_edge=axes.get_window_extent(renderer).x1)
+    offsets = label_offsets(pixels, widths, height=max(12.0, height), right_edge=axes.get_window_extent(renderer).x1)
     scale = 72 / figure.dpi  # pixels to points
-    for ((x, y), runs), text, (dx, dy) in zip(groups, texts, offsets):
-        axes.annotate(text, (x, y), xytext=(dx * scale, dy * scale), textcoords="offset points", fontsize=8, va="center",
-                      ha="left", color=colours[runs[0]["method"]],
+    for xy, text, colour, (dx, dy) in zip(points, texts, colours, offsets):
+        axes.annotate(text, xy, xytext=(dx * scale, dy * scale), textcoords="offset points", fontsize=fontsize, va="center",
+                      ha="left", color=colour,
                       arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.5, "shrinkA": 0, "shrinkB": 5} if abs(dy) > 1 else None)
 
 

@@ -367,14 +367,17 @@ def eco_summary(eco: dict) -> str:
     return text
 
 
-def bibtex(paper: dict | None) -> str:
+def bibtex(paper: dict | None, also: list[dict] = ()) -> str:
+    """BibTeX of the method's ``paper``, the papers it ``also`` builds on (e.g. IdkDPO: DPO and TOFU), and hubunlearn."""
     hubunlearn = "@software{hubunlearn,\n  title = {hubunlearn: machine unlearning for causal language models on the Hugging Face Hub},\n  year = {2026}\n}"
-    if not paper or "id" not in paper:
-        return hubunlearn
-    key = f"{paper.get('authors', 'anonymous').split(' and ')[0].split()[-1].lower()}{paper.get('year', '')}"
-    entry = (f"@article{{{key},\n  title = {{{paper['title']}}},\n  author = {{{paper.get('authors', '')}}},\n"
-             f"  journal = {{arXiv preprint arXiv:{paper['id']}}},\n  year = {{{paper.get('year', '')}}}\n}}")
-    return entry + "\n\n" + hubunlearn
+    entries = []
+    for cited in (paper, *also):
+        if not cited or "id" not in cited:
+            continue
+        key = f"{cited.get('authors', 'anonymous').split(' and ')[0].split()[-1].lower()}{cited.get('year', '')}"
+        entries.append(f"@article{{{key},\n  title = {{{cited['title']}}},\n  author = {{{cited.get('authors', '')}}},\n"
+                       f"  journal = {{arXiv preprint arXiv:{cited['id']}}},\n  year = {{{cited.get('year', '')}}}\n}}")
+    return "\n\n".join([*entries, hubunlearn])
 
 
 def card_data(record: dict, title: str) -> ModelCardData:
@@ -428,7 +431,7 @@ def render_card(record: dict, repo_id: str | None = None, folder: str | os.PathL
         method_description=(record.get("method_description") or f"{record['method']}: see the paper cited below.").replace("``", "`"),
         hyperparameter_table=hyperparameter_table(record),
         training_summary=training_summary(record),
-        bibtex=bibtex(paper),
+        bibtex=bibtex(paper, record.get("also_cites") or []),
     )
 
 

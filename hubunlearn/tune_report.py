@@ -77,11 +77,6 @@ def pareto_plot(rows: list[dict], path: Path, title: str, objective: str, tau: f
         points = [(r["utility_kept"], v) for r, v in zip(complete, values) if r["feasible"] == feasible]
         if points:
             axes.scatter(*zip(*points), color=colour, s=36, zorder=3, label=label)
-    labels: dict[tuple, list[str]] = {}  # trials at the same point share one label
-    for r, v in zip(complete, values):
-        labels.setdefault((round(r["utility_kept"], 4), float(f"{v:.4g}")), []).append(str(r["number"]))
-    for point, numbers in labels.items():
-        axes.annotate(", ".join(numbers), point, textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.3")
     if original is not None:
         axes.scatter([1.0], [max(original, floor) if log else original], marker="D", color="0.5", s=30, zorder=2,
                      label="original model")
@@ -112,6 +107,14 @@ def pareto_plot(rows: list[dict], path: Path, title: str, objective: str, tau: f
         axes.scatter([best_row["utility_kept"]], [max(best_row["objective"], floor) if log else best_row["objective"]], marker="*",
                      s=260, facecolor="gold", edgecolor="black", zorder=4, label=f"best within budget (trial {best})")
     axes.axvline(tau, color="tab:red", linestyle="--", linewidth=1, label=f"budget τ = {tau:g}")
+    labels: dict[tuple, list] = {}  # trials at about the same point (3 decimals of utility, 2 digits) share one label
+    for r, v in zip(complete, values):
+        labels.setdefault((round(r["utility_kept"], 3), float(f"{v:.2g}")), []).append((r["utility_kept"], v, str(r["number"])))
+    if labels:
+        from .bench import place_labels
+
+        place_labels(axes, figure, [trials[0][:2] for trials in labels.values()],
+                     [", ".join(t[2] for t in trials) for trials in labels.values()], ["0.3"] * len(labels), fontsize=7)
     axes.set_xlabel("model utility kept (share of the original's)")
     axes.set_ylabel(objective.replace("_", " ") + (" (log scale)" if log else ""))
     axes.set_title(title, fontsize=10)

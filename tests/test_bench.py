@@ -191,3 +191,12 @@ def test_the_tuned_table_says_when_no_trial_kept_the_budget_and_how_far_each_row
     assert "| graddiff | 6 (2, 3) | 1.5 min | lr 3e-05, steps 40 | 0.0005 | 0.910 (0.99×) | 3.0 orders below (at ≥ ECO's utility) |" in text
     assert distance_to_eco({"forget_quality": 0.8, "model_utility": 0.5}, eco) == "0.2 orders above (at lower utility)"
     assert tuned_table({"runs": [eco]}) == ""
+
+
+def test_tuned_rows_refuse_an_original_without_utility_before_any_run(run_cli, tmp_path):
+    # two epochs teach the tiny TOFU-mini no answer it can generate: model utility 0, no share of it to keep
+    code, _, err = run_cli("bench", "run", "--methods", "npo", "--tune_trials", "2", "--no_shared", "--split", "forget01",
+                           "--authors", "2", "--hidden_size", "64", "--num_layers", "1", "--epochs", "2", "--max_eval_examples", "6",
+                           "--no_scaling", "--data", TOFU, "--results_dir", tmp_path)
+    assert code == 2 and "the tuned rows keep a share of the original's model utility, which is 0" in err.strip().splitlines()[-1], err
+    assert list(tmp_path.iterdir()) == []

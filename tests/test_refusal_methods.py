@@ -260,6 +260,9 @@ def test_a_forget_column_as_alternate_answers_from_the_cli_is_recorded(run_cli, 
     assert record["method"] == "IdkDPO" and record["hyperparameters"]["alternate_answers"] == "column:idk"
     assert record["alternate_answers"] == {"source": "--alternate_answers column:idk", "answers": len(WORLD.rows("forget")), "pairing": "one per forget row (its column)"}
     assert record["paper"]["id"] == "2305.18290" and record["reference"]["kind"] == "statistics"
+    assert [p["id"] for p in record["also_cites"]] == ["2401.06121"]  # TOFU, whose refusal-preferred setup it is
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "arXiv:2305.18290" in card and "arXiv:2401.06121" in card
 
 
 def test_the_card_says_the_refusals_likelihoods_were_cached(small_tokenizer, tmp_path):

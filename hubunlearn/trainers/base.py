@@ -232,6 +232,7 @@ class UnlearnTrainer(Trainer):
     _tag_names = ["unlearning", "hubunlearn"]
     _name = "Unlearn"
     _paper: dict | None = None  # {"id": arXiv id, "title", "authors": "A and B", "year"}: feeds the card's citation
+    _also_cites: tuple[dict, ...] = ()  # papers the method builds on, cited after its own (same keys)
     config_class = UnlearnConfig
     uses_reference = False  # the method reads a frozen copy of the original directly (KUDA, RMU: its activations)
     # Parts of each batch whose examples carry the frozen original's summed answer log-likelihood, ``reference_log_prob``,
@@ -767,6 +768,7 @@ class UnlearnTrainer(Trainer):
             "method": self._name,
             "method_description": inspect.getdoc(type(self)).split("\n\n")[0].replace("\n", " "),
             "paper": self._paper,
+            **({"also_cites": list(self._also_cites)} if self._also_cites else {}),
             "tags": sorted(set(self._tag_names) | {self._name.lower()}),
             "artifact": self.artifact_kind,
             "base_model": {"name_or_path": self.base_model_id, **base},

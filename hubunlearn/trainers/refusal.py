@@ -103,6 +103,7 @@ class IdkDPOTrainer(RefusalTrainer):
 
     _name = "IdkDPO"
     _paper = DPO_PAPER
+    _also_cites = (TOFU_PAPER,)  # the refusal-preferred setup
     config_class = IdkDPOConfig
     reference_statistics = ("forget",)
 
