@@ -88,14 +88,17 @@ class BenchConfig:
         if self.tune_trials < 0 or (self.tune_eval_examples is not None and self.tune_eval_examples < 1):
             raise UsageError("--tune_trials must be at least 0 (0: no tuned rows) and --tune_eval_examples at least 1")
         if self.tune_trials and self.tau is None:
-            raise UsageError("the tuned rows search within the utility budget: give --tau (e.g. 0.9) with --tune_trials")
+            raise UsageError("--tau 0 turns the utility budget off, and the tuned rows search within one: give --tau in (0, 1] "
+                             "(e.g. 0.9) with --tune_trials")
+        if self.tune_trials and set(self.methods) == {"eco"}:
+            raise UsageError("ECO trains no weights, so it has no tuned row: add a weight-training method to --methods")
         if self.tofu_mini is not None:
             if self.build:
                 raise UsageError("--tofu_mini is a built TOFU-mini: leave out --authors, --hidden_size, --num_layers and --epochs")
             if not (Path(self.tofu_mini) / "tofu_mini.json").is_file():
                 raise UsageError(f"--tofu_mini {self.tofu_mini} is not a TOFU-mini folder (no tofu_mini.json): build one with "
                                  "`hubunlearn bench build-tofu`")
-            self.tofu_mini = str(Path(self.tofu_mini).resolve())
+            self.tofu_mini = str(Path(self.tofu_mini).resolve())  # read from here; the settings record its (content-keyed) name
         if not self.shared and not self.tune_trials:
             raise UsageError("--no_shared leaves nothing to measure: add --tune_trials N")
 
@@ -103,7 +106,8 @@ class BenchConfig:
         """What makes two runs comparable: results with other settings are not mixed."""
         return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling", "fresh", "shared")
                 and not k.startswith("tune_")  # each tuned row records its own search
-                and not (k == "tofu_mini" and v is None)}  # built from the data, as before the option was there
+                and not (k == "tofu_mini" and v is None)} | (  # built from the data, as before the option was there
+            {"tofu_mini": Path(self.tofu_mini).name} if self.tofu_mini else {})  # tofu-mini-HASH: the same build anywhere
 
 
 # ---- measurements in child processes ---------------------------------------------------------------------------
@@ -276,7 +280,8 @@ def _tune_run(job: dict) -> dict:
     fixed = {"learning_rate": LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE), **REQUIRED_SETTINGS.get(method, {})}
     flags = ["--model_name_or_path", job["target"], "--forget", f"{job['data']}:{job['split']}", "--retain", f"{job['data']}:retain",
              "--per_device_train_batch_size", str(job["batch_size"]), "--lr_scheduler_type", "constant", "--report_to", "none",
-             "--logging_steps", "10000", *[x for name, value in fixed.items() if name not in space for x in (f"--{name}", str(value))]]
+             "--logging_steps", "10000", *[x for name, value in fixed.items() if name not in space for x in (f"--{name}", str(value))],
+             *(["--bf16", "true"] if torch.cuda.is_available() else [])]  # as _train trains the row
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         config = TuneConfig(method=method, output=str(Path(folder) / "tune"), trials=job["tune_trials"], utility_budget=job["tau"],
@@ -452,7 +457,8 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
             say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune within τ = {config.tau}")
             search = _in_child(_tune_run, {**job, "method": method, "tau": config.tau, "data": str(mini.data_dir),
                                            "split": mini.forget_split, "tune_trials": config.tune_trials,
-                                           "tune_eval_examples": config.tune_eval_examples})
+                                           "tune_eval_examples": min(filter(None, (config.tune_eval_examples, config.max_eval_examples)),
+                                                                     default=None)})
             if search["params"] is None:  # no trial within the budget: the row says so
                 add({"method": method, "tau": None, "tuned": search, "forget_quality": None, "model_utility": None, "code": job["code"]})
                 continue
@@ -602,6 +608,13 @@ def pareto_plot(results: dict, path: Path) -> Path:
     methods = list(dict.fromkeys(run["method"] for run in results["runs"]))
     colours = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
     groups = _point_groups(results["runs"])
+    if not groups:  # e.g. only tuned rows, none of whose trials kept the budget
+        figure, axes = plt.subplots(figsize=(7, 3))
+        axes.text(0.5, 0.5, "No run to plot: no row has a forget quality and a model utility\n(see the table)", ha="center", va="center")
+        axes.set_axis_off()
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        return path
     figure, (axes, zoom) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     for panel in (axes, zoom):
         _draw_points(panel, groups, colours)
@@ -683,7 +696,7 @@ def _setting_text(params: dict) -> str:
 def distance_to_eco(run: dict, eco: dict | None) -> str:
     """How far a row's forget quality is from ECO's, in orders of magnitude (log10 of the ratio), with whether the row
     kept at least ECO's model utility (the comparison at equal utility) or less."""
-    if eco is None or run["forget_quality"] is None:
+    if eco is None or None in (run["forget_quality"], run["model_utility"], eco["forget_quality"], eco["model_utility"]):
         return "–"
     orders = math.log10(max(eco["forget_quality"], 1e-300) / max(run["forget_quality"], 1e-300))
     where = "at ≥ ECO's utility" if run["model_utility"] >= eco["model_utility"] else "at lower utility"
@@ -697,12 +710,15 @@ def tuned_table(results: dict) -> str:
     if not tuned:
         return ""
     eco = next((r for r in results["runs"] if r["method"] == "eco" and "tuned" not in r), None)
-    original = results.get("original") or {}
-    search = tuned[0]["tuned"]
+    original = (results.get("original") or {}).get("model_utility")
+    budgets = {r["tuned"]["utility_budget"] for r in tuned}
+    slices = {r["tuned"]["eval_examples"] for r in tuned}
+    budget = f"{budgets.pop()}×" if len(budgets) == 1 else "each row's share of"
+    searched = f"the first {slices.pop() or 'all'} rows of each set" if len(slices) == 1 else "each row's own slice of the sets"
     lines = [f"Tuned: each method at the best of its `hubunlearn tune` trials (constrained TPE: the highest forget quality with "
-             f"model utility ≥ {search['utility_budget']}× the original's {original.get('model_utility', float('nan')):.3f}; "
-             f"searched on the first {search['eval_examples'] or 'all'} rows of each set), then trained and measured again "
-             "as the rows above (every row). Distance to ECO: log10 of ECO's forget quality over the row's.",
+             f"model utility ≥ {budget} the original's{f' {original:.3f}' if original else ''}; searched on {searched}), then "
+             "trained and measured again as the rows above (on their rows; ⚠: below the budget there). Distance to ECO: log10 "
+             "of ECO's forget quality over the row's.",
              "",
              "| method | trials (pruned, within budget) | search time | tuned setting | forget quality ↑ | model utility ↑ (× original) | distance to ECO |",
              "|---|---|---|---|---|---|---|"]
@@ -713,7 +729,8 @@ def tuned_table(results: dict) -> str:
         if r["forget_quality"] is None:
             lines.append(f"| {r['method']} | {spent} | {minutes} | no trial within the budget | – | – | – |")
             continue
-        kept = f" ({r['model_utility'] / original['model_utility']:.2f}×)" if original.get("model_utility") else ""
+        share = r["model_utility"] / original if original else None
+        kept = f" ({share:.2f}×{' ⚠' if share < t['utility_budget'] else ''})" if share is not None else ""
         lines.append(f"| {r['method']} | {spent} | {minutes} | {_setting_text(t['params'])} | {r['forget_quality']:.2g} | "
                      f"{r['model_utility']:.3f}{kept} | {distance_to_eco(r, eco)} |")
     return "\n".join(lines)

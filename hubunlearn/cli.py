@@ -178,10 +178,10 @@ def _bench(argv: list[str]) -> int:
     run.add_argument("--steps", type=int, default=50, help="Optimiser steps per method (default 50).")
     run.add_argument("--batch_size", type=int, default=8)
     run.add_argument("--tau", type=float, default=0.9, help="Utility budget of the calibrated runs (0: none).")
-    run.add_argument("--data", default="locuslab/TOFU", help="Folder of TOFU's files, or the Hub dataset id.")
+    run.add_argument("--data", help="Folder of TOFU's files, or the Hub dataset id (default locuslab/TOFU).")
     run.add_argument("--results_dir", default="benchmarks/results", help="Where the JSON and the plot go.")
     run.add_argument("--readme", help="A README whose table (between the bench markers) is rewritten from the JSON.")
-    run.add_argument("--tofu_mini", help="A built TOFU-mini folder (`bench build-tofu --cache_dir`'s) instead of building one from --data.")
+    run.add_argument("--tofu_mini", help="A built TOFU-mini, the tofu-mini-HASH folder `bench build-tofu` prints, instead of building one from --data.")
     run.add_argument("--authors", type=int, help="TOFU-mini retain authors (default 20).")
     run.add_argument("--hidden_size", type=int, help="TOFU-mini hidden size (default 256 on CPU, 768 on a GPU).")
     run.add_argument("--num_layers", type=int, help="TOFU-mini layers (default 4 on CPU, 8 on a GPU).")
@@ -335,8 +335,10 @@ def _bench_run(args) -> int:
         raise UsageError(f"--readme {readme} has no benchmark table markers ({BENCH_BEGIN} ... {BENCH_END})")
     build = {key: value for key, value in (("num_authors", args.authors), ("hidden_size", args.hidden_size),
                                            ("num_layers", args.num_layers), ("epochs", args.epochs)) if value is not None}
+    if args.tofu_mini and args.data:
+        raise UsageError("--tofu_mini is a built TOFU-mini, with its own data: leave out --data")
     config = BenchConfig(methods=args.methods, split=args.split, steps=args.steps, batch_size=args.batch_size, tofu_mini=args.tofu_mini,
-                         tau=args.tau or None, data=args.data, results_dir=args.results_dir, build=build,
+                         tau=args.tau or None, data=args.data or "locuslab/TOFU", results_dir=args.results_dir, build=build,
                          max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling, fresh=args.fresh,
                          tune_trials=args.tune_trials, tune_eval_examples=args.tune_eval_examples, shared=not args.no_shared)
     results = run_benchmark(config)

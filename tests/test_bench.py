@@ -62,7 +62,9 @@ def test_runner_writes_valid_json_and_the_plot_and_never_mixes_or_drops_runs(run
     (["--steps", "0"], "--steps and --batch_size must be at least 1"),
     (["--tau", "1.5"], "--tau must be in (0, 1]"),
     (["--tune_trials", "-1"], "--tune_trials must be at least 0"),
-    (["--tune_trials", "2", "--tau", "0"], "the tuned rows search within the utility budget: give --tau"),
+    (["--tune_trials", "2", "--tau", "0"], "--tau 0 turns the utility budget off, and the tuned rows search within one"),
+    (["--tune_trials", "2", "--methods", "eco"], "ECO trains no weights, so it has no tuned row"),
+    (["--tofu_mini", "/no/such/build"], "--tofu_mini is a built TOFU-mini, with its own data: leave out --data"),
     (["--no_shared"], "--no_shared leaves nothing to measure: add --tune_trials N"),
     (["--results_dir", "/no/such/folder"], "results folder /no/such/folder does not exist"),
     (["--readme", "/no/such/README.md"], "has no benchmark table markers"),
@@ -190,7 +192,19 @@ def test_the_tuned_table_says_when_no_trial_kept_the_budget_and_how_far_each_row
     assert "| npo | 6 (2, 0) | 1.5 min | no trial within the budget |" in text
     assert "| graddiff | 6 (2, 3) | 1.5 min | lr 3e-05, steps 40 | 0.0005 | 0.910 (0.99×) | 3.0 orders below (at ≥ ECO's utility) |" in text
     assert distance_to_eco({"forget_quality": 0.8, "model_utility": 0.5}, eco) == "0.2 orders above (at lower utility)"
+    assert distance_to_eco({"forget_quality": 0.8, "model_utility": 0.5}, {**eco, "forget_quality": None}) == "–"
     assert tuned_table({"runs": [eco]}) == ""
+    below = {**results["runs"][1], "model_utility": 0.8}  # measured on every row, it fell below the budget its search kept
+    assert "0.800 (0.87× ⚠)" in tuned_table({**results, "runs": [below, eco]})
+    assert "the original's;" in tuned_table({"original": {"model_utility": None}, "runs": [below]})
+
+
+def test_a_results_file_with_no_point_still_plots(tmp_path):
+    from hubunlearn.bench import pareto_plot
+
+    results = {"settings": {"steps": 50, "tau": 0.9}, "tofu_mini": {"settings": {"forget_split": "forget10"}},
+               "runs": [{"method": "ga", "tau": None, "forget_quality": None, "model_utility": None, "tuned": {"trials": 3}}]}
+    assert pareto_plot(results, tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tuned_rows_refuse_an_original_without_utility_before_any_run(run_cli, tmp_path):
