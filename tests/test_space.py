@@ -170,7 +170,13 @@ def answered(page, text: str) -> None:
     """Wait until the original model's answer contains ``text`` and both answers are in."""
     page.wait_for_function("([text]) => document.querySelector('#original textarea').value.includes(text) "
                            "&& document.querySelector('#unlearned textarea').value.length > 0", arg=[text], timeout=60_000)
-    page.wait_for_timeout(1000)  # the unlearned answer streams to its end
+    previous = None
+    for _ in range(60):  # the unlearned answer streams to its end: unchanged for a second (a fixed wait was short under load)
+        page.wait_for_timeout(1000)
+        current = page.locator("#unlearned textarea").input_value()
+        if current == previous:
+            break
+        previous = current
 
 
 def test_eval_takes_a_hub_eco_bundle_as_space_and_load_do(run_cli, hub_token, eco_artifact, world_model_dir, tmp_path):
@@ -215,7 +221,7 @@ def test_browser_example_then_ask_on_fresh_servers_and_messages_that_close(serve
         assert "Retain-set questions" in page.locator("#examples-retain").inner_text()
         page.locator("#prompt textarea").fill("x" * 1200)
         page.locator("#ask").click()
-        page.wait_for_selector("[data-testid='toast-body']", timeout=30_000)
+        page.wait_for_selector("[data-testid='toast-body']", timeout=60_000)
         assert "1200 characters long; the limit is 1000" in page.locator("[data-testid='toast-body']").inner_text()
         page.locator("#examples-retain button").first.click()
         page.locator("#ask").click()
