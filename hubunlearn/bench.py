@@ -62,7 +62,7 @@ class BenchConfig:
     steps: int = 50
     batch_size: int = 8
     tau: float | None = 0.9
-    data: str = "locuslab/TOFU"
+    data: str | None = None  # TOFU's files (default the Hub's locuslab/TOFU); not with tofu_mini
     results_dir: str = "benchmarks/results"
     build: dict = field(default_factory=dict)
     tofu_mini: str | None = None  # a built TOFU-mini folder (`bench build-tofu`'s), instead of building one from `data`
@@ -93,6 +93,8 @@ class BenchConfig:
         if self.tune_trials and set(self.methods) == {"eco"}:
             raise UsageError("ECO trains no weights, so it has no tuned row: add a weight-training method to --methods")
         if self.tofu_mini is not None:
+            if self.data:
+                raise UsageError("--tofu_mini is a built TOFU-mini, with its own data: leave out --data")
             if self.build:
                 raise UsageError("--tofu_mini is a built TOFU-mini: leave out --authors, --hidden_size, --num_layers and --epochs")
             if not (Path(self.tofu_mini) / "tofu_mini.json").is_file():
@@ -270,9 +272,10 @@ def _tune_run(job: dict) -> dict:
     ``tune_eval_examples`` rows of each set: the best trial within the budget and what the search spent."""
     import torch
 
-    from .trainers import METHODS
     from .search_spaces import method_space
+    from .trainers import METHODS
     from .tune import TuneConfig, best_trial, run_tune
+    from .tune_report import trial_rows
 
     torch.set_num_threads(job["threads"])
     method = job["method"]
@@ -289,11 +292,11 @@ def _tune_run(job: dict) -> dict:
                             max_eval_examples=job["tune_eval_examples"])
         study = run_tune(config, progress=lambda text: None).studies[method]
     best = best_trial(study, job["tau"])
-    states = [t.state.name.lower() for t in study.trials]
-    trials = [{"state": t.state.name.lower(), "params": t.params, "utility_kept": t.user_attrs.get("utility_kept"),
-               "forget_quality": (t.user_attrs.get("metrics") or {}).get("forget_quality")} for t in study.trials]
+    rows = trial_rows(study)  # tune's own table: state, feasibility, parameters, metrics
+    states = [r["state"] for r in rows]
+    trials = [{key: r[key] for key in ("state", "params", "utility_kept", "forget_quality")} for r in rows]
     return {"trials": len(states), "pruned": states.count("pruned"), "failed": states.count("fail"),
-            "within_budget": sum(t["state"] == "complete" and (t["utility_kept"] or 0) >= job["tau"] for t in trials),
+            "within_budget": sum(r["feasible"] for r in rows),
             "search_seconds": round(time.perf_counter() - start, 1), "eval_examples": job["tune_eval_examples"],
             "utility_budget": job["tau"], "space": {name: d.describe() for name, d in space.items()},
             "best_trial": best.number if best else None, "params": best.params if best else None,
@@ -408,7 +411,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         if mini.forget_split != config.split:
             raise UsageError(f"--tofu_mini {config.tofu_mini} was built for {mini.forget_split}: pass --split {mini.forget_split}")
     else:
-        mini = build_tofu_mini(tofu_data_folder(config.data, config.split), forget_split=config.split, **build)
+        mini = build_tofu_mini(tofu_data_folder(config.data or "locuslab/TOFU", config.split), forget_split=config.split, **build)
     threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory() as scratch:

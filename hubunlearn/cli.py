@@ -335,10 +335,8 @@ def _bench_run(args) -> int:
         raise UsageError(f"--readme {readme} has no benchmark table markers ({BENCH_BEGIN} ... {BENCH_END})")
     build = {key: value for key, value in (("num_authors", args.authors), ("hidden_size", args.hidden_size),
                                            ("num_layers", args.num_layers), ("epochs", args.epochs)) if value is not None}
-    if args.tofu_mini and args.data:
-        raise UsageError("--tofu_mini is a built TOFU-mini, with its own data: leave out --data")
     config = BenchConfig(methods=args.methods, split=args.split, steps=args.steps, batch_size=args.batch_size, tofu_mini=args.tofu_mini,
-                         tau=args.tau or None, data=args.data or "locuslab/TOFU", results_dir=args.results_dir, build=build,
+                         tau=args.tau or None, data=args.data, results_dir=args.results_dir, build=build,
                          max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling, fresh=args.fresh,
                          tune_trials=args.tune_trials, tune_eval_examples=args.tune_eval_examples, shared=not args.no_shared)
     results = run_benchmark(config)
