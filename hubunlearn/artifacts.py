@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from importlib import metadata
@@ -32,23 +33,39 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
         raise UsageError(f"output folder {path} is not empty: choose another --output_dir or pass --overwrite_output_dir")
 
 
+class Terminated(SystemExit):
+    """SIGTERM's exit (code 143), raised by the handler :func:`sigterm_unwinds` installs."""
+
+
 @contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
-    """Within: SIGTERM (``kill``, a scheduler's stop) raises ``SystemExit(143)`` like Ctrl-C's ``KeyboardInterrupt``,
-    so that ``finally`` blocks run: staging folders are removed, child processes stopped, nothing is left
-    half-written. Only on the main thread (signals are delivered there); elsewhere it changes nothing."""
+    """Within: SIGTERM (``kill``, a scheduler's stop) raises ``Terminated`` (``SystemExit(143)``) like Ctrl-C's
+    ``KeyboardInterrupt``, so that ``finally`` blocks run: staging folders are removed, child processes stopped,
+    nothing is left half-written. Only on the main thread (signals are delivered there); elsewhere it changes nothing.
+
+    Python swallows an exception raised where it cannot propagate (a ``__del__``, a weakref or gc callback: it prints
+    "Exception ignored" and goes on). A stop landing there is sent again a moment later, from the
+    ``sys.unraisablehook``, until it lands where it unwinds."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def unwind(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
+
+    def send_again(unraisable):
+        if isinstance(unraisable.exc_value, Terminated):  # not raised inside this hook: its own errors are swallowed too
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        else:
+            previous_hook(unraisable)
 
     previous = signal.signal(signal.SIGTERM, unwind)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, send_again
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 @contextlib.contextmanager

@@ -266,3 +266,28 @@ def test_errors_name_the_python_argument_in_the_api_and_the_flag_in_a_command(ru
         "attacks bribe; num_authors too big; add retain_dataset or null_space=False"
     quoted = "push it first (hubunlearn push FOLDER --repo_id ORG/NAME) and pass its id to --unlearned"
     assert python_names(quoted) == quoted.replace("to --unlearned", "to unlearned")  # a command line stays as typed
+
+
+def test_sigterm_landing_in_a_finaliser_is_sent_again_until_it_unwinds():
+    """A stop whose exit Python swallows (raised inside a ``__del__``: "Exception ignored") still ends the command: the
+    unraisable hook sends SIGTERM again, and the second exit unwinds. Without it, the loop below runs to its end."""
+    import signal
+    import sys
+    import time
+
+    from hubunlearn.artifacts import sigterm_unwinds
+
+    handler, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+
+    class StoppedWhileFinalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the finaliser
+
+    with pytest.raises(SystemExit) as stopped:
+        with sigterm_unwinds():
+            StoppedWhileFinalised()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == (handler, hook)  # both given back

@@ -170,7 +170,12 @@ def test_sigterm_mid_run_leaves_nothing_behind(tiny_model, muse_dir, tmp_path):
         assert list(tmp_path.glob(".out.partial-*")), "the run never staged its output"
         time.sleep(2)  # well into the first request's training
         run.send_signal(signal.SIGTERM)
-        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+        try:
+            code = run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            code = f"still running 60 s after SIGTERM; its stderr:\n{run.communicate()[1][-3000:]}"
+        assert code == 128 + signal.SIGTERM
     finally:
         run.kill()
     assert list(tmp_path.iterdir()) == []
