@@ -123,12 +123,14 @@ def restrict(space: dict[str, Dimension], text: str | None, flag: str = "--space
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        name, _, bounds = item.partition("=")
-        name = name.strip()
+        name, equals, bounds = item.partition("=")
+        name, bounds = name.strip(), bounds.strip()
         if name not in space:
             raise UsageError(f"unknown search-space parameter '{name}' in {flag}: choose from {', '.join(space)}")
+        if equals and not bounds:
+            raise UsageError(f"{flag} {name}= gives no range: write {name}=LOW:HIGH (or choices A|B), or {name} alone for its whole range")
         try:
-            chosen[name] = space[name].narrowed(bounds.strip()) if bounds else space[name]
+            chosen[name] = space[name].narrowed(bounds) if bounds else space[name]
         except UsageError as error:
             raise UsageError(f"{flag} {name}: {error}") from None
         if isinstance(chosen[name], (Float, Int)) and chosen[name].log and chosen[name].low <= 0:

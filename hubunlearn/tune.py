@@ -445,7 +445,7 @@ def open_study(search: MethodSearch, config: TuneConfig, study_path: Path):
     with warnings.catch_warnings():  # constraints_func is marked experimental; its use here is the documented one
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=config.seed + done, constraints_func=_constraints,
-                                             n_startup_trials=startup_trials(config.trials))
+                                             n_startup_trials=startup_trials(done + config.trials))
     pruner = (optuna.pruners.ThresholdPruner(lower=config.utility_budget) if config.budget_check_steps
               else optuna.pruners.NopPruner())
     study = optuna.create_study(study_name=search.method, storage=storage, direction=direction, sampler=sampler, pruner=pruner,
@@ -457,8 +457,8 @@ def open_study(search: MethodSearch, config: TuneConfig, study_path: Path):
 
 
 def startup_trials(trials: int) -> int:
-    """Random trials before TPE models the results: a third of a run's trials, 3 to 10 (Optuna's default, 10, would
-    leave a short search random throughout)."""
+    """Random trials before TPE models the results: a third of the study's ``trials`` (a resumed study's earlier ones
+    count), 3 to 10 (Optuna's default, 10, would leave a short search random throughout)."""
     return max(3, min(10, trials // 3))
 
 

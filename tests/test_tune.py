@@ -3,6 +3,7 @@ resuming, the saved best artifact, every method's search space, and bad input.""
 
 import json
 import math
+import re
 
 import pytest
 
@@ -162,8 +163,9 @@ def test_a_space_is_restricted_and_re_ranged_by_name():
     assert "retain_weight" not in method_space(METHODS["ga"].config_class)  # GA trains no retain term
     for text, message in (("gamma", "unknown search-space parameter 'gamma' in space: choose from learning_rate, max_steps, retain_weight, beta"),
                           ("beta=1:0.1", "the range 1:0.1 is empty"), ("max_steps=a:b", "is not a range"),
-                          ("learning_rate=0:1", "a log-scale range must start above 0")):
-        with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+                          ("learning_rate=0:1", "a log-scale range must start above 0"),
+                          ("beta= ,learning_rate", "space beta= gives no range: write beta=LOW:HIGH (or choices A|B), or beta alone")):
+        with pytest.raises(UsageError, match=re.escape(message)):
             restrict(space, text)
 
 
@@ -266,3 +268,9 @@ def test_bench_tuned_rows_are_the_best_trial_of_a_search_measured_like_the_other
     assert "Tuned: each method at the best of its `hubunlearn tune` trials" in text and "| npo | 2 (" in text and "orders" in text
     assert f"{BENCH_BEGIN}\n{text}\n{BENCH_END}" in readme.read_text() and text in out
     assert (results_dir / "pareto_cpu.png").read_bytes().startswith(PNG)
+
+
+def test_random_startup_trials_are_a_third_of_the_study_three_to_ten():
+    from hubunlearn.tune import startup_trials
+
+    assert [startup_trials(n) for n in (1, 8, 9, 20, 30, 31, 200)] == [3, 3, 3, 6, 10, 10, 10]
