@@ -12,12 +12,14 @@ Quieten the library with ``logging.getLogger("hubunlearn").setLevel(logging.WARN
 A command also hides what the libraries print about their own calls, never about the user's input: PEFT reading
 a deprecated ``transformers`` property, the Trainer's ``pin_memory`` default on a machine without an accelerator,
 and the "Loading weights" and "Writing model shards" bars of local files (a download's progress bar stays). Every
-other warning shows.
+other warning shows. ``huggingface_hub``'s retries of a Hub that does not answer (two lines a try, for half a minute)
+are folded into one line that says what failed and how to skip the wait.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ LIBRARY_WARNINGS = (  # (category, message regex): libraries warning about their
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),  # the Trainer's default, on a CPU
 )
 QUIET_BARS = ("Loading weights", "Writing model shards")  # transformers' bars over a local checkpoint's tensors and files
+HUB_HTTP_LOGGER = "huggingface_hub.utils._http"  # logs each failed try and each wait of its retries
 _previous_tqdm_hook: list = []  # the hook quiet_weight_loading replaced, while a command runs
 
 
@@ -65,6 +68,27 @@ def install_default_handler() -> None:
         logger.setLevel(logging.INFO)
 
 
+class FoldedHubRetries(logging.Filter):
+    """On ``huggingface_hub``'s HTTP logger: the first failed try of a request becomes one ``hubunlearn: warning``
+    line; the other tries and the "Retrying in Ns" lines are dropped. Other records pass."""
+
+    FAILED_TRY = re.compile(r"^'(?P<error>.*)' thrown while requesting (?P<method>\w+) (?P<url>\S+)$", re.S)
+
+    def __init__(self):
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        failed = self.FAILED_TRY.match(message)
+        if failed and not self.said:
+            self.said = True
+            logging.getLogger(LOGGER_NAME).warning(
+                "the Hub did not answer (%s, for %s): huggingface_hub retries for about half a minute; with no network, "
+                "HF_HUB_OFFLINE=1 uses what is cached at once", failed["error"].splitlines()[0], failed["url"])
+        return not (failed or message.startswith("Retrying in "))
+
+
 @contextmanager
 def command_output():
     """While a ``hubunlearn`` command runs: INFO and up, each record printed once by the handler above (records do
@@ -74,6 +98,8 @@ def command_output():
     level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    retries = FoldedHubRetries()
+    logging.getLogger(HUB_HTTP_LOGGER).addFilter(retries)
     try:
         with warnings.catch_warnings():
             for category, message in LIBRARY_WARNINGS:
@@ -82,6 +108,7 @@ def command_output():
     finally:
         logger.setLevel(level)
         logger.propagate = propagate
+        logging.getLogger(HUB_HTTP_LOGGER).removeFilter(retries)
         if _previous_tqdm_hook:
             from transformers.utils.logging import set_tqdm_hook
 

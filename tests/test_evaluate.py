@@ -375,3 +375,28 @@ def test_eval_on_the_device_asked_gives_the_same_numbers(run_cli, world_model_di
                 elif key != "mia":
                     assert row_auto[key] == value, (name, key)
     assert model_device(load_for_eval(world_model_dir, device="cpu")[0]).type == "cpu"
+
+
+def test_hub_retries_are_one_line_that_says_how_to_skip_the_wait(capfd, caplog):
+    """huggingface_hub's own retry loop against a port where nothing listens: each failed try and each wait is a line
+    of its own; under a command they fold into one hubunlearn warning naming the error, the URL and HF_HUB_OFFLINE."""
+    import socket
+
+    import httpx2
+    from huggingface_hub.utils import http_backoff
+
+    from hubunlearn.logs import command_output
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again below: connections are refused
+    url = f"http://127.0.0.1:{port}/datasets/locuslab/TOFU/resolve/main/README.md"
+    with command_output(), pytest.raises(httpx2.ConnectError):
+        http_backoff("HEAD", url, max_retries=3, base_wait_time=0.01)
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hubunlearn: warning: the Hub did not answer (") and url in lines[0], lines
+    assert "HF_HUB_OFFLINE=1" in lines[0]
+    caplog.clear()
+    with pytest.raises(httpx2.ConnectError):  # outside a command, the library's records are left as they are
+        http_backoff("HEAD", url, max_retries=1, base_wait_time=0.01)
+    assert [r.getMessage().split(" [")[0] for r in caplog.records if r.name == "huggingface_hub.utils._http"][1] == "Retrying in 0.01s"
