@@ -73,6 +73,7 @@ class BenchConfig:
     tune_trials: int = 0  # tuned rows: `hubunlearn tune` trials per weight-changing method (0: none)
     tune_eval_examples: int | None = 50  # rows per evaluation set in the search (the tuned row itself is measured on all)
     shared: bool = True  # the one-shared-setting rows (off: only the tuned rows are measured; the file's others are kept)
+    reuse_searches: bool = False  # tuned rows: train again at the setting the file's search found, without searching again
 
     def __post_init__(self):
         from .tofu_mini import FORGET_SPLITS
@@ -103,10 +104,12 @@ class BenchConfig:
             self.tofu_mini = str(Path(self.tofu_mini).resolve())  # read from here; the settings record its (content-keyed) name
         if not self.shared and not self.tune_trials:
             raise UsageError("--no_shared leaves nothing to measure: add --tune_trials N")
+        if self.reuse_searches and not self.tune_trials:
+            raise UsageError("--reuse_searches re-measures tuned rows: add --tune_trials N (the searches of N trials to reuse)")
 
     def settings(self) -> dict:
         """What makes two runs comparable: results with other settings are not mixed."""
-        return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling", "fresh", "shared")
+        return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling", "fresh", "shared", "reuse_searches")
                 and not k.startswith("tune_")  # each tuned row records its own search
                 and not (k == "tofu_mini" and v is None)} | (  # built from the data, as before the option was there
             {"tofu_mini": Path(self.tofu_mini).name} if self.tofu_mini else {})  # tofu-mini-HASH: the same build anywhere
@@ -260,10 +263,33 @@ def _method_run(job: dict) -> dict:
                "eval_seconds_per_100": round(100 * eval_seconds / sum(len(v) for v in sets.values()), 3), "code": job["code"]}
         if job.get("tuned"):
             row["tuned"] = job["tuned"]
+            row["held_out"] = held_out_check(per_example, json.loads(Path(job["original"]).read_text()),
+                                             json.loads(Path(job["reference"]).read_text()), config, job["tuned"]["eval_examples"])
         if job["method"] == "eco":
             row["prefill_overhead"] = _prefill_overhead(trainer.eco_model, model, tokenizer, [r["question"] for r in forget],
                                                         [r["question"] for r in retain])
     return row
+
+
+def held_out_check(per_example: dict, original: dict, reference: dict, config, rows: int | None) -> dict | None:
+    """Does a tuned row's result hold on rows its search never saw? Forget quality and the share of the original's
+    model utility on the search's rows (the first ``rows`` of each set) and on the next ``rows`` of each set (other
+    authors and facts), so that both are measured on as many rows: forget quality's p-value shrinks with the row count.
+    ``per_example``, ``original`` and ``reference``: :func:`~hubunlearn.evaluate.evaluate_sets` results of the tuned
+    model, the original and the reference on the same sets. ``None`` when the search used every row or a set has no
+    rows past the search's."""
+    from .evaluate import summarize
+
+    if rows is None or any(len(results) <= rows for results in per_example.values()):
+        return None
+    check = {"rows": rows}
+    for name, part in (("searched", slice(0, rows)), ("held_out", slice(rows, 2 * rows))):
+        tuned, before = (summarize({k: v[part] for k, v in p.items()}, config, {k: v[part] for k, v in reference.items()})["aggregates"]
+                         for p in (per_example, original))
+        check[name] = {"forget_quality": tuned["forget_quality"]["value"],
+                       "utility_kept": tuned["model_utility"]["value"] / before["model_utility"]["value"]
+                       if before["model_utility"]["value"] else None}
+    return check
 
 
 def _tune_run(job: dict) -> dict:
@@ -429,6 +455,7 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         eval_seconds = time.perf_counter() - start
         (scratch / "reference.json").write_text(json.dumps(reference))
         target = evaluate_sets(AutoModelForCausalLM.from_pretrained(mini.target_dir).eval(), tokenizer, sets, eval_config)
+        (scratch / "original.json").write_text(json.dumps(target))
         aggregates = summarize(target, eval_config, reference)["aggregates"]
         original = {name: aggregates[name]["value"] for name in ("forget_quality", "model_utility")}
         if config.tune_trials and not original["model_utility"]:
@@ -437,12 +464,13 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         examples = sum(len(v) for v in sets.values())
 
         job = {"code": code_state(), "target": str(mini.target_dir), "reference_model": str(mini.reference_dir), "rows": str(rows), "sets": str(scratch / "sets.json"),
-               "reference": str(scratch / "reference.json"), "steps": config.steps, "batch_size": config.batch_size,
+               "reference": str(scratch / "reference.json"), "original": str(scratch / "original.json"), "steps": config.steps, "batch_size": config.batch_size,
                "threads": threads}
         wanted = [(m, None) for m in config.methods] + [(m, config.tau) for m in config.methods if config.tau and m != "eco"]
         wanted = wanted if config.shared else []
         tuned = [m for m in config.methods if m != "eco"] if config.tune_trials else []
         replaced = {(m, tau, False) for m, tau in wanted} | {(m, None, True) for m in tuned}
+        searched = {r["method"]: r["tuned"] for r in previous.get("runs", []) if "tuned" in r} if config.reuse_searches else {}
         runs = [r for r in previous.get("runs", []) if run_key(r) not in replaced]
         results = {"schema": SCHEMA, "machine": machine(), "settings": config.settings(), "tofu_mini": {
             "settings": mini.info["settings"], "parameter_count": mini.info["parameter_count"]}, "original": original,
@@ -456,12 +484,16 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         for index, (method, tau) in enumerate(wanted, 1):
             say(f"[{index}/{len(wanted)}] {method}{f' at τ = {tau}' if tau else ''}")
             add(_in_child(_method_run, {**job, "method": method, "tau": tau}))
+        search_rows = min(filter(None, (config.tune_eval_examples, config.max_eval_examples)), default=None)
         for index, method in enumerate(tuned, 1):
-            say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune within τ = {config.tau}")
-            search = _in_child(_tune_run, {**job, "method": method, "tau": config.tau, "data": str(mini.data_dir),
-                                           "split": mini.forget_split, "tune_trials": config.tune_trials,
-                                           "tune_eval_examples": min(filter(None, (config.tune_eval_examples, config.max_eval_examples)),
-                                                                     default=None)})
+            search = searched.get(method)
+            if search and (search["trials"], search["eval_examples"], search["utility_budget"]) == (config.tune_trials, search_rows, config.tau):
+                say(f"[tuned {index}/{len(tuned)}] {method}: the file's search ({search['trials']} trials), trained and measured again")
+            else:
+                say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune within τ = {config.tau}"
+                    + (" (the file has no search of these settings to reuse)" if config.reuse_searches else ""))
+                search = _in_child(_tune_run, {**job, "method": method, "tau": config.tau, "data": str(mini.data_dir),
+                                               "split": mini.forget_split, "tune_trials": config.tune_trials, "tune_eval_examples": search_rows})
             if search["params"] is None:  # no trial within the budget: the row says so
                 add({"method": method, "tau": None, "tuned": search, "forget_quality": None, "model_utility": None, "code": job["code"]})
                 continue
@@ -721,22 +753,35 @@ def tuned_table(results: dict) -> str:
     lines = [f"Tuned: each method at the best of its `hubunlearn tune` trials (constrained TPE: the highest forget quality with "
              f"model utility ≥ {budget} the original's{f' {original:.3f}' if original else ''}; searched on {searched}), then "
              "trained and measured again as the rows above (on their rows; ⚠: below the budget there). Distance to ECO: log10 "
-             "of ECO's forget quality over the row's.",
+             "of ECO's forget quality over the row's. Held out: forget quality and the share of the original's utility on "
+             "the search's rows → on as many rows the search never saw (the next ones of each set: other authors).",
              "",
-             "| method | trials (pruned, within budget) | search time | tuned setting | forget quality ↑ | model utility ↑ (× original) | distance to ECO |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | trials (pruned, within budget) | search time | tuned setting | forget quality ↑ | model utility ↑ (× original) "
+             "| distance to ECO | held out: searched → unseen rows |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in tuned:
         t = r["tuned"]
         spent = f"{t['trials']} ({t['pruned']}, {t['within_budget']})"
         minutes = f"{t['search_seconds'] / 60:.1f} min"
         if r["forget_quality"] is None:
-            lines.append(f"| {r['method']} | {spent} | {minutes} | no trial within the budget | – | – | – |")
+            lines.append(f"| {r['method']} | {spent} | {minutes} | no trial within the budget | – | – | – | – |")
             continue
         share = r["model_utility"] / original if original else None
         kept = f" ({share:.2f}×{' ⚠' if share < t['utility_budget'] else ''})" if share is not None else ""
         lines.append(f"| {r['method']} | {spent} | {minutes} | {_setting_text(t['params'])} | {r['forget_quality']:.2g} | "
-                     f"{r['model_utility']:.3f}{kept} | {distance_to_eco(r, eco)} |")
+                     f"{r['model_utility']:.3f}{kept} | {distance_to_eco(r, eco)} | {_held_out_text(r.get('held_out'))} |")
     return "\n".join(lines)
+
+
+def _held_out_text(check: dict | None) -> str:
+    if not check:
+        return "–"
+
+    def numbers(part):
+        kept = f"{part['utility_kept']:.2f}×" if part["utility_kept"] is not None else "–"
+        return f"{part['forget_quality']:.2g}, {kept}" if part["forget_quality"] is not None else kept
+
+    return f"{numbers(check['searched'])} → {numbers(check['held_out'])} ({check['rows']} rows each)"
 
 
 def table(results: dict) -> str:

@@ -192,6 +192,9 @@ def _bench(argv: list[str]) -> int:
                      help="Add tuned rows: each weight-changing method at the best of N `hubunlearn tune` trials within --tau (default 0: none).")
     run.add_argument("--tune_eval_examples", type=int, default=50, help="Rows per evaluation set in the tuned rows' search (default 50).")
     run.add_argument("--no_shared", action="store_true", help="Measure only the tuned rows; the file's shared-setting rows are kept.")
+    run.add_argument("--reuse_searches", action="store_true",
+                     help="Tuned rows: train and measure again at the setting the results file's search of the same "
+                          "--tune_trials, --tune_eval_examples and --tau found, without searching again (after a code change).")
     run.add_argument("--fresh", action="store_true",
                      help="Replace a results file measured with other settings (without it such a file is refused, never mixed or dropped).")
     plot = actions.add_parser("plot", help="Redraw the Pareto plot from the results JSON of an earlier run (runs nothing).")
@@ -338,7 +341,8 @@ def _bench_run(args) -> int:
     config = BenchConfig(methods=args.methods, split=args.split, steps=args.steps, batch_size=args.batch_size, tofu_mini=args.tofu_mini,
                          tau=args.tau or None, data=args.data, results_dir=args.results_dir, build=build,
                          max_eval_examples=args.max_eval_examples, scaling=not args.no_scaling, fresh=args.fresh,
-                         tune_trials=args.tune_trials, tune_eval_examples=args.tune_eval_examples, shared=not args.no_shared)
+                         tune_trials=args.tune_trials, tune_eval_examples=args.tune_eval_examples, shared=not args.no_shared,
+                         reuse_searches=args.reuse_searches)
     results = run_benchmark(config)
     print(table(results))
     if readme is not None:

@@ -66,6 +66,7 @@ def test_runner_writes_valid_json_and_the_plot_and_never_mixes_or_drops_runs(run
     (["--tune_trials", "2", "--methods", "eco"], "ECO trains no weights, so it has no tuned row"),
     (["--tofu_mini", "/no/such/build"], "--tofu_mini is a built TOFU-mini, with its own data: leave out --data"),
     (["--no_shared"], "--no_shared leaves nothing to measure: add --tune_trials N"),
+    (["--reuse_searches"], "--reuse_searches re-measures tuned rows: add --tune_trials N"),
     (["--results_dir", "/no/such/folder"], "results folder /no/such/folder does not exist"),
     (["--readme", "/no/such/README.md"], "has no benchmark table markers"),
 ])
@@ -190,7 +191,9 @@ def test_the_tuned_table_says_when_no_trial_kept_the_budget_and_how_far_each_row
          "tuned": {**search, "within_budget": 3, "params": {"learning_rate": 3e-5, "max_steps": 40}}}, eco]}
     text = tuned_table(results)
     assert "| npo | 6 (2, 0) | 1.5 min | no trial within the budget |" in text
-    assert "| graddiff | 6 (2, 3) | 1.5 min | lr 3e-05, steps 40 | 0.0005 | 0.910 (0.99×) | 3.0 orders below (at ≥ ECO's utility) |" in text
+    assert "| graddiff | 6 (2, 3) | 1.5 min | lr 3e-05, steps 40 | 0.0005 | 0.910 (0.99×) | 3.0 orders below (at ≥ ECO's utility) | – |" in text
+    held = {"rows": 50, "searched": {"forget_quality": 4e-3, "utility_kept": 0.991}, "held_out": {"forget_quality": 2.5e-4, "utility_kept": None}}
+    assert "| 0.004, 0.99× → 0.00025, – (50 rows each) |" in tuned_table({**results, "runs": [{**results["runs"][1], "held_out": held}]})
     assert distance_to_eco({"forget_quality": 0.8, "model_utility": 0.5}, eco) == "0.2 orders above (at lower utility)"
     assert distance_to_eco({"forget_quality": 0.8, "model_utility": 0.5}, {**eco, "forget_quality": None}) == "–"
     assert tuned_table({"runs": [eco]}) == ""

@@ -252,22 +252,33 @@ def test_bench_tuned_rows_are_the_best_trial_of_a_search_measured_like_the_other
               "--results_dir", results_dir, "--tau", "0.5"]
     code, _, err = run_cli("bench", "run", "--methods", "eco", *common)
     assert code == 0, err
-    code, out, err = run_cli("bench", "run", "--methods", "npo", "--tune_trials", "2", "--tune_eval_examples", "8", "--no_shared",
-                             "--readme", readme, *common)
+    tuned = ["--methods", "npo", "--tune_trials", "2", "--tune_eval_examples", "4", "--no_shared"]
+    code, out, err = run_cli("bench", "run", *tuned, "--readme", readme, *common)
     assert code == 0, err
     results = json.loads(results_path(results_dir, "cpu").read_text())
     assert [(r["method"], r["tau"], "tuned" in r) for r in results["runs"]] == [("npo", None, True), ("eco", None, False)]
     row, search = results["runs"][0], results["runs"][0]["tuned"]
-    assert search["trials"] == 2 and len(search["history"]) == 2 and search["eval_examples"] == 8
+    assert search["trials"] == 2 and len(search["history"]) == 2 and search["eval_examples"] == 4
     assert search["params"] is not None, search  # half the utility: the world model keeps it at these settings
-    # the search evaluated the same 8 rows per set: the row, trained again with the best trial's setting, reproduces it
+    # the row is trained again with the best trial's setting and measured on all 8 rows per set; on the search's 4 it
+    # reproduces the search's numbers, and the next 4 (rows the search never saw) are measured alike
     assert row["steps"] == search["params"]["max_steps"]
-    assert row["forget_quality"] == pytest.approx(search["search_forget_quality"], rel=1e-3)
-    assert row["model_utility"] / results["original"]["model_utility"] == pytest.approx(search["search_utility_kept"], rel=1e-3)
+    check = row["held_out"]
+    assert check["rows"] == 4 and check["searched"] == pytest.approx({"forget_quality": search["search_forget_quality"],
+                                                                       "utility_kept": search["search_utility_kept"]}, rel=1e-3)
+    assert 0 <= check["held_out"]["forget_quality"] <= 1 and check["held_out"]["utility_kept"] > 0
     text = table(results)
     assert "Tuned: each method at the best of its `hubunlearn tune` trials" in text and "| npo | 2 (" in text and "orders" in text
+    assert "(4 rows each) |" in text
     assert f"{BENCH_BEGIN}\n{text}\n{BENCH_END}" in readme.read_text() and text in out
     assert (results_dir / "pareto_cpu.png").read_bytes().startswith(PNG)
+    # --reuse_searches: the row is trained and measured again at the file's search's setting, with no new trial
+    code, _, err = run_cli("bench", "run", *tuned, "--reuse_searches", *common)
+    assert code == 0 and "the file's search (2 trials), trained and measured again" in err, err
+    again = json.loads(results_path(results_dir, "cpu").read_text())["runs"][0]
+    assert again["tuned"] == search
+    assert all(again["held_out"][part] == pytest.approx(check[part], rel=1e-3) for part in ("searched", "held_out"))
+    assert again["forget_quality"] == pytest.approx(row["forget_quality"], rel=1e-3)
 
 
 def test_random_startup_trials_are_a_third_of_the_study_three_to_ten():
