@@ -154,6 +154,18 @@ def test_every_method_declares_its_search_space():
             assert set(config.search_space) - common, f"{method} declares no search space of its own ({', '.join(own)})"
 
 
+def test_every_value_of_every_search_space_is_one_its_method_accepts(tmp_path):
+    """Each dimension at both ends of its range builds the method's config (a trial never fails on a setting its own
+    space chose: PDU refuses --retain_weight, so its space searches the dual variable's start instead)."""
+    from hubunlearn.benchmarking import REQUIRED_SETTINGS
+
+    for method, trainer in METHODS.items():
+        config = trainer.config_class
+        for name, dimension in method_space(config).items():
+            for value in ((dimension.low, dimension.high) if not isinstance(dimension, Choice) else dimension.choices):
+                config(output_dir=str(tmp_path), **REQUIRED_SETTINGS.get(method, {}), **{name: value})
+
+
 def test_a_space_is_restricted_and_re_ranged_by_name():
     from hubunlearn.errors import UsageError
 

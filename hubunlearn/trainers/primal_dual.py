@@ -20,7 +20,9 @@ from .base import UnlearnConfig, UnlearnTrainer
 class PDUConfig(UnlearnConfig):
     """Logit-margin flattening on the forget set, subject to retain NLL ≤ ε, with a dual variable updated every step."""
 
-    search_space: ClassVar[dict] = {**COMMON, "dual_step_size": Float(0.1, 10.0, log=True)}  # what `hubunlearn tune` searches
+    # what `hubunlearn tune` searches: the dual variable's start replaces the retain weight
+    search_space: ClassVar[dict] = {**{k: v for k, v in COMMON.items() if k != "retain_weight"},
+                                    "initial_multiplier": Float(10.0, 300.0, log=True), "dual_step_size": Float(0.1, 10.0, log=True)}
 
     retain_losses: ClassVar[tuple[str, ...]] = ("nll",)  # the constraint is on the retain NLL
 
