@@ -276,11 +276,11 @@ def held_out_check(per_example: dict, original: dict, reference: dict, config, r
     model utility on the search's rows (the first ``rows`` of each set) and on the next ``rows`` of each set (other
     authors and facts), so that both are measured on as many rows: forget quality's p-value shrinks with the row count.
     ``per_example``, ``original`` and ``reference``: :func:`~hubunlearn.evaluate.evaluate_sets` results of the tuned
-    model, the original and the reference on the same sets. ``None`` when the search used every row or a set has no
-    rows past the search's."""
+    model, the original and the reference on the same sets. ``None`` when the search used every row or a set has
+    fewer than ``2 * rows`` rows."""
     from .evaluate import summarize
 
-    if rows is None or any(len(results) <= rows for results in per_example.values()):
+    if rows is None or any(len(results) < 2 * rows for results in per_example.values()):
         return None
     check = {"rows": rows}
     for name, part in (("searched", slice(0, rows)), ("held_out", slice(rows, 2 * rows))):
@@ -487,11 +487,14 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
         search_rows = min(filter(None, (config.tune_eval_examples, config.max_eval_examples)), default=None)
         for index, method in enumerate(tuned, 1):
             search = searched.get(method)
-            if search and (search["trials"], search["eval_examples"], search["utility_budget"]) == (config.tune_trials, search_rows, config.tau):
+            recorded = search and (search.get("trials"), search.get("eval_examples"), search.get("utility_budget"))
+            if recorded == (config.tune_trials, search_rows, config.tau):
                 say(f"[tuned {index}/{len(tuned)}] {method}: the file's search ({search['trials']} trials), trained and measured again")
             else:
-                say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune within τ = {config.tau}"
-                    + (" (the file has no search of these settings to reuse)" if config.reuse_searches else ""))
+                why = (f" (the file's search of {method} differs: {recorded[0]} trials on {recorded[1]} rows within τ = {recorded[2]})"
+                       if recorded else f" (the file has no search of {method} to reuse)") if config.reuse_searches else ""
+                say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune on {search_rows} rows "
+                    f"within τ = {config.tau}{why}")
                 search = _in_child(_tune_run, {**job, "method": method, "tau": config.tau, "data": str(mini.data_dir),
                                                "split": mini.forget_split, "tune_trials": config.tune_trials, "tune_eval_examples": search_rows})
             if search["params"] is None:  # no trial within the budget: the row says so
@@ -763,7 +766,7 @@ def tuned_table(results: dict) -> str:
         t = r["tuned"]
         spent = f"{t['trials']} ({t['pruned']}, {t['within_budget']})"
         minutes = f"{t['search_seconds'] / 60:.1f} min"
-        if r["forget_quality"] is None:
+        if r["forget_quality"] is None or not t.get("params"):
             lines.append(f"| {r['method']} | {spent} | {minutes} | no trial within the budget | – | – | – | – |")
             continue
         share = r["model_utility"] / original if original else None

@@ -72,7 +72,7 @@ class FoldedHubRetries(logging.Filter):
     """On ``huggingface_hub``'s HTTP logger: the first failed try of a request becomes one ``hubunlearn: warning``
     line; the other tries and the "Retrying in Ns" lines are dropped. Other records pass."""
 
-    FAILED_TRY = re.compile(r"^'(?P<error>.*)' thrown while requesting (?P<method>\w+) (?P<url>\S+)$", re.S)
+    FAILED_TRY = re.compile(r"^'?(?P<error>.*?)'? thrown while requesting (?P<method>\w+) (?P<url>\S+)$", re.S)  # 'OSError', HTTP Error 503
 
     def __init__(self):
         super().__init__()

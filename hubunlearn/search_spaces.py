@@ -8,6 +8,7 @@ Optuna import), turned into ``trial.suggest_*`` calls by :meth:`suggest`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -84,8 +85,8 @@ def _bounds(text: str, kind: type) -> tuple:
         low, high = (kind(part) for part in parts) if len(parts) == 2 else (None, None)
     except ValueError:
         low = high = None
-    if low is None:
-        raise UsageError(f"'{text}' is not a range: write LOW:HIGH ({kind.__name__} values)")
+    if low is None or not (math.isfinite(low) and math.isfinite(high)):
+        raise UsageError(f"'{text}' is not a range: write LOW:HIGH (finite {kind.__name__} values)")
     if not low < high:
         raise UsageError(f"the range {text} is empty: LOW must be below HIGH")
     return low, high
@@ -127,6 +128,8 @@ def restrict(space: dict[str, Dimension], text: str | None, flag: str = "--space
         name, bounds = name.strip(), bounds.strip()
         if name not in space:
             raise UsageError(f"unknown search-space parameter '{name}' in {flag}: choose from {', '.join(space)}")
+        if name in chosen:
+            raise UsageError(f"{flag} names {name} twice: give each parameter once")
         if equals and not bounds:
             raise UsageError(f"{flag} {name}= gives no range: write {name}=LOW:HIGH (or choices A|B), or {name} alone for its whole range")
         try:

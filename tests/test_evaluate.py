@@ -385,7 +385,7 @@ def test_hub_retries_are_one_line_that_says_how_to_skip_the_wait(capfd, caplog):
     import httpx2
     from huggingface_hub.utils import http_backoff
 
-    from hubunlearn.logs import command_output
+    from hubunlearn.logs import FoldedHubRetries, command_output
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -396,6 +396,7 @@ def test_hub_retries_are_one_line_that_says_how_to_skip_the_wait(capfd, caplog):
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hubunlearn: warning: the Hub did not answer (") and url in lines[0], lines
     assert "HF_HUB_OFFLINE=1" in lines[0]
+    assert FoldedHubRetries.FAILED_TRY.match(f"HTTP Error 503 thrown while requesting GET {url}")["error"] == "HTTP Error 503"
     caplog.clear()
     with pytest.raises(httpx2.ConnectError):  # outside a command, the library's records are left as they are
         http_backoff("HEAD", url, max_retries=1, base_wait_time=0.01)

@@ -176,7 +176,9 @@ def test_a_space_is_restricted_and_re_ranged_by_name():
     for text, message in (("gamma", "unknown search-space parameter 'gamma' in space: choose from learning_rate, max_steps, retain_weight, beta"),
                           ("beta=1:0.1", "the range 1:0.1 is empty"), ("max_steps=a:b", "is not a range"),
                           ("learning_rate=0:1", "a log-scale range must start above 0"),
-                          ("beta= ,learning_rate", "space beta= gives no range: write beta=LOW:HIGH (or choices A|B), or beta alone")):
+                          ("beta= ,learning_rate", "space beta= gives no range: write beta=LOW:HIGH (or choices A|B), or beta alone"),
+                          ("beta=1:inf", "'1:inf' is not a range: write LOW:HIGH (finite float values)"),
+                          ("beta=nan:1", "'nan:1' is not a range"), ("beta=1:2,beta=3:4", "space names beta twice")):
         with pytest.raises(UsageError, match=re.escape(message)):
             restrict(space, text)
 
