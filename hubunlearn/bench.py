@@ -272,8 +272,8 @@ def _method_run(job: dict) -> dict:
 
 
 def held_out_check(per_example: dict, original: dict, reference: dict, config, rows: int | None) -> dict | None:
-    """Does a tuned row's result hold on rows its search never saw? Forget quality and the share of the original's
-    model utility on the search's rows (the first ``rows`` of each set) and on the next ``rows`` of each set (other
+    """Does a tuned row's result hold on rows its search never saw? Forget quality (and the original's, for scale) and
+    the share of the original's model utility on the search's rows (the first ``rows`` of each set) and on the next ``rows`` of each set (other
     authors and facts), so that both are measured on as many rows: forget quality's p-value shrinks with the row count.
     ``per_example``, ``original`` and ``reference``: :func:`~hubunlearn.evaluate.evaluate_sets` results of the tuned
     model, the original and the reference on the same sets. ``None`` when the search used every row or a set has
@@ -286,7 +286,7 @@ def held_out_check(per_example: dict, original: dict, reference: dict, config, r
     for name, part in (("searched", slice(0, rows)), ("held_out", slice(rows, 2 * rows))):
         tuned, before = (summarize({k: v[part] for k, v in p.items()}, config, {k: v[part] for k, v in reference.items()})["aggregates"]
                          for p in (per_example, original))
-        check[name] = {"forget_quality": tuned["forget_quality"]["value"],
+        check[name] = {"forget_quality": tuned["forget_quality"]["value"], "original_forget_quality": before["forget_quality"]["value"],
                        "utility_kept": tuned["model_utility"]["value"] / before["model_utility"]["value"]
                        if before["model_utility"]["value"] else None}
     return check
@@ -756,8 +756,9 @@ def tuned_table(results: dict) -> str:
     lines = [f"Tuned: each method at the best of its `hubunlearn tune` trials (constrained TPE: the highest forget quality with "
              f"model utility ≥ {budget} the original's{f' {original:.3f}' if original else ''}; searched on {searched}), then "
              "trained and measured again as the rows above (on their rows; ⚠: below the budget there). Distance to ECO: log10 "
-             "of ECO's forget quality over the row's. Held out: forget quality and the share of the original's utility on "
-             "the search's rows → on as many rows the search never saw (the next ones of each set: other authors).",
+             "of ECO's forget quality over the row's. Held out: forget quality (the original's on the same rows) and the share "
+             "of the original's utility on the search's rows → on as many rows the search never saw (the next ones of each "
+             "set: other authors).",
              "",
              "| method | trials (pruned, within budget) | search time | tuned setting | forget quality ↑ | model utility ↑ (× original) "
              "| distance to ECO | held out: searched → unseen rows |",
@@ -782,7 +783,9 @@ def _held_out_text(check: dict | None) -> str:
 
     def numbers(part):
         kept = f"{part['utility_kept']:.2f}×" if part["utility_kept"] is not None else "–"
-        return f"{part['forget_quality']:.2g}, {kept}" if part["forget_quality"] is not None else kept
+        original = part.get("original_forget_quality")
+        quality = f"{part['forget_quality']:.2g}" + (f" (original {original:.2g})" if original is not None else "")
+        return f"{quality}, {kept}" if part["forget_quality"] is not None else kept
 
     return f"{numbers(check['searched'])} → {numbers(check['held_out'])} ({check['rows']} rows each)"
 

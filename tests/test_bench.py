@@ -192,8 +192,9 @@ def test_the_tuned_table_says_when_no_trial_kept_the_budget_and_how_far_each_row
     text = tuned_table(results)
     assert "| npo | 6 (2, 0) | 1.5 min | no trial within the budget |" in text
     assert "| graddiff | 6 (2, 3) | 1.5 min | lr 3e-05, steps 40 | 0.0005 | 0.910 (0.99×) | 3.0 orders below (at ≥ ECO's utility) | – |" in text
-    held = {"rows": 50, "searched": {"forget_quality": 4e-3, "utility_kept": 0.991}, "held_out": {"forget_quality": 2.5e-4, "utility_kept": None}}
-    assert "| 0.004, 0.99× → 0.00025, – (50 rows each) |" in tuned_table({**results, "runs": [{**results["runs"][1], "held_out": held}]})
+    held = {"rows": 50, "searched": {"forget_quality": 4e-3, "original_forget_quality": 2e-5, "utility_kept": 0.991},
+            "held_out": {"forget_quality": 2.5e-4, "utility_kept": None}}
+    assert "| 0.004 (original 2e-05), 0.99× → 0.00025, – (50 rows each) |" in tuned_table({**results, "runs": [{**results["runs"][1], "held_out": held}]})
     edited = {**results["runs"][1], "tuned": search}  # a row with numbers but no setting (a hand-edited file) says so
     assert "| graddiff | 6 (2, 0) | 1.5 min | no trial within the budget |" in tuned_table({**results, "runs": [edited]})
     assert distance_to_eco({"forget_quality": 0.8, "model_utility": 0.5}, eco) == "0.2 orders above (at lower utility)"

@@ -278,9 +278,11 @@ def test_bench_tuned_rows_are_the_best_trial_of_a_search_measured_like_the_other
     # reproduces the search's numbers, and the next 4 (rows the search never saw) are measured alike
     assert row["steps"] == search["params"]["max_steps"]
     check = row["held_out"]
-    assert check["rows"] == 4 and check["searched"] == pytest.approx({"forget_quality": search["search_forget_quality"],
+    searched = {key: check["searched"][key] for key in ("forget_quality", "utility_kept")}
+    assert check["rows"] == 4 and searched == pytest.approx({"forget_quality": search["search_forget_quality"],
                                                                        "utility_kept": search["search_utility_kept"]}, rel=1e-3)
     assert 0 <= check["held_out"]["forget_quality"] <= 1 and check["held_out"]["utility_kept"] > 0
+    assert all(0 <= check[part]["original_forget_quality"] <= 1 for part in ("searched", "held_out"))
     text = table(results)
     assert "Tuned: each method at the best of its `hubunlearn tune` trials" in text and "| npo | 2 (" in text and "orders" in text
     assert "(4 rows each) |" in text
