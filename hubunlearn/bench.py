@@ -109,7 +109,8 @@ class BenchConfig:
 
     def settings(self) -> dict:
         """What makes two runs comparable: results with other settings are not mixed."""
-        return {k: v for k, v in asdict(self).items() if k not in ("methods", "results_dir", "data", "scaling", "fresh", "shared", "reuse_searches")
+        run_only = ("methods", "results_dir", "data", "scaling", "fresh", "shared", "reuse_searches")  # what to run, not how
+        return {k: v for k, v in asdict(self).items() if k not in run_only
                 and not k.startswith("tune_")  # each tuned row records its own search
                 and not (k == "tofu_mini" and v is None)} | (  # built from the data, as before the option was there
             {"tofu_mini": Path(self.tofu_mini).name} if self.tofu_mini else {})  # tofu-mini-HASH: the same build anywhere
@@ -273,8 +274,9 @@ def _method_run(job: dict) -> dict:
 
 def held_out_check(per_example: dict, original: dict, reference: dict, config, rows: int | None) -> dict | None:
     """Does a tuned row's result hold on rows its search never saw? Forget quality (and the original's, for scale) and
-    the share of the original's model utility on the search's rows (the first ``rows`` of each set) and on the next ``rows`` of each set (other
-    authors and facts), so that both are measured on as many rows: forget quality's p-value shrinks with the row count.
+    the share of the original's model utility on the search's rows (the first ``rows`` of each set) and on the next
+    ``rows`` of each set (other authors and facts), so that both are measured on as many rows: forget quality's
+    p-value shrinks with the row count.
     ``per_example``, ``original`` and ``reference``: :func:`~hubunlearn.evaluate.evaluate_sets` results of the tuned
     model, the original and the reference on the same sets. ``None`` when the search used every row or a set has
     fewer than ``2 * rows`` rows."""
@@ -491,8 +493,10 @@ def run_benchmark(config: BenchConfig, progress=None) -> dict:
             if recorded == (config.tune_trials, search_rows, config.tau):
                 say(f"[tuned {index}/{len(tuned)}] {method}: the file's search ({search['trials']} trials), trained and measured again")
             else:
-                why = (f" (the file's search of {method} differs: {recorded[0]} trials on {recorded[1]} rows within τ = {recorded[2]})"
-                       if recorded else f" (the file has no search of {method} to reuse)") if config.reuse_searches else ""
+                why = ""
+                if config.reuse_searches:
+                    why = (f" (the file's search of {method} differs: {recorded[0]} trials on {recorded[1]} rows within "
+                           f"τ = {recorded[2]})" if recorded else f" (the file has no search of {method} to reuse)")
                 say(f"[tuned {index}/{len(tuned)}] {method}: {config.tune_trials} trials of hubunlearn tune on {search_rows} rows "
                     f"within τ = {config.tau}{why}")
                 search = _in_child(_tune_run, {**job, "method": method, "tau": config.tau, "data": str(mini.data_dir),
